@@ -1,0 +1,5 @@
+import sys
+
+from switchkd.cli import main
+
+sys.exit(main())

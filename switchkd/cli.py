@@ -1,0 +1,101 @@
+"""The ``switchkd`` command line: train, eval, generate, demo.
+
+Every user mistake (bad config key, malformed data line, missing file) ends in a
+one-line ``switchkd: error: ...`` message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from switchkd.config import ConfigError
+
+
+def _train(args: argparse.Namespace) -> None:
+    from switchkd.config import load_config
+    from switchkd.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    final = train(cfg)
+    print(f"final model: {final}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from switchkd.config import DataConfig, EvalConfig, ModelConfig
+    from switchkd.evaluate import evaluate, format_table
+    from switchkd.models import load_model, load_tokenizer
+
+    ecfg = EvalConfig(limit=args.limit, batch_size=args.batch_size, do_sample=not args.greedy,
+                      max_prompt_length=args.max_prompt_length, max_length=args.max_length,
+                      max_new_tokens=args.max_new_tokens)
+    if args.seeds:
+        ecfg.seeds = args.seeds
+    mcfg = ModelConfig(name=args.model, dtype=args.dtype)
+    tok = load_tokenizer(mcfg)
+    model = load_model(mcfg, tok, trainable=False)
+    if torch.cuda.is_available():
+        model.cuda()
+    out = Path(args.output or (Path(args.model) / "eval" if Path(args.model).is_dir() else "eval"))
+    summary = evaluate(model, tok, args.data, ecfg, DataConfig(template=args.template), out)
+    print(format_table(summary))
+    print(f"wrote {out / 'scores.json'} and {out / 'predictions.jsonl'}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from switchkd.demo import run_demo
+
+    run_demo(out_dir=args.output, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="switchkd", description="Distil a teacher causal LM into a student.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a student from a YAML config")
+    t.add_argument("config", help="YAML preset, e.g. configs/tiny/kd.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="generate and score ROUGE-L on a data file or a MiniLLM-style directory")
+    e.add_argument("--model", required=True, help="model directory or hub id")
+    e.add_argument("--data", required=True, help="JSONL file, a directory with the five MiniLLM sets, or synthetic:test")
+    e.add_argument("--output", help="where scores.json and predictions.jsonl go (default MODEL/eval)")
+    e.add_argument("--limit", type=int, help="first N examples of each set")
+    e.add_argument("--seeds", type=int, nargs="+", help="sampling seeds (default 10 20 30 40 50)")
+    e.add_argument("--greedy", action="store_true", help="greedy decoding, one pass")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-prompt-length", type=int, default=256)
+    e.add_argument("--max-length", type=int, default=512)
+    e.add_argument("--max-new-tokens", type=int)
+    e.add_argument("--template", default="alpaca", help="prompt template for records without 'prompt'")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.set_defaults(func=_eval)
+
+    d = sub.add_parser("demo", help="the built-in end-to-end demo on the synthetic suite")
+    d.add_argument("--output", default="runs/demo")
+    d.add_argument("--quick", action="store_true", help="a much smaller run (for tests)")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as exc:
+        print(f"switchkd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("switchkd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The configuration tree: dataclasses, YAML presets and ``dotted.key=value`` overrides.
+
+Loading and merging is OmegaConf's (structured configs): an unknown key or a
+wrongly typed value raises :class:`ConfigError` with a one-line message naming
+the key and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override (message is one line)."""
+
+
+@dataclass
+class ModelConfig:
+    """A causal LM: hub id, local directory, or ``tiny:gpt2`` / ``tiny:llama[,key=value...]``."""
+
+    name: str = "tiny:gpt2"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    tokenizer: Optional[str] = None  # defaults to ``name``
+    revision: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """Instruction data (local JSON/JSONL/parquet, a hub dataset id, or ``synthetic``)."""
+
+    train: str = "synthetic"
+    dev: Optional[str] = None
+    format: str = "auto"  # auto | minillm | dolly | messages
+    fields: Dict[str, str] = field(default_factory=dict)  # e.g. {instruction: question}
+    template: str = "alpaca"  # alpaca | chat | none, or a string with {instruction} and {input}
+    max_prompt_length: int = 256
+    max_length: int = 512
+    limit: Optional[int] = None
+    synthetic_size: int = 2000
+    seed: int = 0
+
+
+@dataclass
+class MethodConfig:
+    """Which sequences we train on x which per-token loss."""
+
+    name: str = "sft"
+    source: str = "dataset"  # dataset | teacher | student | mixture | distillm | switch
+    divergence: str = "fkl"
+    params: Dict[str, float] = field(default_factory=dict)  # divergence parameters
+    temperature: float = 1.0
+    kd_ratio: float = 1.0  # loss = kd_ratio * divergence + (1 - kd_ratio) * CE
+    # on-policy sources (issue 3)
+    student_ratio: float = 0.5  # GKD lambda: probability a batch is student-generated
+    switch_ratio: float = 1.0  # SWITCH: probability a batch is SWITCH-generated, else dataset
+    max_new_tokens: int = 128
+    do_sample: bool = True
+    gen_temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    tau0: float = 0.2
+    decay: float = 0.1
+    schedule: str = "exp"  # exp | linear | const
+    gate: str = "jsd"  # jsd | fkl | rkl | tvd
+    # DistiLLM adaptive off-policy sampling
+    replay_size: int = 1000
+    init_student_prob: float = 0.0
+    max_student_prob: float = 0.8
+    student_prob_step: float = 0.1
+    # response priming (teacher-only prompt prefix)
+    priming: str = "none"  # none | teacher | ground_truth | confidence | custom text
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and loop settings (DistiLLM's defaults where they exist)."""
+
+    lr: float = 5e-4
+    batch_size: int = 8  # per process, per micro-batch
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs
+    warmup_steps: int = 0
+    scheduler: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    seed: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    eval_every: int = 0  # optimizer steps; 0 = only at the end
+    save_every: int = 0  # optimizer steps; 0 = no intermediate checkpoints
+    keep_best: bool = True
+    resume: bool = False
+    log_every: int = 10
+    loggers: List[str] = field(default_factory=list)  # tensorboard | wandb
+
+
+@dataclass
+class EvalConfig:
+    """Generation and ROUGE-L scoring (MiniLLM/DistiLLM protocol by default)."""
+
+    seeds: List[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_length: int = 512
+    max_prompt_length: int = 256
+    max_new_tokens: Optional[int] = None
+    batch_size: int = 16
+    limit: Optional[int] = None
+    buckets: List[int] = field(default_factory=lambda: [5, 10, 20, 40, 80])
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class Config:
+    """The whole run: student ``model``, ``teacher``, ``data``, ``method``, ``train``, ``eval``, ``output``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: Optional[ModelConfig] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+CHOICES: Dict[str, Sequence[str]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "teacher.dtype": ("float32", "bfloat16", "float16"),
+    "data.format": ("auto", "minillm", "dolly", "messages"),
+    "method.name": ("sft", "kd", "bild", "seqkd", "imitkd", "gkd", "distillm", "switch"),
+    "method.source": ("dataset", "teacher", "student", "mixture", "distillm", "switch"),
+    "method.schedule": ("exp", "linear", "const"),
+    "method.gate": ("jsd", "fkl", "rkl", "tvd"),
+    "train.scheduler": ("cosine", "linear", "constant"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+}
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(exc).splitlines()[0].strip()
+    return f"{key}: {msg}" if key else msg
+
+
+def _valid_keys(node: Any) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else "?"
+
+
+def _check_unknown(raw: Dict[str, Any], schema: Any, where: str, prefix: str = "") -> None:
+    """Reject keys that the dataclass tree does not have, listing the valid ones."""
+    names = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key '{full}'; valid keys here: {_valid_keys(schema)}")
+        sub = getattr(schema, key) if not isinstance(schema, type) else None
+        sub_type = sub if dataclasses.is_dataclass(sub) else _dataclass_type(names[key])
+        if sub_type is not None and isinstance(value, dict):
+            _check_unknown(value, sub_type, where, full + ".")
+
+
+def _dataclass_type(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        val = f.default_factory()  # type: ignore[misc]
+        return val if dataclasses.is_dataclass(val) else None
+    if f.name == "teacher":
+        return ModelConfig()
+    return None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Merge defaults, the YAML file at ``path`` and ``key=value`` overrides into a :class:`Config`."""
+    base = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        except Exception as exc:  # YAML syntax errors carry line numbers
+            raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        _check_unknown(raw, Config(), str(path))
+        layers.append(OmegaConf.create(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected dotted.key=value")
+        raw = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+        _check_unknown(raw, Config(), f"override '{item}'")
+        layers.append(OmegaConf.create(raw))
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        if merged.teacher is not None:
+            merged.teacher = OmegaConf.merge(OmegaConf.structured(ModelConfig), merged.teacher)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config error: {_one_line(exc)}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check choice-valued fields and cross-field rules; raise :class:`ConfigError`."""
+    for dotted, choices in CHOICES.items():
+        section, key = dotted.split(".")
+        node = getattr(cfg, section)
+        if node is None:
+            continue
+        value = getattr(node, key)
+        if value not in choices and not (dotted == "method.priming"):
+            raise ConfigError(f"config error: {dotted}={value!r}; valid choices: {', '.join(choices)}")
+    from switchkd.divergences import DIVERGENCES, PARAMS
+
+    m = cfg.method
+    if m.divergence not in DIVERGENCES:
+        raise ConfigError(f"config error: method.divergence={m.divergence!r}; valid choices: {', '.join(DIVERGENCES)}")
+    bad = set(m.params) - set(PARAMS[m.divergence])
+    if bad:
+        raise ConfigError(
+            f"config error: method.params.{sorted(bad)[0]} is not a parameter of {m.divergence!r}; "
+            f"valid: {', '.join(PARAMS[m.divergence]) or 'none'}"
+        )
+    if not 0.0 <= m.kd_ratio <= 1.0:
+        raise ConfigError(f"config error: method.kd_ratio={m.kd_ratio}; expected a value in [0, 1]")
+    needs_teacher = m.name != "sft" and (m.kd_ratio > 0 or m.source != "dataset")
+    if needs_teacher and cfg.teacher is None:
+        raise ConfigError(f"config error: method.name={m.name!r} needs a teacher; set teacher.name")
+    for key in ("batch_size", "grad_accum", "epochs"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"config error: train.{key}={getattr(cfg.train, key)}; expected an integer >= 1")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ConfigError("config error: data.max_prompt_length must be smaller than data.max_length")
+
+
+def to_yaml(cfg: Config) -> str:
+    """The fully resolved config as YAML text."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

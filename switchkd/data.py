@@ -1,0 +1,233 @@
+"""Instruction data: reading, format detection, prompt templates, tokenization, batching.
+
+Length policy (MiniLLM's): an example whose prompt is longer than
+``max_prompt_length`` tokens is dropped; a response that would make the sequence
+longer than ``max_length`` is cut (its EOS is then lost).  Both counts are
+reported in :class:`DataStats`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from switchkd.config import ConfigError, DataConfig
+
+ALPACA = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+FORMATS = {
+    "minillm": ("instruction", "output"),  # + optional input, prompt
+    "dolly": ("instruction", "response"),  # + optional context
+    "messages": ("messages",),
+}
+
+
+@dataclass
+class Example:
+    """One instruction: the rendered prompt, its reference answers, and extra fields."""
+
+    prompt: str
+    references: List[str]
+    instruction: str = ""
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataStats:
+    total: int = 0
+    kept: int = 0
+    dropped_long_prompt: int = 0
+    truncated_response: int = 0
+
+    def line(self, name: str) -> str:
+        return (f"{name}: {self.kept}/{self.total} examples kept, {self.dropped_long_prompt} dropped (prompt too long), "
+                f"{self.truncated_response} responses truncated")
+
+
+def read_records(source: str) -> List[Dict[str, Any]]:
+    """Rows of a local .jsonl/.json/.parquet file or a hub dataset id (``id`` or ``id:split``)."""
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{source}: data file not found")
+        if path.suffix == ".parquet":
+            import datasets
+
+            return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+        return _read_json(path)
+    import datasets
+
+    name, _, split = source.partition(":")
+    try:
+        return list(datasets.load_dataset(name, split=split or "train"))
+    except Exception as exc:  # datasets raises many types for a missing/offline dataset
+        raise ConfigError(f"{source}: not a local file and not loadable as a dataset ({str(exc).splitlines()[0]})") from None
+
+
+def _read_json(path: Path) -> List[Dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{lineno}: invalid JSON line ({exc.msg})") from None
+            if not isinstance(rows[-1], dict):
+                raise ConfigError(f"{path}:{lineno}: expected a JSON object per line")
+    if not rows:
+        raise ConfigError(f"{path}: no examples (empty dataset)")
+    return rows
+
+
+def detect_format(row: Dict[str, Any], where: str) -> str:
+    """The first format whose required fields ``row`` has."""
+    for name, required in FORMATS.items():
+        if all(k in row for k in required):
+            return name
+    accepted = "; ".join(f"{n}: {', '.join(r)}" for n, r in FORMATS.items())
+    raise ConfigError(f"{where}: record has fields {sorted(row)}; none of the accepted formats match ({accepted})")
+
+
+def render_prompt(template: str, instruction: str, inp: str) -> str:
+    """Apply a named template (``alpaca``, ``none``) or a custom ``{instruction}``/``{input}`` string."""
+    if template == "alpaca":
+        return (ALPACA_INPUT if inp else ALPACA).format(instruction=instruction, input=inp)
+    if template == "none":
+        return instruction + ("\n" + inp if inp else "")
+    return template.format(instruction=instruction, input=inp)
+
+
+def to_example(row: Dict[str, Any], fmt: str, cfg: DataConfig, tokenizer: Any, where: str) -> Example:
+    """Normalise one record of format ``fmt`` into an :class:`Example`."""
+    missing = [k for k in FORMATS[fmt] if k not in row]
+    if missing:
+        raise ConfigError(f"{where}: missing field '{missing[0]}' for format {fmt} (required: {', '.join(FORMATS[fmt])})")
+    meta = {k: row[k] for k in ("topic", "category") if k in row}
+    if fmt == "messages":
+        msgs = row["messages"]
+        if not msgs or msgs[-1].get("role") != "assistant":
+            raise ConfigError(f"{where}: 'messages' must end with an assistant message")
+        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        return Example(prompt=prompt, references=[msgs[-1]["content"]], instruction=msgs[-2]["content"], meta=meta)
+    if fmt == "dolly":
+        instruction, inp, out = row["instruction"], row.get("context", "") or "", row["response"]
+    else:
+        instruction, inp, out = row["instruction"], row.get("input", "") or "", row["output"]
+    refs = list(out) if isinstance(out, list) else [out]
+    if not refs or not all(isinstance(r, str) for r in refs):
+        raise ConfigError(f"{where}: the reference answer must be a string or a non-empty list of strings")
+    if cfg.template == "alpaca" and isinstance(row.get("prompt"), str):
+        prompt = row["prompt"]
+    else:
+        prompt = render_prompt(cfg.template, instruction, inp)
+    return Example(prompt=prompt, references=refs, instruction=instruction, meta=meta)
+
+
+def _remap(row: Dict[str, Any], fields: Dict[str, str]) -> Dict[str, Any]:
+    """Add canonical field names from the user's mapping ``{canonical: source}``."""
+    return row | {canon: row[src] for canon, src in fields.items() if src in row}
+
+
+def load_examples(source: str, cfg: DataConfig, tokenizer: Any, limit: Optional[int] = None) -> List[Example]:
+    """Read ``source`` (or the built-in ``synthetic[:split]`` suite) into examples."""
+    if source.startswith("synthetic"):
+        from switchkd.synthetic import make_split
+
+        split = source.partition(":")[2] or "train"
+        n = cfg.synthetic_size if split == "train" else max(cfg.synthetic_size // 10, 50)
+        return make_split(split, min(n, limit or n), cfg.seed)
+    rows = [_remap(r, cfg.fields) for r in read_records(source)]
+    fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0], f"{source}:1")
+    out = [to_example(r, fmt, cfg, tokenizer, f"{source}:{i + 1}") for i, r in enumerate(rows[:limit] if limit else rows)]
+    if not out:
+        raise ConfigError(f"{source}: no examples (empty dataset)")
+    return out
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> List[int]:
+    """Prompt token ids, with BOS where the tokenizer normally adds one."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+@dataclass
+class Tokenized:
+    """Token ids of one training example; ``response`` ends with EOS unless truncated."""
+
+    prompt: List[int]
+    response: List[int]
+    index: int
+
+
+def tokenize(examples: Sequence[Example], tokenizer: Any, max_prompt: int, max_length: int) -> tuple:
+    """Tokenize with the length policy; returns ``(list[Tokenized], DataStats)``."""
+    stats, out = DataStats(total=len(examples)), []
+    for i, ex in enumerate(examples):
+        p = encode_prompt(tokenizer, ex.prompt)
+        if len(p) > max_prompt:
+            stats.dropped_long_prompt += 1
+            continue
+        r = tokenizer(ex.references[0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(p) + len(r) > max_length:
+            r = r[: max_length - len(p)]
+            stats.truncated_response += 1
+        out.append(Tokenized(p, r, i))
+    stats.kept = len(out)
+    if not out:
+        raise ConfigError(f"no example fits max_prompt_length={max_prompt} (all {stats.total} prompts are longer)")
+    return out, stats
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists; returns ``input_ids [B, L]`` and ``attention_mask [B, L]``."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, n - len(s):] = torch.tensor(s)
+            mask[i, n - len(s):] = 1
+    return ids, mask
+
+
+def collate(items: Sequence[Tokenized], pad_id: int) -> Dict[str, Tensor]:
+    """A training batch.
+
+    ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (right-padded prompt+response,
+    labels -100 outside the response); ``prompt_ids``, ``prompt_mask`` ``[B, P]`` (left-padded
+    prompts, for on-policy generation); ``index`` ``[B]``.
+    """
+    n = max(len(x.prompt) + len(x.response) for x in items)
+    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, x in enumerate(items):
+        seq = x.prompt + x.response
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, len(x.prompt): len(seq)] = torch.tensor(x.response)
+    p_ids, p_mask = left_pad([x.prompt for x in items], pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompt_ids": p_ids, "prompt_mask": p_mask,
+            "index": torch.tensor([x.index for x in items])}

@@ -1,0 +1,198 @@
+"""Per-token divergences between teacher and student next-token distributions.
+
+Every entry of :data:`DIVERGENCES` is a pure function
+``f(student_logits, teacher_logits, *, temperature=1.0, **params) -> Tensor``
+taking logits of shape ``[..., V]`` and returning per-token values in nats of
+shape ``[...]`` (``logits.shape[:-1]``).  ``p`` is the teacher distribution,
+``q`` the student distribution, both ``softmax(logits / temperature)``.
+
+All functions work in log space on at least float32, and accept ``-inf``
+logits (masked vocabulary entries) without producing NaN values or gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import Tensor
+
+_NEG = -1e30  # finite stand-in for -inf logits (keeps 0 * (a - b) finite)
+
+
+def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log softmax(logits / temperature)`` in >= float32; ``[..., V] -> [..., V]``."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return torch.log_softmax(x.clamp(min=_NEG) / temperature, dim=-1)
+
+
+def kl_from_log_probs(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a || b) = sum_v a_v (log a_v - log b_v); ``[..., V] -> [...]``.
+
+    Terms with ``a_v == 0`` contribute exactly 0 (and no NaN gradient).
+    """
+    a = log_a.exp()
+    keep = a > 0
+    diff = torch.where(keep, log_a, 0.0) - torch.where(keep, log_b, 0.0)
+    return (a * diff).sum(-1)
+
+
+def log_mixture(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
+    """``log(w * a + (1 - w) * b)`` for ``0 <= w <= 1``, in log space; ``[..., V]``."""
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"mixture weight must be in [0, 1], got {w}")
+    if w == 0.0:
+        return log_b
+    if w == 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+
+
+def fkl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Forward KL(p || q) (word-level KD)."""
+    return kl_from_log_probs(log_probs(teacher_logits, temperature), log_probs(student_logits, temperature))
+
+
+def rkl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Reverse KL(q || p) (MiniLLM-style mode seeking)."""
+    return kl_from_log_probs(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature))
+
+
+def jsd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, beta: float = 0.5) -> Tensor:
+    """Generalized JSD as in TRL's ``generalized_jsd_loss`` (GKD, Agarwal et al. 2024).
+
+    m = beta * p + (1 - beta) * q; value = beta * KL(p || m) + (1 - beta) * KL(q || m).
+    beta = 0 gives forward KL(p || q), beta = 1 reverse KL(q || p) (TRL's convention).
+    """
+    lp, lq = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
+    if beta == 0.0:
+        return kl_from_log_probs(lp, lq)
+    if beta == 1.0:
+        return kl_from_log_probs(lq, lp)
+    lm = log_mixture(lp, lq, beta)
+    return beta * kl_from_log_probs(lp, lm) + (1 - beta) * kl_from_log_probs(lq, lm)
+
+
+def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Total variation distance 0.5 * sum |p - q|."""
+    p = log_probs(teacher_logits, temperature).exp()
+    q = log_probs(student_logits, temperature).exp()
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def skl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, alpha: float = 0.1) -> Tensor:
+    """DistiLLM skew KL: KL(p || alpha * p + (1 - alpha) * q)."""
+    lp, lq = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
+    return kl_from_log_probs(lp, log_mixture(lp, lq, alpha))
+
+
+def srkl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, alpha: float = 0.1) -> Tensor:
+    """DistiLLM skew reverse KL: KL(q || (1 - alpha) * p + alpha * q)."""
+    lp, lq = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
+    return kl_from_log_probs(lq, log_mixture(lq, lp, alpha))
+
+
+def topk_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, k: int = 50) -> Tensor:
+    """Forward KL over the teacher's top-k tokens plus one tail bucket.
+
+    Both distributions are collapsed onto k + 1 outcomes: the teacher's top-k ids
+    and "any other token" (mass 1 - sum of the top-k).  Exact when k = V, always
+    >= 0, and computable from a cache of the teacher's top-k log-probabilities.
+    """
+    k = min(int(k), teacher_logits.shape[-1])
+    lp, lq = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
+    top_lp, ids = lp.topk(k, dim=-1)
+    top_lq = lq.gather(-1, ids)
+    return kl_from_log_probs(_with_tail(top_lp), _with_tail(top_lq))
+
+
+def _with_tail(top_log_probs: Tensor) -> Tensor:
+    """Append log(1 - sum exp(top)) as one more outcome; ``[..., k] -> [..., k + 1]``."""
+    tail = (1.0 - top_log_probs.exp().sum(-1, keepdim=True)).clamp(min=1e-30)
+    return torch.cat([top_log_probs, tail.log()], dim=-1)
+
+
+def _logit_difference_kl(lead: Tensor, follow: Tensor, k: int, temperature: float, teacher_leads: bool) -> Tensor:
+    """One direction of BiLD: pairwise logit differences of the leader's top-k; ``[..., V] -> [...]``."""
+    top_lead, ids = lead.topk(k, dim=-1)  # sorted, leader's rank order
+    top_follow = follow.gather(-1, ids)
+    i, j = torch.triu_indices(k, k, offset=1, device=lead.device)
+    d_lead = (top_lead[..., i] - top_lead[..., j]) / temperature
+    d_follow = (top_follow[..., i] - top_follow[..., j]) / temperature
+    d_t, d_s = (d_lead, d_follow) if teacher_leads else (d_follow, d_lead)
+    return kl_from_log_probs(torch.log_softmax(d_t, -1), torch.log_softmax(d_s, -1))
+
+
+def bild(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 3.0, k: int = 8) -> Tensor:
+    """BiLD (Li et al., COLING 2025): teacher-led plus student-led logit-difference KL.
+
+    For each side, the leader's top-k ids are chosen, the other model's logits are
+    read at those ids, all k(k-1)/2 differences (i < j in the leader's rank order)
+    are divided by the temperature, softmaxed, and KL(teacher || student) taken.
+    As in the official code, the teacher's selection carries no gradient.
+    """
+    k = int(k)
+    if k < 3:
+        raise ValueError(f"bild needs k >= 3 (k={k} gives at most one logit difference)")
+    k = min(k, student_logits.shape[-1])
+    s = student_logits.float() if student_logits.dtype in (torch.float16, torch.bfloat16) else student_logits
+    t = (teacher_logits.float() if teacher_logits.dtype in (torch.float16, torch.bfloat16) else teacher_logits).detach()
+    s, t = s.clamp(min=_NEG), t.clamp(min=_NEG)
+    t_ld = _logit_difference_kl(t, s, k, temperature, teacher_leads=True)
+    s_ld = _logit_difference_kl(s, t, k, temperature, teacher_leads=False)
+    return t_ld + s_ld
+
+
+def ce(
+    student_logits: Tensor,
+    teacher_logits: Optional[Tensor] = None,
+    *,
+    labels: Tensor,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Cross-entropy -log q(label) to the dataset token; 0 where ``labels == -100``.
+
+    ``labels`` has shape ``logits.shape[:-1]``; the teacher is ignored.
+    """
+    lq = log_probs(student_logits, temperature)
+    safe = labels.clamp(min=0).unsqueeze(-1)
+    nll = -lq.gather(-1, safe).squeeze(-1)
+    return torch.where(labels == -100, torch.zeros_like(nll), nll)
+
+
+DIVERGENCES: Dict[str, Callable[..., Tensor]] = {
+    "fkl": fkl,
+    "rkl": rkl,
+    "jsd": jsd,
+    "tvd": tvd,
+    "skl": skl,
+    "srkl": srkl,
+    "topk_kl": topk_kl,
+    "bild": bild,
+    "ce": ce,
+}
+
+#: parameters each divergence accepts besides ``temperature`` (used to validate configs)
+PARAMS: Dict[str, tuple] = {
+    "fkl": (), "rkl": (), "tvd": (), "jsd": ("beta",), "skl": ("alpha",), "srkl": ("alpha",),
+    "topk_kl": ("k",), "bild": ("k",), "ce": (),
+}
+
+
+def divergence(
+    name: str,
+    student_logits: Tensor,
+    teacher_logits: Optional[Tensor],
+    labels: Optional[Tensor] = None,
+    **params: float,
+) -> Tensor:
+    """Look up ``name`` in the registry and evaluate it; ``[..., V] -> [...]``."""
+    if name not in DIVERGENCES:
+        raise KeyError(f"unknown divergence {name!r}; choose one of {sorted(DIVERGENCES)}")
+    fn = DIVERGENCES[name]
+    if name == "ce":
+        return fn(student_logits, teacher_logits, labels=labels, **params)
+    return fn(student_logits, teacher_logits, **params)

@@ -1,0 +1,152 @@
+"""Generation and ROUGE-L scoring by the MiniLLM/DistiLLM protocol.
+
+Defaults: sampling at temperature 1, top-p 1, top-k 0, prompt <= 256 tokens (longer
+prompts keep their last 256 tokens), at most 512 tokens in all, seeds 10..50;
+ROUGE-L is Google's ``rouge-score`` (``rougeL``, Porter stemming) F-measure,
+max over references, x100; mean and std over seeds, and by reference length.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from rouge_score import rouge_scorer
+from tqdm.auto import tqdm
+
+from switchkd.config import ConfigError, DataConfig, EvalConfig
+from switchkd.data import Example, encode_prompt, left_pad, load_examples
+
+SUITE = {  # name -> candidate paths inside a MiniLLM-style data directory
+    "dolly": ("dolly/valid.jsonl",),
+    "self-inst": ("self-inst/valid.jsonl",),
+    "vicuna": ("vicuna/valid.jsonl",),
+    "sinst": ("sinst_11_/valid.jsonl", "sinst/11_/valid.jsonl"),
+    "uinst": ("uinst/11_/valid.jsonl", "uinst/valid.jsonl"),
+}
+_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """ROUGE-L F-measure x100, max over references."""
+    return 100.0 * max(_SCORER.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+@torch.no_grad()
+def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvalConfig, seed: Optional[int],
+                   desc: str = "generate") -> List[str]:
+    """Batched KV-cached generation; returns the decoded responses (prompt removed)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    out: List[str] = []
+    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False, disable=len(prompts) <= cfg.batch_size):
+        chunk = [encode_prompt(tokenizer, p)[-cfg.max_prompt_length:] for p in prompts[start:start + cfg.batch_size]]
+        ids, mask = left_pad(chunk, tokenizer.pad_token_id)
+        budget = cfg.max_length - ids.shape[1]
+        new = min(cfg.max_new_tokens or budget, budget)
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(new, 1),
+            do_sample=cfg.do_sample, temperature=cfg.temperature if cfg.do_sample else None,
+            top_p=cfg.top_p if cfg.do_sample else None, top_k=cfg.top_k if cfg.do_sample else None,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        out += [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in gen]
+    return out
+
+
+def bucket_name(n_words: int, edges: Sequence[int]) -> str:
+    """Label of the reference-length bucket (in words) that ``n_words`` falls in."""
+    lo = 0
+    for hi in edges:
+        if n_words <= hi:
+            return f"{lo}-{hi}"
+        lo = hi + 1
+    return f">{edges[-1]}"
+
+
+def score_examples(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig,
+                   name: str = "data") -> tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """Generate for every seed and score; returns ``(scores, prediction records)``."""
+    seeds: List[Optional[int]] = list(cfg.seeds) if cfg.do_sample else [None]
+    per_seed, records = [], []
+    bucket_scores: Dict[str, List[float]] = {}
+    n_long = sum(len(encode_prompt(tokenizer, e.prompt)) > cfg.max_prompt_length for e in examples)
+    for seed in seeds:
+        texts = generate_texts(model, tokenizer, [e.prompt for e in examples], cfg, seed, desc=f"{name} seed {seed}")
+        scores = [rouge_l(t, e.references) for t, e in zip(texts, examples)]
+        per_seed.append(statistics.fmean(scores))
+        for i, (t, e, s) in enumerate(zip(texts, examples, scores)):
+            b = bucket_name(len(e.references[0].split()), cfg.buckets)
+            bucket_scores.setdefault(b, []).append(s)
+            records.append({"dataset": name, "index": i, "seed": seed, "prompt": e.prompt, "prediction": t,
+                            "references": e.references, "rougeL": s, "bucket": b, **e.meta})
+    order = sorted(bucket_scores, key=lambda b: int(b.split("-")[0].lstrip(">")) + (b.startswith(">")))
+    return {
+        "dataset": name, "n": len(examples), "seeds": seeds, "rougeL_per_seed": per_seed,
+        "rougeL": statistics.fmean(per_seed), "rougeL_std": statistics.pstdev(per_seed) if len(per_seed) > 1 else 0.0,
+        "by_length": {b: {"n": len(bucket_scores[b]) // len(seeds), "rougeL": statistics.fmean(bucket_scores[b])} for b in order},
+        "prompts_truncated": n_long,
+    }, records
+
+
+def resolve_suite(data: str) -> Dict[str, str]:
+    """``{name: file}`` for a file (one set) or a MiniLLM-style directory (the five sets)."""
+    path = Path(data)
+    if data.startswith("synthetic"):
+        return {data: data}
+    if path.is_dir():
+        found = {}
+        for name, candidates in SUITE.items():
+            hit = next((path / c for c in candidates if (path / c).is_file()), None)
+            if hit is not None:
+                found[name] = str(hit)
+        if not found:
+            raise ConfigError(f"{data}: directory holds none of the suite files ({', '.join(c[0] for c in SUITE.values())})")
+        return found
+    if not path.is_file():
+        raise ConfigError(f"{data}: no such file or directory")
+    return {path.parent.name if path.name == "valid.jsonl" else path.stem: data}
+
+
+def evaluate(model: Any, tokenizer: Any, data: str, cfg: EvalConfig, data_cfg: Optional[DataConfig] = None,
+             output: Optional[str | Path] = None) -> Dict[str, Any]:
+    """Score a file or suite; writes ``scores.json`` and ``predictions.jsonl`` to ``output`` atomically."""
+    data_cfg = data_cfg or DataConfig()
+    sets = {name: load_examples(src, data_cfg, tokenizer, cfg.limit) for name, src in resolve_suite(data).items()}
+    results, records = {}, []
+    for name, examples in sets.items():
+        results[name], recs = score_examples(model, tokenizer, examples, cfg, name)
+        records += recs
+    summary = {"config": asdict(cfg), "results": results}
+    if output is not None:
+        write_outputs(Path(output), summary, records)
+    return summary
+
+
+def write_outputs(out: Path, summary: Dict[str, Any], records: List[Dict[str, Any]]) -> None:
+    """Write scores.json and predictions.jsonl (each via a temporary file and rename)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("scores.json", json.dumps(summary, indent=2)),
+                       ("predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out / name)
+
+
+def format_table(summary: Dict[str, Any]) -> str:
+    """A Markdown table: one row per dataset with mean +- std over seeds."""
+    lines = ["| dataset | n | ROUGE-L | std |", "|---|---:|---:|---:|"]
+    for name, r in summary["results"].items():
+        lines.append(f"| {name} | {r['n']} | {r['rougeL']:.2f} | {r['rougeL_std']:.2f} |")
+    return "\n".join(lines)
+
+
+def ci95(values: Sequence[float]) -> float:
+    """Half-width of a normal-approximation 95% confidence interval of the mean."""
+    return 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0

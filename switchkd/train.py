@@ -1,0 +1,247 @@
+"""The one training loop (on accelerate: ``accelerate launch`` gives DDP/FSDP/DeepSpeed).
+
+Each optimizer step takes ``grad_accum`` micro-batches, lets the sequence source
+rewrite them, counts response tokens over the whole step and all processes, and
+back-propagates ``sum of token losses / that count`` so the gradient does not
+depend on how the step is split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from switchkd.config import Config, to_yaml
+from switchkd.data import Tokenized, collate, load_examples, tokenize
+from switchkd.evaluate import generate_texts, rouge_l
+from switchkd.losses import kd_weight, response_tokens, sequence_loss_sum
+from switchkd.models import load_pair
+from switchkd.sources import make_source, teacher_logits
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved with every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches consumed in ``epoch`` (per process)
+    best: Optional[float] = None
+    best_step: int = -1
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and norm weights (1-D parameters)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, torch.Tensor]], cfg: Config,
+                   vocab: int, accelerator: Accelerator) -> tuple[float, int]:
+    """Back-propagate one optimizer step's micro-batches; returns ``(mean token loss, tokens)``.
+
+    Gradients equal those of ``sum over all tokens / total tokens`` across micro-batches and
+    processes (DDP averages over processes, hence the ``num_processes`` factor).
+    """
+    local = sum(response_tokens(b["labels"]) for b in group)
+    total = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum"))
+    scale = accelerator.num_processes / max(total, 1)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    needs_teacher = kd_weight(cfg.method) > 0
+    for i, b in enumerate(group):
+        sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(student)
+        with sync, accelerator.autocast():
+            t = b.get("teacher_logits")
+            if t is None and needs_teacher:
+                t = teacher_logits(teacher, b)
+            s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            loss = sequence_loss_sum(s, t, b["labels"], cfg.method, vocab)
+            accelerator.backward(loss * scale)
+        loss_sum += loss.detach()
+    return float(accelerator.reduce(loss_sum, reduction="sum")) / max(total, 1), total
+
+
+class Trainer:
+    """Holds the models, data and state of one run; :meth:`fit` runs it."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.out = cfg, Path(cfg.output.dir)
+        trackers = [t for t in cfg.train.loggers if _installed(t)]
+        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers or None,
+                               project_dir=str(self.out), cpu=not _has_accelerator())
+        set_seed(cfg.train.seed)
+        self.student, self.teacher, self.tok, self.vocab = load_pair(cfg.model, cfg.teacher)
+        examples = load_examples(cfg.data.train, cfg.data, self.tok, cfg.data.limit)
+        self.items, stats = tokenize(examples, self.tok, cfg.data.max_prompt_length, cfg.data.max_length)
+        self.dev = load_examples(cfg.data.dev, cfg.data, self.tok, cfg.eval.limit or 100) if cfg.data.dev else None
+        per_epoch = math.ceil(math.ceil(len(self.items) / (cfg.train.batch_size * self.acc.num_processes)) / cfg.train.grad_accum)
+        self.total = cfg.train.max_steps or per_epoch * cfg.train.epochs
+        opt = torch.optim.AdamW(param_groups(self.student, cfg.train.weight_decay), lr=cfg.train.lr)
+        sched = get_scheduler(cfg.train.scheduler, opt, num_warmup_steps=cfg.train.warmup_steps,
+                              num_training_steps=self.total)
+        # the scheduler is stepped once per optimizer step (a prepared one would step once per process)
+        self.student, self.opt = self.acc.prepare(self.student, opt)
+        self.sched = sched
+        self.acc.register_for_checkpointing(self.sched)
+        if self.teacher is not None:
+            self.teacher.to(self.acc.device)
+        self.source = make_source(cfg, self.student, self.teacher, self.tok, self.vocab)
+        self.state = TrainState()
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(to_yaml(cfg))
+            print(to_yaml(cfg), stats.line("train"), sep="\n", flush=True)
+        if trackers:
+            self.acc.init_trackers("switchkd", config=json.loads(json.dumps(asdict(cfg), default=str)))
+
+    def _micro_batches(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """Micro-batches in a seeded per-epoch order, resuming at ``state.batch_in_epoch``."""
+        while True:
+            g = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + self.state.epoch)
+            order: List[Tokenized] = [self.items[i] for i in torch.randperm(len(self.items), generator=g)]
+            dl = DataLoader(order, batch_size=self.cfg.train.batch_size, shuffle=False,
+                            collate_fn=lambda xs: collate(xs, self.tok.pad_token_id))
+            dl = self.acc.prepare_data_loader(dl)
+            if self.state.batch_in_epoch:
+                dl = self.acc.skip_first_batches(dl, self.state.batch_in_epoch)
+            for batch in dl:
+                self.state.batch_in_epoch += 1
+                yield batch
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    def fit(self) -> Path:
+        """Train to ``self.total`` optimizer steps; returns the final model directory."""
+        cfg = self.cfg
+        if cfg.train.resume:
+            self._resume()
+        batches = self._micro_batches()
+        bar = tqdm(total=self.total, initial=self.state.step, desc="train", disable=not self.acc.is_main_process)
+        while self.state.step < self.total:
+            t0 = time.perf_counter()
+            group = [self.source(next(batches), self.state.step) for _ in range(cfg.train.grad_accum)]
+            self.student.train()
+            loss, n_tok = step_gradients(self.student, self.teacher, group, cfg, self.vocab, self.acc)
+            if cfg.train.clip > 0:
+                self.acc.clip_grad_norm_(self.student.parameters(), cfg.train.clip)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.state.step += 1
+            tokens = sum(int(b["attention_mask"].sum()) for b in group) * self.acc.num_processes
+            rec = {"step": self.state.step, "epoch": self.state.epoch, "loss": loss, "lr": self.sched.get_last_lr()[0],
+                   "tokens_per_s": tokens / (time.perf_counter() - t0), "response_tokens": n_tok, **self.source.stats()}
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            last = self.state.step == self.total
+            if self.dev is not None and ((cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0) or last):
+                rec["dev_rougeL"] = self._evaluate_dev()
+            if self.state.step % max(cfg.train.log_every, 1) == 0 or last or "dev_rougeL" in rec:
+                self._log(rec)
+            if cfg.train.save_every and self.state.step % cfg.train.save_every == 0 and not last:
+                self._checkpoint()
+        bar.close()
+        return self._finish()
+
+    def _evaluate_dev(self) -> float:
+        """Greedy dev ROUGE-L (main process); saves ``best/`` when it improves."""
+        score = 0.0
+        if self.acc.is_main_process:
+            model = self.acc.unwrap_model(self.student).eval()
+            ecfg = replace(self.cfg.eval, do_sample=False)
+            texts = generate_texts(model, self.tok, [e.prompt for e in self.dev], ecfg, None, desc="dev")
+            score = sum(rouge_l(t, e.references) for t, e in zip(texts, self.dev)) / len(self.dev)
+            if self.cfg.train.keep_best and (self.state.best is None or score > self.state.best):
+                self.state.best, self.state.best_step = score, self.state.step
+                self._save_model(self.out / "best")
+        self.acc.wait_for_everyone()
+        return score
+
+    def _log(self, rec: Dict[str, Any]) -> None:
+        if self.acc.is_main_process:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        if self.acc.trackers:
+            self.acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=self.state.step)
+
+    def _save_model(self, path: Path) -> None:
+        """``save_pretrained`` (safetensors) into a temporary directory, then rename."""
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.unwrap_model(self.student).save_pretrained(tmp, safe_serialization=True)
+        self.tok.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+
+    def _checkpoint(self) -> None:
+        """Model, optimizer, scheduler, RNG, step and data position, written atomically."""
+        root = self.out / "checkpoints"
+        tmp = root / f"step-{self.state.step:08d}.tmp"
+        self.acc.save_state(str(tmp))
+        if self.acc.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(self.state)))
+            torch.save(self.source.state_dict(), tmp / "source_state.pt")
+            final = tmp.with_suffix("")
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in sorted(root.glob("step-*")):
+                if old != final and not old.name.endswith(".tmp"):
+                    shutil.rmtree(old)
+        self.acc.wait_for_everyone()
+
+    def _resume(self) -> None:
+        found = sorted(p for p in (self.out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+        if not found:
+            if self.acc.is_main_process:
+                print(f"train.resume: no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
+            return
+        self.acc.load_state(str(found[-1]))
+        self.state = TrainState(**json.loads((found[-1] / "trainer_state.json").read_text()))
+        self.source.load_state_dict(torch.load(found[-1] / "source_state.pt", weights_only=False))
+        if self.acc.is_main_process:
+            print(f"resumed from {found[-1]} at step {self.state.step}")
+
+    def _finish(self) -> Path:
+        """Write ``final/``: the best dev checkpoint when kept, else the last weights."""
+        final = self.out / "final"
+        if self.acc.is_main_process:
+            best = self.out / "best"
+            if self.cfg.train.keep_best and best.is_dir():
+                shutil.rmtree(final, ignore_errors=True)
+                shutil.copytree(best, final)
+            else:
+                self._save_model(final)
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
+        return final
+
+
+def _has_accelerator() -> bool:
+    """True when a GPU-like device exists (on CPU-only hosts accelerate needs ``cpu=True`` for gloo DDP)."""
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
+        torch.backends.mps.is_available()
+
+
+def _installed(tracker: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec({"tensorboard": "tensorboard", "wandb": "wandb"}.get(tracker, tracker)) is not None
+
+
+def train(cfg: Config) -> Path:
+    """Run training for ``cfg``; returns ``<output.dir>/final``."""
+    return Trainer(cfg).fit()

@@ -1,0 +1,74 @@
+"""Presets load; unknown keys, wrong types and bad choices give one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from switchkd.config import ConfigError, load_config
+
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_there_are_presets():
+    names = {f"{p.parent.name}/{p.stem}" for p in PRESETS}
+    for want in ("tiny/sft", "tiny/kd", "tiny/bild", "gpt2-xl_to_gpt2/sft", "gpt2-xl_to_gpt2/kd", "gpt2-xl_to_gpt2/bild"):
+        assert want in names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_preset_loads(path):
+    cfg = load_config(path)
+    assert cfg.method.name
+    if cfg.method.name != "sft":
+        assert cfg.teacher is not None
+
+
+def test_paper_scale_hyperparameters():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/gpt2-xl_to_gpt2/kd.yaml")
+    t = cfg.train
+    assert (t.lr, t.batch_size, t.epochs, t.scheduler, t.weight_decay, t.clip) == (5e-4, 8, 20, "cosine", 0.01, 1.0)
+    assert (cfg.data.max_length, cfg.data.max_prompt_length) == (512, 256)
+    assert cfg.model.name == "gpt2" and cfg.teacher.name == "gpt2-xl"
+
+
+def test_overrides_apply():
+    cfg = load_config(None, ["train.lr=1e-4", "method.params.beta=0.3", "method.divergence=jsd", "eval.seeds=[1,2]"])
+    assert cfg.train.lr == 1e-4 and cfg.method.params == {"beta": 0.3} and cfg.eval.seeds == [1, 2]
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("train.lrr=1", "unknown key 'train.lrr'"),
+    ("nosection.x=1", "unknown key 'nosection'"),
+    ("train.batch_size=abc", "train.batch_size"),
+    ("method.name=magic", "method.name='magic'; valid choices"),
+    ("method.divergence=l2", "method.divergence='l2'"),
+    ("train.scheduler=step", "valid choices: cosine, linear, constant"),
+    ("method.params.gamma=1", "method.params.gamma is not a parameter"),
+    ("train", "expected dotted.key=value"),
+])
+def test_bad_overrides_are_one_line_errors(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_file_names_file_and_valid_keys(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  learning_rate: 1.0\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'train.learning_rate'; valid keys here: lr, "):
+        load_config(p)
+
+
+def test_kd_without_teacher_is_rejected():
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        load_config(None, ["method.name=kd"])
+
+
+def test_bad_yaml_is_reported(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(p)

@@ -1,0 +1,119 @@
+"""ROUGE-L scoring, the eval command on real MiniLLM data, and one-line errors from the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from switchkd.cli import main
+from switchkd.config import EvalConfig, ModelConfig
+from switchkd.evaluate import bucket_name, generate_texts, rouge_l
+from switchkd.models import load_model, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_rouge_l_known_values():
+    assert rouge_l("the cat sat", ["the cat sat"]) == pytest.approx(100.0)
+    # LCS 2 ("the", "sat"), P = 2/3, R = 2/4 -> F = 2PR/(P+R) = 4/7
+    assert rouge_l("the dog sat", ["the cat really sat", "zzz"]) == pytest.approx(100 * 4 / 7)
+    assert rouge_l("running", ["runs"]) == pytest.approx(100.0)  # Porter stemming
+    assert rouge_l("", ["something"]) == 0.0
+
+
+def test_buckets():
+    assert [bucket_name(n, [5, 10]) for n in (0, 5, 6, 10, 11)] == ["0-5", "0-5", "6-10", "6-10", ">10"]
+
+
+def test_batched_greedy_generation_equals_one_by_one():
+    tok = load_tokenizer(ModelConfig(name="tiny:llama"))
+    model = load_model(ModelConfig(name="tiny:llama,layers=2,dim=32,heads=4"), tok, trainable=False)
+    prompts = ["Q: a\nA: ", "Q: a much longer prompt here\nA: ", "Q: mid size\nA: "]
+    cfg = EvalConfig(do_sample=False, max_new_tokens=12, batch_size=3)
+    batched = generate_texts(model, tok, prompts, cfg, None)
+    single = [generate_texts(model, tok, [p], cfg, None)[0] for p in prompts]
+    assert batched == single
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m")
+    tok = load_tokenizer(ModelConfig(name="tiny:gpt2"))
+    load_model(ModelConfig(name="tiny:gpt2,layers=1,dim=32,heads=2"), tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_eval_file_writes_scores_and_predictions(tiny_model_dir, shared, tmp_path):
+    data = shared / "data/minillm_data/dolly/valid.jsonl"
+    rc = main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--limit", "3", "--seeds", "1", "2",
+               "--max-new-tokens", "6", "--output", str(tmp_path)])
+    assert rc == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    r = scores["results"]["dolly"]
+    assert r["n"] == 3 and len(r["rougeL_per_seed"]) == 2 and 0 <= r["rougeL"] <= 100
+    preds = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 6 and {p["seed"] for p in preds} == {1, 2}
+    assert all(p["rougeL"] == pytest.approx(rouge_l(p["prediction"], p["references"])) for p in preds)
+
+
+def test_sampled_eval_is_reproducible(tiny_model_dir, shared, tmp_path):
+    args = ["eval", "--model", str(tiny_model_dir), "--data", str(shared / "data/minillm_data/vicuna/valid.jsonl"),
+            "--limit", "2", "--seeds", "7", "--max-new-tokens", "8"]
+    main(args + ["--output", str(tmp_path / "a")])
+    main(args + ["--output", str(tmp_path / "b")])
+    assert (tmp_path / "a/predictions.jsonl").read_text() == (tmp_path / "b/predictions.jsonl").read_text()
+
+
+def test_suite_mode_scores_all_five_sets(tiny_model_dir, shared, tmp_path, capsys):
+    rc = main(["eval", "--model", str(tiny_model_dir), "--data", str(shared / "data/minillm_data"), "--limit", "2",
+               "--greedy", "--max-new-tokens", "4", "--output", str(tmp_path)])
+    assert rc == 0
+    results = json.loads((tmp_path / "scores.json").read_text())["results"]
+    assert set(results) == {"dolly", "self-inst", "vicuna", "sinst", "uinst"}
+    assert "| sinst | 2 |" in capsys.readouterr().out
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "switchkd", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_malformed_data_is_one_line_error_and_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{not json}\n')
+    out = tmp_path / "out"
+    r = _cli("train", str(ROOT / "configs/tiny/sft.yaml"), f"data.train={bad}", f"output.dir={out}")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"switchkd: error: {bad}:2: invalid JSON line (Expecting property name enclosed in double quotes)"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["train", "configs/tiny/kd.yaml", "train.lrr=3"], "unknown key 'train.lrr'"),
+    (["train", "configs/nope.yaml"], "config file not found"),
+    (["eval", "--model", "/nonexistent/model", "--data", "x.jsonl"], "cannot load"),
+])
+def test_cli_errors_are_one_line(args, fragment):
+    r = _cli(*args, cwd=ROOT)
+    assert r.returncode == 2 and fragment in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_eval_missing_data_file(tiny_model_dir, tmp_path):
+    r = _cli("eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "none.jsonl"))
+    assert r.returncode == 2 and "no such file or directory" in r.stderr
+
+
+def test_demo_quick_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWITCHKD_CACHE", str(tmp_path / "cache"))
+    from switchkd.demo import run_demo
+
+    results = run_demo(str(tmp_path / "demo"), quick=True)
+    assert {"teacher", "sft", "kd"} <= set(results)
+    assert (tmp_path / "demo/results.md").read_text().startswith("| method | ROUGE-L |")
+    torch.manual_seed(0)
