@@ -47,6 +47,14 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'scores.json'} and {out / 'predictions.jsonl'}")
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from switchkd.config import load_config
+    from switchkd.generate import generate_dataset
+
+    n = generate_dataset(load_config(args.config, args.overrides), args.output, args.batch_size)
+    print(f"wrote {n} teacher responses to {args.output}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from switchkd.demo import run_demo
 
@@ -76,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--template", default="alpaca", help="prompt template for records without 'prompt'")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.set_defaults(func=_eval)
+
+    g = sub.add_parser("generate", help="write the teacher's responses to data.train as a JSONL dataset (SeqKD)")
+    g.add_argument("config", help="YAML preset naming teacher and data, e.g. configs/tiny/seqkd.yaml")
+    g.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    g.add_argument("--output", required=True, help="JSONL file to write")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.set_defaults(func=_generate)
 
     d = sub.add_parser("demo", help="the built-in end-to-end demo on the synthetic suite")
     d.add_argument("--output", default="runs/demo")

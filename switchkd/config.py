@@ -70,6 +70,7 @@ class MethodConfig:
     gate: str = "jsd"  # jsd | fkl | rkl | tvd
     # DistiLLM adaptive off-policy sampling
     replay_size: int = 1000
+    replay_ratio: float = 0.5  # probability an SGO batch is drawn from the replay buffer
     init_student_prob: float = 0.0
     max_student_prob: float = 0.8
     student_prob_step: float = 0.1
@@ -221,7 +222,7 @@ def validate(cfg: Config) -> None:
         if node is None:
             continue
         value = getattr(node, key)
-        if value not in choices and not (dotted == "method.priming"):
+        if value not in choices:
             raise ConfigError(f"config error: {dotted}={value!r}; valid choices: {', '.join(choices)}")
     from switchkd.divergences import DIVERGENCES, PARAMS
 
@@ -234,6 +235,9 @@ def validate(cfg: Config) -> None:
             f"config error: method.params.{sorted(bad)[0]} is not a parameter of {m.divergence!r}; "
             f"valid: {', '.join(PARAMS[m.divergence]) or 'none'}"
         )
+    for key in ("kd_ratio", "student_ratio", "switch_ratio", "replay_ratio", "init_student_prob", "max_student_prob"):
+        if not 0.0 <= getattr(m, key) <= 1.0:
+            raise ConfigError(f"config error: method.{key}={getattr(m, key)}; expected a value in [0, 1]")
     if not 0.0 <= m.kd_ratio <= 1.0:
         raise ConfigError(f"config error: method.kd_ratio={m.kd_ratio}; expected a value in [0, 1]")
     needs_teacher = m.name != "sft" and (m.kd_ratio > 0 or m.source != "dataset")

@@ -174,15 +174,22 @@ def encode_prompt(tokenizer: Any, prompt: str) -> List[int]:
 
 @dataclass
 class Tokenized:
-    """Token ids of one training example; ``response`` ends with EOS unless truncated."""
+    """Token ids of one training example; ``response`` ends with EOS unless truncated.
+
+    ``teacher_prompt`` is the primed prompt the teacher sees (None: the same prompt).
+    """
 
     prompt: List[int]
     response: List[int]
     index: int
+    teacher_prompt: Optional[List[int]] = None
 
 
-def tokenize(examples: Sequence[Example], tokenizer: Any, max_prompt: int, max_length: int) -> tuple:
+def tokenize(examples: Sequence[Example], tokenizer: Any, max_prompt: int, max_length: int,
+             priming: str = "none") -> tuple:
     """Tokenize with the length policy; returns ``(list[Tokenized], DataStats)``."""
+    from switchkd.priming import teacher_prompt
+
     stats, out = DataStats(total=len(examples)), []
     for i, ex in enumerate(examples):
         p = encode_prompt(tokenizer, ex.prompt)
@@ -193,7 +200,8 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, max_prompt: int, max_l
         if len(p) + len(r) > max_length:
             r = r[: max_length - len(p)]
             stats.truncated_response += 1
-        out.append(Tokenized(p, r, i))
+        tp = None if priming == "none" else encode_prompt(tokenizer, teacher_prompt(priming, ex.prompt, ex.references[0]))
+        out.append(Tokenized(p, r, i, tp))
     stats.kept = len(out)
     if not out:
         raise ConfigError(f"no example fits max_prompt_length={max_prompt} (all {stats.total} prompts are longer)")
@@ -212,22 +220,45 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
     return ids, mask
 
 
-def collate(items: Sequence[Tokenized], pad_id: int) -> Dict[str, Tensor]:
+def right_pad(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> tuple:
+    """``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` for prompt+response, right-padded;
+    labels are -100 outside the response."""
+    n = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        seq = list(p) + list(r)
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+        if len(r):
+            labels[i, len(p): len(seq)] = torch.tensor(list(r), dtype=torch.long)
+    return ids, mask, labels
+
+
+def build_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                index: Sequence[int], teacher_prompts: Optional[Sequence[Sequence[int]]] = None) -> Dict[str, Any]:
     """A training batch.
 
     ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (right-padded prompt+response,
     labels -100 outside the response); ``prompt_ids``, ``prompt_mask`` ``[B, P]`` (left-padded
-    prompts, for on-policy generation); ``index`` ``[B]``.
+    prompts, for generation); ``index`` ``[B]``; with priming also ``teacher_input_ids``,
+    ``teacher_attention_mask``, ``teacher_labels`` and the left-padded ``teacher_prompt_ids``/``_mask``.
     """
-    n = max(len(x.prompt) + len(x.response) for x in items)
-    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, x in enumerate(items):
-        seq = x.prompt + x.response
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-        labels[i, len(x.prompt): len(seq)] = torch.tensor(x.response)
-    p_ids, p_mask = left_pad([x.prompt for x in items], pad_id)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompt_ids": p_ids, "prompt_mask": p_mask,
-            "index": torch.tensor([x.index for x in items])}
+    ids, mask, labels = right_pad(prompts, responses, pad_id)
+    p_ids, p_mask = left_pad(prompts, pad_id)
+    batch: Dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompt_ids": p_ids,
+                             "prompt_mask": p_mask, "index": torch.tensor(list(index))}
+    if teacher_prompts is not None:
+        t_ids, t_mask, t_labels = right_pad(teacher_prompts, responses, pad_id)
+        tp_ids, tp_mask = left_pad(teacher_prompts, pad_id)
+        batch |= {"teacher_input_ids": t_ids, "teacher_attention_mask": t_mask, "teacher_labels": t_labels,
+                  "teacher_prompt_ids": tp_ids, "teacher_prompt_mask": tp_mask}
+    return batch
+
+
+def collate(items: Sequence[Tokenized], pad_id: int) -> Dict[str, Any]:
+    """:func:`build_batch` for tokenized dataset examples."""
+    primed = items[0].teacher_prompt is not None
+    return build_batch([x.prompt for x in items], [x.response for x in items], pad_id, [x.index for x in items],
+                       [x.teacher_prompt for x in items] if primed else None)

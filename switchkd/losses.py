@@ -1,7 +1,7 @@
 """The training objective: kd_ratio * divergence + (1 - kd_ratio) * CE over response tokens.
 
-Normalisation: :func:`sequence_loss_sum` returns the *sum* over response tokens of a
-micro-batch; the loop divides by the number of response tokens in the whole
+Normalisation: the loop sums :func:`token_loss` over the response tokens of each
+micro-batch and divides by the number of response tokens in the whole
 optimizer step (all micro-batches, all processes), so the gradient does not
 depend on how a step is split.
 """
@@ -46,15 +46,6 @@ def shifted(logits: Tensor, labels: Tensor, vocab: int) -> tuple[Tensor, Tensor]
     target = labels[:, 1:]
     mask = target != -100
     return logits[:, :-1][mask][:, :vocab], target[mask]
-
-
-def sequence_loss_sum(
-    student_logits: Tensor, teacher_logits: Optional[Tensor], labels: Tensor, method: MethodConfig, vocab: int
-) -> Tensor:
-    """Sum of per-token losses over the response tokens of a batch (a scalar)."""
-    s, target = shifted(student_logits, labels, vocab)
-    t = shifted(teacher_logits, labels, vocab)[0] if teacher_logits is not None else None
-    return token_loss(s, t, target, method).sum()
 
 
 def response_tokens(labels: Tensor) -> int:

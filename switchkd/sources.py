@@ -1,48 +1,248 @@
 """Sequence sources: which sequences a training batch holds.
 
-A source turns a dataset batch (see :func:`switchkd.data.collate`) into the batch the
-loss sees: ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` and, where it
-already has them, ``teacher_logits [B, T, V]`` aligned with ``input_ids``.
+A source turns a dataset batch (:func:`switchkd.data.build_batch`) into the batch the
+loss sees.  Sources that decode use the one rollout engine.  A batch may carry
+``teacher_selected [N, V]``: the teacher's logits at its N response tokens (row-major),
+already computed during a SWITCH rollout, which the loss then uses instead of a second
+teacher forward.  They are exact targets because the teacher saw the same (possibly
+primed) prefix with the same weights; batches without them (dataset batches, student
+rollouts, which do not run the teacher) get one teacher forward in the loss.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import random
+from collections import deque
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 from switchkd.config import Config
+from switchkd.data import build_batch
+from switchkd.losses import shifted
+from switchkd.rollout import RolloutConfig, RolloutOutput, rollout
 
-
-class DatasetSource:
-    """Ground-truth responses, unchanged (SFT, word-level KD, BiLD, SeqKD on generated data)."""
-
-    def __init__(self, cfg: Config, student: Any, teacher: Optional[Any], tokenizer: Any, vocab: int) -> None:
-        self.cfg, self.student, self.teacher, self.tokenizer, self.vocab = cfg, student, teacher, tokenizer, vocab
-
-    def __call__(self, batch: Dict[str, Tensor], step: int) -> Dict[str, Tensor]:
-        return batch
-
-    def stats(self) -> Dict[str, float]:
-        """Diagnostics to log (none for the dataset source)."""
-        return {}
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        pass
+Batch = Dict[str, Any]
+BUCKETS = (0, 8, 16, 32, 64, 128, 256)
 
 
 @torch.no_grad()
-def teacher_logits(teacher: Any, batch: Dict[str, Tensor]) -> Tensor:
-    """One teacher forward over the batch's sequences; ``[B, T, V']``."""
-    return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def teacher_targets(teacher: Any, batch: Batch, vocab: int) -> Tensor:
+    """The teacher's logits at the response tokens, ``[N, V]``, aligned with the student's.
+
+    With priming the teacher reads ``teacher_input_ids`` (its prefix + the same response);
+    each side's own ``labels`` select the positions, so no offset arithmetic is involved.
+    """
+    if batch.get("teacher_selected") is not None:
+        return batch["teacher_selected"]
+    if "teacher_input_ids" in batch:
+        logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
+        return shifted(logits, batch["teacher_labels"], vocab)[0]
+    logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return shifted(logits, batch["labels"], vocab)[0]
 
 
-def make_source(cfg: Config, student: Any, teacher: Optional[Any], tokenizer: Any, vocab: int) -> DatasetSource:
+def _rows(ids: Tensor, mask: Tensor) -> List[List[int]]:
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+class DatasetSource:
+    """Ground-truth responses, unchanged (SFT, word-level KD, BiLD)."""
+
+    def __init__(self, cfg: Config, student: Any, teacher: Optional[Any], tokenizer: Any, vocab: int,
+                 unwrap: Callable[[Any], Any] = lambda m: m, seed: int = 0) -> None:
+        self.cfg, self.student, self.teacher, self.tok, self.vocab = cfg, student, teacher, tokenizer, vocab
+        self.unwrap, self.rng = unwrap, random.Random(seed)
+
+    def __call__(self, batch: Batch, step: int) -> Batch:
+        return batch
+
+    def stats(self) -> Dict[str, float]:
+        """Diagnostics to log since the last call."""
+        return {}
+
+    def on_validation(self, dev_loss: float) -> None:
+        """Called with the dev loss at each evaluation."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+
+    def _rollout(self, batch: Batch, source: str, keep_teacher: bool = False) -> tuple[Batch, RolloutOutput]:
+        """Decode responses for the batch's prompts and rebuild it around them."""
+        m, device = self.cfg.method, batch["prompt_ids"].device
+        P = batch["prompt_ids"].shape[1]
+        rcfg = RolloutConfig(
+            source=source, max_new_tokens=max(1, min(m.max_new_tokens, self.cfg.data.max_length - P)),
+            do_sample=m.do_sample, temperature=m.gen_temperature, top_k=m.top_k, top_p=m.top_p, tau0=m.tau0,
+            decay=m.decay, schedule=m.schedule, gate=m.gate, eos_token_id=self.tok.eos_token_id,
+            pad_token_id=self.tok.pad_token_id, vocab_size=self.vocab, keep_teacher_logits=keep_teacher)
+        student = self.unwrap(self.student)
+        was_training = student.training
+        student.eval()
+        out = rollout(student, self.teacher, batch["prompt_ids"], batch["prompt_mask"], rcfg,
+                      batch.get("teacher_prompt_ids"), batch.get("teacher_prompt_mask"))
+        student.train(was_training)
+        responses = [out.sequences[i, P:][out.response_mask[i]].tolist() for i in range(out.sequences.shape[0])]
+        t_prompts = _rows(batch["teacher_prompt_ids"], batch["teacher_prompt_mask"]) if "teacher_prompt_ids" in batch else None
+        new = build_batch(_rows(batch["prompt_ids"], batch["prompt_mask"]), responses, self.tok.pad_token_id,
+                          batch["index"].tolist(), t_prompts)
+        new = {k: v.to(device) for k, v in new.items()}
+        if keep_teacher:
+            new["teacher_selected"] = out.teacher_logits[out.response_mask]
+        return new, out
+
+
+class TeacherSource(DatasetSource):
+    """SeqKD: the teacher's response to each prompt, generated once and reused every epoch
+    (the same as ``switchkd generate`` followed by SFT)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.cache: Dict[int, List[int]] = {}
+
+    def __call__(self, batch: Batch, step: int) -> Batch:
+        idx = batch["index"].tolist()
+        missing = [i for i, k in enumerate(idx) if k not in self.cache]
+        if missing:
+            sub = {k: (v[missing] if isinstance(v, Tensor) else v) for k, v in batch.items()}
+            gen, _ = self._rollout(sub, "teacher")
+            for i, row in enumerate(gen["labels"]):
+                self.cache[idx[missing[i]]] = row[row != -100].tolist()
+        prompts = _rows(batch["prompt_ids"], batch["prompt_mask"])
+        t_prompts = _rows(batch["teacher_prompt_ids"], batch["teacher_prompt_mask"]) if "teacher_prompt_ids" in batch else None
+        new = build_batch(prompts, [self.cache[k] for k in idx], self.tok.pad_token_id, idx, t_prompts)
+        return {k: v.to(batch["input_ids"].device) for k, v in new.items()}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return super().state_dict() | {"cache": self.cache}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.cache = state["cache"]
+
+
+class StudentSource(DatasetSource):
+    """ImitKD: fresh student samples every batch."""
+
+    def __call__(self, batch: Batch, step: int) -> Batch:
+        return self._rollout(batch, "student")[0]
+
+
+class MixtureSource(DatasetSource):
+    """GKD: each batch is student-generated with probability ``method.student_ratio`` (lambda), else dataset."""
+
+    def __call__(self, batch: Batch, step: int) -> Batch:
+        if self.rng.random() < self.cfg.method.student_ratio:
+            return self._rollout(batch, "student")[0]
+        return batch
+
+
+class DistillmSource(DatasetSource):
+    """DistiLLM's adaptive off-policy student-generated outputs (SGO).
+
+    With probability ``p`` a batch uses SGOs, else the dataset.  An SGO batch is drawn from a
+    replay buffer of earlier student samples with probability ``replay_ratio`` (once the buffer
+    holds a batch), else generated fresh and added to the buffer.  ``p`` starts at
+    ``init_student_prob`` and is raised by ``student_prob_step`` (up to ``max_student_prob``)
+    whenever the validation loss rises.
+    """
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.p = self.cfg.method.init_student_prob
+        self.buffer: deque = deque(maxlen=self.cfg.method.replay_size)
+        self.last_dev: Optional[float] = None
+        self.counts = {"dataset": 0, "fresh": 0, "replay": 0}
+
+    def __call__(self, batch: Batch, step: int) -> Batch:
+        m, n = self.cfg.method, batch["input_ids"].shape[0]
+        if self.rng.random() >= self.p:
+            self.counts["dataset"] += 1
+            return batch
+        if len(self.buffer) >= n and self.rng.random() < m.replay_ratio:
+            self.counts["replay"] += 1
+            rows = self.rng.sample(list(self.buffer), n)
+            new = build_batch([r[0] for r in rows], [r[1] for r in rows], self.tok.pad_token_id, [r[2] for r in rows],
+                              [r[3] for r in rows] if rows[0][3] is not None else None)
+            return {k: v.to(batch["input_ids"].device) for k, v in new.items()}
+        self.counts["fresh"] += 1
+        new, _ = self._rollout(batch, "student")
+        prompts = _rows(new["prompt_ids"], new["prompt_mask"])
+        t_prompts = _rows(new["teacher_prompt_ids"], new["teacher_prompt_mask"]) if "teacher_prompt_ids" in new else None
+        for i, row in enumerate(new["labels"]):
+            self.buffer.append((prompts[i], row[row != -100].tolist(), int(new["index"][i]),
+                                t_prompts[i] if t_prompts else None))
+        return new
+
+    def on_validation(self, dev_loss: float) -> None:
+        m = self.cfg.method
+        if self.last_dev is not None and dev_loss > self.last_dev:
+            self.p = min(self.p + m.student_prob_step, m.max_student_prob)
+        self.last_dev = dev_loss
+
+    def stats(self) -> Dict[str, float]:
+        out = {"distillm/student_prob": self.p, **{f"distillm/{k}_batches": v for k, v in self.counts.items()}}
+        self.counts = dict.fromkeys(self.counts, 0)
+        return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        return super().state_dict() | {"p": self.p, "buffer": list(self.buffer), "last_dev": self.last_dev}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.p, self.last_dev = state["p"], state["last_dev"]
+        self.buffer.extend(state["buffer"])
+
+
+class SwitchSource(DatasetSource):
+    """SWITCH sequences (with probability ``method.switch_ratio``, else dataset batches).
+
+    The teacher logits of the rollout become the loss targets; diagnostics: the share of
+    teacher-written tokens overall and by position bucket, and the mean gate by position.
+    """
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._reset()
+
+    def _reset(self) -> None:
+        k = len(BUCKETS)
+        self.n, self.teacher_n, self.gate_sum = torch.zeros(k), torch.zeros(k), torch.zeros(k)
+
+    def __call__(self, batch: Batch, step: int) -> Batch:
+        if self.rng.random() >= self.cfg.method.switch_ratio:
+            return batch
+        new, out = self._rollout(batch, "switch", keep_teacher=True)
+        pos = torch.arange(out.response_mask.shape[1], device=out.response_mask.device).expand_as(out.response_mask)
+        bucket = torch.bucketize(pos[out.response_mask], torch.tensor(BUCKETS[1:], device=pos.device), right=True).cpu()
+        self.n += torch.bincount(bucket, minlength=len(BUCKETS)).float()
+        self.teacher_n += torch.bincount(bucket, weights=out.from_teacher[out.response_mask].float().cpu(),
+                                         minlength=len(BUCKETS))
+        self.gate_sum += torch.bincount(bucket, weights=out.gate[out.response_mask].float().cpu(), minlength=len(BUCKETS))
+        return new
+
+    def stats(self) -> Dict[str, float]:
+        if self.n.sum() == 0:
+            return {}
+        out = {"switch/teacher_frac": float(self.teacher_n.sum() / self.n.sum())}
+        for i, lo in enumerate(BUCKETS):
+            if self.n[i] > 0:
+                name = f"{lo}-{BUCKETS[i + 1] - 1}" if i + 1 < len(BUCKETS) else f"{lo}+"
+                out[f"switch/teacher_frac@{name}"] = float(self.teacher_n[i] / self.n[i])
+                out[f"switch/gate@{name}"] = float(self.gate_sum[i] / self.n[i])
+        self._reset()
+        return out
+
+
+SOURCES = {"dataset": DatasetSource, "teacher": TeacherSource, "student": StudentSource, "mixture": MixtureSource,
+           "distillm": DistillmSource, "switch": SwitchSource}
+
+
+def make_source(cfg: Config, student: Any, teacher: Optional[Any], tokenizer: Any, vocab: int,
+                unwrap: Callable[[Any], Any] = lambda m: m, seed: int = 0) -> DatasetSource:
     """The source named by ``cfg.method.source``."""
-    if cfg.method.source == "dataset":
-        return DatasetSource(cfg, student, teacher, tokenizer, vocab)
-    raise NotImplementedError(f"method.source={cfg.method.source!r} is not available")
+    return SOURCES[cfg.method.source](cfg, student, teacher, tokenizer, vocab, unwrap, seed)

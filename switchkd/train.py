@@ -27,9 +27,9 @@ from transformers import get_scheduler
 from switchkd.config import Config, to_yaml
 from switchkd.data import Tokenized, collate, load_examples, tokenize
 from switchkd.evaluate import generate_texts, rouge_l
-from switchkd.losses import kd_weight, response_tokens, sequence_loss_sum
+from switchkd.losses import kd_weight, response_tokens, shifted, token_loss
 from switchkd.models import load_pair
-from switchkd.sources import make_source, teacher_logits
+from switchkd.sources import make_source, teacher_targets
 
 
 @dataclass
@@ -65,11 +65,10 @@ def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, t
     for i, b in enumerate(group):
         sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(student)
         with sync, accelerator.autocast():
-            t = b.get("teacher_logits")
-            if t is None and needs_teacher:
-                t = teacher_logits(teacher, b)
-            s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss = sequence_loss_sum(s, t, b["labels"], cfg.method, vocab)
+            t = teacher_targets(teacher, b, vocab) if needs_teacher else None
+            s, target = shifted(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                b["labels"], vocab)
+            loss = token_loss(s, t, target, cfg.method).sum()
             accelerator.backward(loss * scale)
         loss_sum += loss.detach()
     return float(accelerator.reduce(loss_sum, reduction="sum")) / max(total, 1), total
@@ -86,8 +85,11 @@ class Trainer:
         set_seed(cfg.train.seed)
         self.student, self.teacher, self.tok, self.vocab = load_pair(cfg.model, cfg.teacher)
         examples = load_examples(cfg.data.train, cfg.data, self.tok, cfg.data.limit)
-        self.items, stats = tokenize(examples, self.tok, cfg.data.max_prompt_length, cfg.data.max_length)
+        self.items, stats = tokenize(examples, self.tok, cfg.data.max_prompt_length, cfg.data.max_length,
+                                     cfg.method.priming)
         self.dev = load_examples(cfg.data.dev, cfg.data, self.tok, cfg.eval.limit or 100) if cfg.data.dev else None
+        self.dev_items = tokenize(self.dev, self.tok, cfg.data.max_prompt_length, cfg.data.max_length,
+                                  cfg.method.priming)[0] if self.dev else []
         per_epoch = math.ceil(math.ceil(len(self.items) / (cfg.train.batch_size * self.acc.num_processes)) / cfg.train.grad_accum)
         self.total = cfg.train.max_steps or per_epoch * cfg.train.epochs
         opt = torch.optim.AdamW(param_groups(self.student, cfg.train.weight_decay), lr=cfg.train.lr)
@@ -99,7 +101,8 @@ class Trainer:
         self.acc.register_for_checkpointing(self.sched)
         if self.teacher is not None:
             self.teacher.to(self.acc.device)
-        self.source = make_source(cfg, self.student, self.teacher, self.tok, self.vocab)
+        self.source = make_source(cfg, self.student, self.teacher, self.tok, self.vocab, self.acc.unwrap_model,
+                                  seed=cfg.train.seed * 1000 + self.acc.process_index)
         self.state = TrainState()
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -144,18 +147,36 @@ class Trainer:
             self.state.step += 1
             tokens = sum(int(b["attention_mask"].sum()) for b in group) * self.acc.num_processes
             rec = {"step": self.state.step, "epoch": self.state.epoch, "loss": loss, "lr": self.sched.get_last_lr()[0],
-                   "tokens_per_s": tokens / (time.perf_counter() - t0), "response_tokens": n_tok, **self.source.stats()}
+                   "tokens_per_s": tokens / (time.perf_counter() - t0), "response_tokens": n_tok}
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             last = self.state.step == self.total
             if self.dev is not None and ((cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0) or last):
+                rec["dev_loss"] = self._dev_loss()
+                self.source.on_validation(rec["dev_loss"])
                 rec["dev_rougeL"] = self._evaluate_dev()
             if self.state.step % max(cfg.train.log_every, 1) == 0 or last or "dev_rougeL" in rec:
-                self._log(rec)
+                self._log(rec | self.source.stats())
             if cfg.train.save_every and self.state.step % cfg.train.save_every == 0 and not last:
                 self._checkpoint()
         bar.close()
         return self._finish()
+
+    @torch.no_grad()
+    def _dev_loss(self) -> float:
+        """The training objective on the dev set's reference responses (every process computes it)."""
+        total, n = 0.0, 0
+        model = self.acc.unwrap_model(self.student).eval()
+        needs_teacher = kd_weight(self.cfg.method) > 0
+        for i in range(0, len(self.dev_items), self.cfg.train.batch_size):
+            b = collate(self.dev_items[i:i + self.cfg.train.batch_size], self.tok.pad_token_id)
+            b = {k: v.to(self.acc.device) for k, v in b.items()}
+            t = teacher_targets(self.teacher, b, self.vocab) if needs_teacher else None
+            s, target = shifted(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                b["labels"], self.vocab)
+            total += float(token_loss(s, t, target, self.cfg.method).sum())
+            n += int(target.numel())
+        return total / max(n, 1)
 
     def _evaluate_dev(self) -> float:
         """Greedy dev ROUGE-L (main process); saves ``best/`` when it improves."""

@@ -1,0 +1,52 @@
+"""``switchkd generate``: a JSONL dataset of teacher responses (SeqKD's data).
+
+The output is in the MiniLLM format (``instruction``, ``input``, ``prompt``, ``output``),
+so ``switchkd train configs/tiny/sft.yaml data.train=OUT.jsonl`` is SeqKD done offline.
+The teacher sees its primed prompt when ``method.priming`` is set; ``prompt`` stays the student's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from switchkd.config import Config, ConfigError
+from switchkd.data import build_batch, load_examples, tokenize
+from switchkd.models import load_model, load_tokenizer
+from switchkd.rollout import RolloutConfig, rollout
+
+
+def generate_dataset(cfg: Config, output: str | Path, batch_size: int = 16) -> int:
+    """Write the teacher's response to every ``data.train`` prompt; returns the number written."""
+    if cfg.teacher is None:
+        raise ConfigError("config error: switchkd generate needs teacher.name")
+    tok = load_tokenizer(cfg.teacher)
+    teacher = load_model(cfg.teacher, tok, trainable=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher.to(device)
+    examples = load_examples(cfg.data.train, cfg.data, tok, cfg.data.limit)
+    items, stats = tokenize(examples, tok, cfg.data.max_prompt_length, cfg.data.max_length, cfg.method.priming)
+    print(stats.line("generate"))
+    m = cfg.method
+    torch.manual_seed(cfg.train.seed)
+    out, tmp = Path(output), Path(str(output) + ".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in tqdm(range(0, len(items), batch_size), desc="generate"):
+            chunk = items[i:i + batch_size]
+            prompts = [x.teacher_prompt or x.prompt for x in chunk]
+            b = build_batch(prompts, [[] for _ in chunk], tok.pad_token_id, [x.index for x in chunk])
+            P = b["prompt_ids"].shape[1]
+            rcfg = RolloutConfig(source="teacher", max_new_tokens=max(1, min(m.max_new_tokens, cfg.data.max_length - P)),
+                                 do_sample=m.do_sample, temperature=m.gen_temperature, top_k=m.top_k, top_p=m.top_p,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, vocab_size=len(tok))
+            r = rollout(None, teacher, b["prompt_ids"].to(device), b["prompt_mask"].to(device), rcfg)
+            for j, x in enumerate(chunk):
+                ex = examples[x.index]
+                text = tok.decode(r.sequences[j, P:][r.response_mask[j]], skip_special_tokens=True).strip()
+                f.write(json.dumps({"instruction": ex.instruction, "input": "", "prompt": ex.prompt, "output": text}) + "\n")
+    tmp.replace(out)
+    return len(items)

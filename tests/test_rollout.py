@@ -1,0 +1,156 @@
+"""The rollout engine against oracles: HF generate, recomputation of the SWITCH rule, row independence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from switchkd.config import ModelConfig
+from switchkd.data import left_pad
+from switchkd.models import load_model, load_tokenizer
+from switchkd.rollout import GATES, RolloutConfig, rollout, threshold
+
+ARCHS = {
+    "gpt2": ("tiny:gpt2,layers=2,dim=32,heads=2,seed=3", "tiny:gpt2,layers=3,dim=48,heads=4,seed=4"),
+    "llama": ("tiny:llama,layers=2,dim=32,heads=4,kv_heads=2,seed=3", "tiny:llama,layers=3,dim=48,heads=4,kv_heads=2,seed=4"),
+}
+PROMPTS = ["Q: hi\nA: ", "Q: a rather longer question here?\nA: ", "Q: mid\nA: ", "x"]
+N = 24
+
+
+def _pair(arch):
+    tok = load_tokenizer(ModelConfig(name="tiny:gpt2"))
+    s_spec, t_spec = ARCHS[arch]
+    student = load_model(ModelConfig(name=s_spec), tok, trainable=False)
+    teacher = load_model(ModelConfig(name=t_spec), tok, trainable=False)
+    ids, mask = left_pad([tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS], tok.pad_token_id)
+    return student, teacher, tok, ids, mask
+
+
+def _hf_greedy(model, tok, ids, mask):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, ids.shape[1]:]
+    full = torch.full((ids.shape[0], N), tok.pad_token_id)
+    full[:, : out.shape[1]] = out
+    return full
+
+
+def _cfg(**kw):
+    base = dict(source="switch", max_new_tokens=N, do_sample=False, tau0=0.2, decay=0.1)
+    return RolloutConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_switch_extremes_equal_hf_generate(arch):
+    student, teacher, tok, ids, mask = _pair(arch)
+    only_student = rollout(student, teacher, ids, mask, _cfg(tau0=float("inf")))
+    only_teacher = rollout(student, teacher, ids, mask, _cfg(tau0=-1.0))
+    assert torch.equal(only_student.sequences[:, ids.shape[1]:], _hf_greedy(student, tok, ids, mask))
+    assert torch.equal(only_teacher.sequences[:, ids.shape[1]:], _hf_greedy(teacher, tok, ids, mask))
+    assert not only_student.from_teacher.any()
+    assert torch.equal(only_teacher.from_teacher, only_teacher.response_mask)
+    # the single-model sources are the same decoder
+    assert torch.equal(rollout(student, None, ids, mask, _cfg(source="student")).sequences, only_student.sequences)
+    assert torch.equal(rollout(None, teacher, ids, mask, _cfg(source="teacher")).sequences, only_teacher.sequences)
+
+
+def _recompute(model, seq, mask_prompt, vocab):
+    """Next-token logits over the finished sequence, without a cache: [B, L, V]."""
+    full_mask = torch.cat([mask_prompt, torch.ones(seq.shape[0], seq.shape[1] - mask_prompt.shape[1], dtype=torch.long)], 1)
+    pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=seq, attention_mask=full_mask, position_ids=pos).logits[..., :vocab].double()
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("gate,schedule", [("jsd", "exp"), ("tvd", "linear"), ("fkl", "const"), ("rkl", "exp")])
+def test_switch_rule_confirmed_by_recomputation(arch, gate, schedule):
+    student, teacher, tok, ids, mask = _pair(arch)
+    vocab = len(tok)
+    # pick tau0 so that both models write tokens: a quantile of the student-only gate values
+    probe = rollout(student, teacher, ids, mask, _cfg(tau0=float("inf"), gate=gate))
+    for qtl in (0.5, 0.7, 0.9, 0.3, 0.97, 0.1):
+        tau0 = float(probe.gate[probe.response_mask].quantile(qtl))
+        cfg = _cfg(tau0=tau0, gate=gate, schedule=schedule, decay=0.02, vocab_size=vocab)
+        out = rollout(student, teacher, ids, mask, cfg)
+        share = out.from_teacher[out.response_mask].float().mean()
+        if 0.1 < share < 0.9:
+            break
+    P = ids.shape[1]
+    ls = _recompute(student, out.sequences, mask, vocab)
+    lt = _recompute(teacher, out.sequences, mask, vocab)
+    n_teacher = n_student = 0
+    for b in range(ids.shape[0]):
+        for t in range(N):
+            if not out.response_mask[b, t]:
+                assert out.sequences[b, P + t] == tok.pad_token_id
+                continue
+            q, p = ls[b, P + t - 1], lt[b, P + t - 1]
+            d = float(GATES[gate](q, p))
+            tau = threshold(t, cfg)
+            if abs(d - tau) < 1e-4:
+                continue  # too close to call at float32 precision
+            by_teacher = d > tau
+            want = int(p.argmax()) if by_teacher else int(q.argmax())
+            assert int(out.sequences[b, P + t]) == want
+            assert bool(out.from_teacher[b, t]) == by_teacher
+            assert abs(float(out.gate[b, t]) - d) < 1e-4
+            n_teacher += by_teacher
+            n_student += not by_teacher
+    assert n_teacher > 0 and n_student > 0
+
+
+def test_thresholds():
+    c = RolloutConfig(tau0=0.5, decay=0.1)
+    assert threshold(0, c) == 0.5 and threshold(10, c) == pytest.approx(0.5 * math.exp(-1))
+    assert threshold(5, RolloutConfig(tau0=0.5, decay=0.1, schedule="linear")) == pytest.approx(0.25)
+    assert threshold(50, RolloutConfig(tau0=0.5, decay=0.1, schedule="linear")) == 0.0
+    assert threshold(7, RolloutConfig(tau0=0.5, schedule="const")) == 0.5
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_rows_do_not_depend_on_the_batch(arch):
+    student, teacher, tok, ids, mask = _pair(arch)
+    cfg = _cfg(tau0=0.05)
+    batched = rollout(student, teacher, ids, mask, cfg)
+    for b, p in enumerate(PROMPTS):
+        one_ids, one_mask = left_pad([tok(p, add_special_tokens=False)["input_ids"]], tok.pad_token_id)
+        single = rollout(student, teacher, one_ids, one_mask, cfg)
+        n = one_ids.shape[1]
+        assert torch.equal(batched.sequences[b, -N:], single.sequences[0, n:])
+        assert torch.equal(batched.from_teacher[b], single.from_teacher[0])
+
+
+def test_sampled_rollouts_are_reproducible_and_seed_dependent():
+    student, teacher, tok, ids, mask = _pair("llama")
+    cfg = _cfg(do_sample=True, seed=123, top_k=50, top_p=0.9, temperature=0.8)
+    a, b = rollout(student, teacher, ids, mask, cfg), rollout(student, teacher, ids, mask, cfg)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.from_teacher, b.from_teacher)
+    c = rollout(student, teacher, ids, mask, _cfg(do_sample=True, seed=124, top_k=50, top_p=0.9, temperature=0.8))
+    assert not torch.equal(a.sequences, c.sequences)
+    torch.manual_seed(5)
+    d = rollout(student, None, ids, mask, _cfg(source="student", do_sample=True))
+    torch.manual_seed(5)
+    e = rollout(student, None, ids, mask, _cfg(source="student", do_sample=True))
+    assert torch.equal(d.sequences, e.sequences)
+
+
+def test_kept_teacher_logits_equal_a_teacher_forward():
+    student, teacher, tok, ids, mask = _pair("gpt2")
+    out = rollout(student, teacher, ids, mask, _cfg(tau0=0.05, keep_teacher_logits=True, vocab_size=len(tok)))
+    lt = _recompute(teacher, out.sequences, mask, len(tok)).float()
+    P = ids.shape[1]
+    for b in range(ids.shape[0]):
+        for t in range(N):
+            if out.response_mask[b, t]:
+                torch.testing.assert_close(out.teacher_logits[b, t], lt[b, P + t - 1], rtol=1e-4, atol=1e-4)
+
+
+def test_eos_ends_a_row():
+    student, teacher, tok, ids, mask = _pair("gpt2")
+    greedy = rollout(student, None, ids, mask, _cfg(source="student"))
+    first = int(greedy.sequences[0, ids.shape[1]])
+    out = rollout(student, None, ids, mask, _cfg(source="student", eos_token_id=[tok.eos_token_id, first]))
+    assert out.response_mask[0].tolist() == [True] + [False] * (N - 1)
+    assert (out.sequences[0, ids.shape[1] + 1:] == tok.pad_token_id).all()
