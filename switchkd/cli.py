@@ -55,6 +55,13 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {n} teacher responses to {args.output}")
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from switchkd.convert import convert_llama2c
+
+    out = convert_llama2c(args.model_bin, args.tokenizer_bin, args.out_dir)
+    print(f"wrote a Hugging Face Llama model and tokenizer to {out}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from switchkd.demo import run_demo
 
@@ -91,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", required=True, help="JSONL file to write")
     g.add_argument("--batch-size", type=int, default=16)
     g.set_defaults(func=_generate)
+
+    c = sub.add_parser("convert", help="convert a foreign checkpoint to a Hugging Face model directory")
+    csub = c.add_subparsers(dest="format", required=True)
+    ll = csub.add_parser("llama2c", help="llama2.c model.bin + tokenizer.bin -> Llama directory")
+    ll.add_argument("model_bin")
+    ll.add_argument("tokenizer_bin")
+    ll.add_argument("out_dir")
+    ll.set_defaults(func=_convert)
 
     d = sub.add_parser("demo", help="the built-in end-to-end demo on the synthetic suite")
     d.add_argument("--output", default="runs/demo")

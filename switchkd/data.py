@@ -165,10 +165,10 @@ def load_examples(source: str, cfg: DataConfig, tokenizer: Any, limit: Optional[
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> List[int]:
-    """Prompt token ids, with BOS where the tokenizer normally adds one."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        ids = [tokenizer.bos_token_id] + ids
+    """Prompt token ids with the tokenizer's own leading specials (e.g. Llama's BOS), never a trailing EOS."""
+    ids = tokenizer(prompt)["input_ids"]
+    if ids and ids[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id != tokenizer.bos_token_id:
+        ids = ids[:-1]
     return ids
 
 
