@@ -1,7 +1,9 @@
 """The built-in synthetic instruction suite (the demo's default data).
 
-Several task families with exact references and response lengths from a few
-bytes to 150+ (long answers let early errors compound).  Deterministic by seed;
+Seven task families with exact references (counting up and down, multiples, letter
+ranges, cyclic lists of weekdays and months, repetition) and response lengths from one
+byte to 180 (long answers let early errors compound): learnable by a tiny teacher in a
+few CPU minutes, and hard to keep exact to the end for a smaller student.  Deterministic by seed;
 train/dev/test are disjoint because each prompt's split is fixed by a hash.
 """
 
@@ -20,45 +22,52 @@ WORDS = (
 TEMPLATE = "Q: {instruction}\nA: "
 
 
+DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+MONTHS = "January February March April May June July August September October November December".split()
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
 def _count(r: random.Random) -> Tuple[str, str]:
     a = r.randint(0, 60)
-    b = a + r.randint(2, 45)
+    b = a + r.randint(1, 48)
     return f"Count from {a} to {b}.", " ".join(str(i) for i in range(a, b + 1))
 
 
-def _reverse(r: random.Random) -> Tuple[str, str]:
-    w = r.choice(WORDS) + r.choice(WORDS)
-    return f"Reverse the letters of {w}.", w[::-1]
-
-
-def _repeat(r: random.Random) -> Tuple[str, str]:
-    w, n = r.choice(WORDS), r.randint(2, 16)
-    return f"Repeat {w} {n} times.", " ".join([w] * n)
-
-
-def _spell(r: random.Random) -> Tuple[str, str]:
-    w = r.choice(WORDS)
-    return f"Spell {w}.", "-".join(w)
-
-
-def _sort(r: random.Random) -> Tuple[str, str]:
-    ws = r.sample(WORDS, r.randint(3, 10))
-    return f"Sort: {' '.join(ws)}.", " ".join(sorted(ws))
-
-
-def _upper(r: random.Random) -> Tuple[str, str]:
-    ws = r.sample(WORDS, r.randint(2, 8))
-    return f"Uppercase: {' '.join(ws)}.", " ".join(ws).upper()
+def _countdown(r: random.Random) -> Tuple[str, str]:
+    b = r.randint(10, 90)
+    a = max(0, b - r.randint(1, 40))
+    return f"Count down from {b} to {a}.", " ".join(str(i) for i in range(b, a - 1, -1))
 
 
 def _multiples(r: random.Random) -> Tuple[str, str]:
-    k, n = r.randint(2, 9), r.randint(3, 25)
+    k, n = r.randint(2, 9), r.randint(1, 25)
     return f"List {n} multiples of {k}.", " ".join(str(k * i) for i in range(1, n + 1))
 
 
+def _letters(r: random.Random) -> Tuple[str, str]:
+    a = r.randint(0, 24)
+    b = r.randint(a + 1, 25)
+    return f"Letters from {LETTERS[a]} to {LETTERS[b]}.", " ".join(LETTERS[a:b + 1])
+
+
+def _days(r: random.Random) -> Tuple[str, str]:
+    start, n = r.randrange(7), r.randint(1, 20)
+    return f"List {n} days starting from {DAYS[start]}.", " ".join(DAYS[(start + i) % 7] for i in range(n))
+
+
+def _months(r: random.Random) -> Tuple[str, str]:
+    start, n = r.randrange(12), r.randint(1, 14)
+    return f"List {n} months starting from {MONTHS[start]}.", " ".join(MONTHS[(start + i) % 12] for i in range(n))
+
+
+def _repeat(r: random.Random) -> Tuple[str, str]:
+    w, n = r.choice(WORDS), r.randint(1, 16)
+    return f"Repeat {w} {n} times.", " ".join([w] * n)
+
+
 FAMILIES: Dict[str, Callable[[random.Random], Tuple[str, str]]] = {
-    "count": _count, "reverse": _reverse, "repeat": _repeat, "spell": _spell,
-    "sort": _sort, "upper": _upper, "multiples": _multiples,
+    "count": _count, "countdown": _countdown, "multiples": _multiples, "letters": _letters,
+    "days": _days, "months": _months, "repeat": _repeat,
 }
 SPLITS = {"train": range(2, 10), "dev": range(1, 2), "test": range(0, 1)}
 
