@@ -62,6 +62,17 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote a Hugging Face Llama model and tokenizer to {out}")
 
 
+def _debias(args: argparse.Namespace) -> None:
+    from switchkd.debias import debias_cli
+
+    r = debias_cli(args)
+    b, a = r["before"], r["after"]
+    for k in ("ambig", "disambig"):
+        if k in b:
+            print(f"{k}: accuracy {100 * b[k]['mean']:.2f} -> {100 * a[k]['mean']:.2f}")
+    print(f"pruned {r['n']} neurons; model and debias_report.json/.md in {args.output}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from switchkd.demo import run_demo
 
@@ -106,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     ll.add_argument("tokenizer_bin")
     ll.add_argument("out_dir")
     ll.set_defaults(func=_convert)
+
+    b = sub.add_parser("debias", help="CRISPR: find and zero bias neurons, scored on BBQ-format data")
+    b.add_argument("--model", required=True, help="model directory (causal LM or encoder-decoder)")
+    b.add_argument("--data", required=True, nargs="+", help="BBQ JSONL files")
+    b.add_argument("--output", required=True, help="directory for the pruned model and reports")
+    b.add_argument("--dev-fraction", type=float, default=0.1)
+    b.add_argument("--instances", type=int, default=20, help="attribution instances sampled from dev")
+    b.add_argument("--instructions", type=int, default=10, help="how many built-in instructions (1-10)")
+    b.add_argument("--candidates", type=int, nargs="+", help="values of n to search (default 0 1 2 4 ... 64)")
+    b.add_argument("--target", choices=["p", "logp"], default="p", help="attribute P (paper) or log P (public code)")
+    b.add_argument("--gold-clamp", choices=["instance", "batch"], default="instance")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--limit", type=int, help="use N records")
+    b.add_argument("--eval-limit", type=int, help="score N test records before/after")
+    b.set_defaults(func=_debias)
 
     d = sub.add_parser("demo", help="the built-in end-to-end demo on the synthetic suite")
     d.add_argument("--output", default="runs/demo")
