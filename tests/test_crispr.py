@@ -64,7 +64,7 @@ def test_attribution_equals_finite_difference(gpt2):
         for t in (3, per_pos.shape[0] - 2):
             eps = 1e-6
 
-            def prob(delta):
+            def prob(delta, t=t):
                 def hook(_m, _i, out):
                     out = out.clone()
                     out[0, t, unit] += delta
