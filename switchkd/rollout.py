@@ -52,6 +52,9 @@ class RolloutConfig:
     pad_token_id: Optional[int] = None  # default: the model config's, else EOS
     vocab_size: Optional[int] = None  # true vocabulary (logits beyond it are ignored)
     keep_teacher_logits: bool = False  # return the teacher's next-token logits per step
+    speculative: bool = True  # switch only: student drafts, teacher verifies a block per forward
+    draft_k: int = 4  # first draft length; then adapted to the recent acceptance length
+    max_draft_k: int = 16
 
 
 @dataclass
@@ -89,11 +92,27 @@ class _Stepper:
 
     def advance(self, tokens: Tensor) -> None:
         """Feed ``tokens [B]`` and update the next-token logits."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        self.pos = self.pos + 1
-        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos[:, None],
-                         past_key_values=self.cache, use_cache=True)
-        self.cache, self.logits = out.past_key_values, out.logits[:, -1, : self.vocab].float()
+        self.feed(tokens[:, None])
+
+    def feed(self, tokens: Tensor) -> Tensor:
+        """Feed ``tokens [B, n]`` in one forward; returns the logits after each of them ``[B, n, V]``."""
+        n = tokens.shape[1]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], n)], dim=1)
+        pos = self.pos[:, None] + torch.arange(1, n + 1, device=tokens.device)
+        self.pos = pos[:, -1]
+        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                         use_cache=True)
+        logits = out.logits[..., : self.vocab].float()
+        self.cache, self.logits = out.past_key_values, logits[:, -1]
+        return logits
+
+    def crop(self, length: int) -> None:
+        """Roll the cache back to its first ``length`` positions (prompt included)."""
+        drop = self.mask.shape[1] - length
+        if drop > 0:
+            self.cache.crop(-drop)  # transformers 5: a negative count removes that many positions
+            self.mask = self.mask[:, :length]
+            self.pos = self.pos - drop
 
 
 def _chooser(cfg: RolloutConfig, generator: Optional[torch.Generator]) -> Callable[[Tensor], Tensor]:
@@ -139,6 +158,11 @@ def rollout(
     """
     if cfg.source not in ("student", "teacher", "switch"):
         raise ValueError(f"source must be student, teacher or switch, got {cfg.source!r}")
+    if cfg.source == "switch" and cfg.speculative:
+        from switchkd.speculative import speculative_switch
+
+        return speculative_switch(student, teacher, input_ids, attention_mask, cfg, teacher_input_ids,
+                                  teacher_attention_mask)
     use_s, use_t = cfg.source in ("student", "switch"), cfg.source in ("teacher", "switch")
     ref = student if use_s else teacher
     if ref is None or (use_t and teacher is None):

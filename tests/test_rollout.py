@@ -38,15 +38,16 @@ def _hf_greedy(model, tok, ids, mask):
 
 
 def _cfg(**kw):
-    base = dict(source="switch", max_new_tokens=N, do_sample=False, tau0=0.2, decay=0.1)
+    base = dict(source="switch", max_new_tokens=N, do_sample=False, tau0=0.2, decay=0.1, speculative=False)
     return RolloutConfig(**(base | kw))
 
 
+@pytest.mark.parametrize("speculative", [False, True])
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_switch_extremes_equal_hf_generate(arch):
+def test_switch_extremes_equal_hf_generate(arch, speculative):
     student, teacher, tok, ids, mask = _pair(arch)
-    only_student = rollout(student, teacher, ids, mask, _cfg(tau0=float("inf")))
-    only_teacher = rollout(student, teacher, ids, mask, _cfg(tau0=-1.0))
+    only_student = rollout(student, teacher, ids, mask, _cfg(tau0=float("inf"), speculative=speculative))
+    only_teacher = rollout(student, teacher, ids, mask, _cfg(tau0=-1.0, speculative=speculative))
     assert torch.equal(only_student.sequences[:, ids.shape[1]:], _hf_greedy(student, tok, ids, mask))
     assert torch.equal(only_teacher.sequences[:, ids.shape[1]:], _hf_greedy(teacher, tok, ids, mask))
     assert not only_student.from_teacher.any()
@@ -63,16 +64,17 @@ def _recompute(model, seq, mask_prompt, vocab):
     return model(input_ids=seq, attention_mask=full_mask, position_ids=pos).logits[..., :vocab].double()
 
 
+@pytest.mark.parametrize("speculative", [False, True])
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("gate,schedule", [("jsd", "exp"), ("tvd", "linear"), ("fkl", "const"), ("rkl", "exp")])
-def test_switch_rule_confirmed_by_recomputation(arch, gate, schedule):
+def test_switch_rule_confirmed_by_recomputation(arch, gate, schedule, speculative):
     student, teacher, tok, ids, mask = _pair(arch)
     vocab = len(tok)
     # pick tau0 so that both models write tokens: a quantile of the student-only gate values
     probe = rollout(student, teacher, ids, mask, _cfg(tau0=float("inf"), gate=gate))
     for qtl in (0.5, 0.7, 0.9, 0.3, 0.97, 0.1):
         tau0 = float(probe.gate[probe.response_mask].quantile(qtl))
-        cfg = _cfg(tau0=tau0, gate=gate, schedule=schedule, decay=0.02, vocab_size=vocab)
+        cfg = _cfg(tau0=tau0, gate=gate, schedule=schedule, decay=0.02, vocab_size=vocab, speculative=speculative)
         out = rollout(student, teacher, ids, mask, cfg)
         share = out.from_teacher[out.response_mask].float().mean()
         if 0.1 < share < 0.9:
@@ -109,10 +111,11 @@ def test_thresholds():
     assert threshold(7, RolloutConfig(tau0=0.5, schedule="const")) == 0.5
 
 
+@pytest.mark.parametrize("speculative", [False, True])
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_rows_do_not_depend_on_the_batch(arch):
+def test_rows_do_not_depend_on_the_batch(arch, speculative):
     student, teacher, tok, ids, mask = _pair(arch)
-    cfg = _cfg(tau0=0.05)
+    cfg = _cfg(tau0=0.05, speculative=speculative)
     batched = rollout(student, teacher, ids, mask, cfg)
     for b, p in enumerate(PROMPTS):
         one_ids, one_mask = left_pad([tok(p, add_special_tokens=False)["input_ids"]], tok.pad_token_id)
@@ -136,9 +139,11 @@ def test_sampled_rollouts_are_reproducible_and_seed_dependent():
     assert torch.equal(d.sequences, e.sequences)
 
 
-def test_kept_teacher_logits_equal_a_teacher_forward():
+@pytest.mark.parametrize("speculative", [False, True])
+def test_kept_teacher_logits_equal_a_teacher_forward(speculative):
     student, teacher, tok, ids, mask = _pair("gpt2")
-    out = rollout(student, teacher, ids, mask, _cfg(tau0=0.05, keep_teacher_logits=True, vocab_size=len(tok)))
+    out = rollout(student, teacher, ids, mask, _cfg(tau0=0.05, keep_teacher_logits=True, vocab_size=len(tok),
+                                                     speculative=speculative))
     lt = _recompute(teacher, out.sequences, mask, len(tok)).float()
     P = ids.shape[1]
     for b in range(ids.shape[0]):
@@ -154,3 +159,44 @@ def test_eos_ends_a_row():
     out = rollout(student, None, ids, mask, _cfg(source="student", eos_token_id=[tok.eos_token_id, first]))
     assert out.response_mask[0].tolist() == [True] + [False] * (N - 1)
     assert (out.sequences[0, ids.shape[1] + 1:] == tok.pad_token_id).all()
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("quantile", [0.1, 0.5, 0.9])
+def test_speculative_greedy_equals_lockstep(arch, quantile):
+    student, teacher, tok, ids, mask = _pair(arch)
+    probe = rollout(student, teacher, ids, mask, _cfg(tau0=float("inf"), speculative=False))
+    tau0 = float(probe.gate[probe.response_mask].quantile(quantile))
+    for k in (1, 3, 8):
+        lock = rollout(student, teacher, ids, mask, _cfg(tau0=tau0, decay=0.02, speculative=False, keep_teacher_logits=True))
+        spec = rollout(student, teacher, ids, mask, _cfg(tau0=tau0, decay=0.02, speculative=True, draft_k=k,
+                                                          keep_teacher_logits=True))
+        assert torch.equal(lock.sequences, spec.sequences)
+        assert torch.equal(lock.from_teacher, spec.from_teacher) and torch.equal(lock.response_mask, spec.response_mask)
+        torch.testing.assert_close(spec.teacher_logits[spec.response_mask], lock.teacher_logits[lock.response_mask],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_speculative_sampling_has_the_lockstep_distribution():
+    """Many sampled rows of one prompt: token and teacher-share distributions agree (TV distance)."""
+    student, teacher, tok, _, _ = _pair("gpt2")
+    with torch.no_grad():  # peaky distributions so that empirical histograms are informative
+        student.lm_head.weight.mul_(20)
+        teacher.lm_head.weight.mul_(20)
+    ids, mask = left_pad([tok("Q: hi\nA: ", add_special_tokens=False)["input_ids"]] * 3000, tok.pad_token_id)
+    probe = rollout(student, teacher, ids[:50], mask[:50], _cfg(tau0=float("inf"), speculative=False))
+    tau0 = float(probe.gate[probe.response_mask].quantile(0.5))
+    n = 6
+    outs = {}
+    for spec in (False, True):
+        torch.manual_seed(11 if spec else 12)
+        outs[spec] = rollout(student, teacher, ids, mask, _cfg(tau0=tau0, decay=0.0, schedule="const", do_sample=True,
+                                                              max_new_tokens=n, speculative=spec))
+    P = ids.shape[1]
+    for pos in range(n):
+        a = torch.bincount(outs[False].sequences[:, P + pos], minlength=len(tok)).float() / ids.shape[0]
+        b = torch.bincount(outs[True].sequences[:, P + pos], minlength=len(tok)).float() / ids.shape[0]
+        assert 0.5 * (a - b).abs().sum() < 0.08, pos
+        share = [float(outs[s].from_teacher[:, pos].float().mean()) for s in (False, True)]
+        assert abs(share[0] - share[1]) < 0.05
+    assert 0.05 < float(outs[True].from_teacher.float().mean()) < 0.95

@@ -1,0 +1,84 @@
+"""Speculative SWITCH rollouts: the same tokens as the lockstep rule at near on-policy cost.
+
+The student drafts k tokens with its cache; the teacher scores all k positions in one
+forward.  Positions before the first one where *any* row's gate exceeds tau_t are the
+student's tokens under the SWITCH rule for every row; at that position each row takes the
+teacher's token where its gate exceeds tau_t, else its draft token.  Both caches are cropped
+to the decided prefix and the last decided token is fed, so the next block starts from
+exactly the state the lockstep engine would have.  Under greedy decoding the tokens equal
+the lockstep engine's; under sampling each decided token is drawn from the same
+distribution as in lockstep (a student draft at a position where the gate does not exceed
+tau_t *is* a sample of the student's distribution there; where it exceeds, the teacher is
+sampled), so the sequence distribution is the same, though a seeded run consumes random
+numbers in a different order.  k adapts to the recent accepted length.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from switchkd.rollout import GATES, RolloutConfig, RolloutOutput, _chooser, _special_ids, _Stepper, threshold
+
+
+@torch.no_grad()
+def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_mask: Tensor, cfg: RolloutConfig,
+                       teacher_input_ids: Optional[Tensor] = None,
+                       teacher_attention_mask: Optional[Tensor] = None) -> RolloutOutput:
+    """SWITCH by draft-and-verify; same output contract as :func:`switchkd.rollout.rollout`."""
+    device = input_ids.device
+    vocab = cfg.vocab_size or student.get_output_embeddings().weight.shape[0]
+    eos_ids, pad = _special_ids(student, cfg)
+    eos_ids = eos_ids.to(device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    choose, gate_fn = _chooser(cfg, gen), GATES[cfg.gate]
+    s = _Stepper(student, input_ids, attention_mask, vocab)
+    tt = _Stepper(teacher, teacher_input_ids if teacher_input_ids is not None else input_ids,
+                  teacher_attention_mask if teacher_attention_mask is not None else attention_mask, vocab)
+    B, N = input_ids.shape[0], cfg.max_new_tokens
+    tokens = torch.full((B, N), pad, dtype=torch.long, device=device)
+    resp = torch.zeros((B, N), dtype=torch.bool, device=device)
+    from_t = torch.zeros_like(resp)
+    gate = torch.full((B, N), float("nan"), device=device)
+    kept = torch.zeros((B, N, vocab), device=device) if cfg.keep_teacher_logits else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    t, k, accepted_ema = 0, max(1, cfg.draft_k), float(cfg.draft_k)
+    while t < N and not bool(done.all()):
+        kk = min(k, N - t)
+        s_len, t_len = s.mask.shape[1], tt.mask.shape[1]
+        q_list, drafts = [], []
+        for j in range(kk):  # the student drafts kk tokens
+            q_list.append(s.logits)
+            drafts.append(choose(s.logits))
+            if j < kk - 1:
+                s.advance(drafts[-1])
+        D, Q = torch.stack(drafts, 1), torch.stack(q_list, 1)  # [B, kk], [B, kk, V]
+        P = tt.logits[:, None] if kk == 1 else torch.cat([tt.logits[:, None], tt.feed(D[:, :-1])], 1)
+        d = gate_fn(Q, P)  # [B, kk]
+        tau = torch.tensor([threshold(t + j, cfg) for j in range(kk)], device=device)
+        exceed = (d > tau) & ~done[:, None]
+        first = torch.where(exceed.any(1), exceed.float().argmax(1), torch.full_like(done, kk, dtype=torch.long))
+        m = int(first.min())
+        n_dec = min(m + 1, kk)
+        for j in range(n_dec):
+            by_t = exceed[:, j]
+            tok = torch.where(by_t, choose(P[:, j]), D[:, j]) if bool(by_t.any()) else D[:, j]
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
+            tokens[:, t + j], resp[:, t + j], from_t[:, t + j], gate[:, t + j] = tok, ~done, by_t & ~done, d[:, j]
+            if kept is not None:
+                kept[:, t + j] = P[:, j]
+            done = done | torch.isin(tok, eos_ids)
+        t += n_dec
+        if t >= N or bool(done.all()):
+            break
+        s.crop(s_len + n_dec - 1)
+        tt.crop(t_len + n_dec - 1)
+        last = tokens[:, t - 1]
+        s.advance(last)
+        tt.advance(last)
+        accepted_ema = 0.7 * accepted_ema + 0.3 * n_dec
+        k = max(1, min(cfg.max_draft_k, math.ceil(accepted_ema) + 1))
+    return RolloutOutput(torch.cat([input_ids, tokens], dim=1), resp, from_t, gate, kept)
