@@ -83,7 +83,7 @@ def synthetic(seeds: List[int], out: Path, do_sweep: bool) -> dict:
                                  for bk in runs[0]["by_length"]},
                    "train_s": statistics.fmean(times[m]) if m in times else None} for m, runs in results.items()}
     header = (f"# Quality benchmark: synthetic suite\n\nSeeds {seeds}; SWITCH settings chosen on dev: {best}. "
-              "ROUGE-L mean ± 95% CI over training seeds (each run scored with 3 sampling seeds).")
+              "ROUGE-L mean ± 95% CI over training seeds (each run scored with 2 sampling seeds).")
     write_report(out / "synthetic", results, out / f"switch-s{seeds[0]}/metrics.jsonl", header)
     return {"setting": "synthetic", "switch_best": best, "sweep": sweep, "summary": summary}
 

@@ -49,11 +49,11 @@ class Budget:
     size: int = 4000  # synthetic train examples
     teacher_steps: int = 800
     init_steps: int = 150  # shared student warm start
-    student_steps: int = 80
+    student_steps: int = 60
     batch: int = 16
     test: int = 112
-    seeds: tuple = (10, 20, 30)
-    eval_every: int = 25
+    seeds: tuple = (10, 20)
+    eval_every: int = 20
 
 
 QUICK = Budget(size=200, teacher_steps=30, init_steps=10, student_steps=4, batch=8, test=14, seeds=(10,), eval_every=2)
