@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint bench-quality clean
+.PHONY: demo test lint bench bench-quality bench-crispr clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+bench: $(STAMP)
+	$(BIN)/python bench/rollout.py
+
 bench-quality: $(STAMP)
 	$(BIN)/python bench/quality.py
+
+bench-crispr: $(STAMP)
+	$(BIN)/python bench/crispr.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check switchkd tests bench

@@ -54,9 +54,11 @@ class Budget:
     test: int = 112
     seeds: tuple = (10, 20)
     eval_every: int = 20
+    dev: int = 40  # dev prompts for keep-best during training
 
 
-QUICK = Budget(size=200, teacher_steps=30, init_steps=10, student_steps=4, batch=8, test=14, seeds=(10,), eval_every=2)
+QUICK = Budget(size=200, teacher_steps=30, init_steps=10, student_steps=4, batch=8, test=14, seeds=(10,), eval_every=2,
+               dev=4)
 
 
 def cache_dir() -> Path:
@@ -95,7 +97,7 @@ def train_method(method: str, teacher: Path, init: Path, out: Path, b: Budget, s
     cfg = load_config(None, COMMON + METHODS[method] + [
         f"model.name={init}", f"teacher.name={teacher}", f"data.synthetic_size={b.size}", f"data.seed={seed}",
         f"train.max_steps={b.student_steps}", f"train.batch_size={b.batch}", "train.lr=1e-3", f"train.seed={seed}",
-        "train.warmup_steps=0", f"train.eval_every={b.eval_every}", "eval.limit=40", f"output.dir={out}", *extra])
+        "train.warmup_steps=0", f"train.eval_every={b.eval_every}", f"eval.limit={b.dev}", f"output.dir={out}", *extra])
     return train(cfg)
 
 
