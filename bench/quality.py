@@ -47,8 +47,8 @@ def sweep_switch(teacher: Path, init: Path, b: Budget, out: Path) -> tuple[List[
         print(json.dumps({"sweep": extra, "dev_rougeL": rows[-1]["dev_rougeL"], "teacher_frac": rows[-1]["teacher_frac"]}))
         return rows[-1]["dev_rougeL"]
 
-    best = ["method.tau0=0.1", "method.decay=0.1", "method.divergence=srkl", "method.switch_ratio=1.0"]
-    stages = [("method.tau0", ["0.03", "0.1", "0.3"]), ("method.decay", ["0.1", "0.02"]),
+    best = ["method.tau0=0.15", "method.decay=0.1", "method.divergence=srkl", "method.switch_ratio=1.0"]
+    stages = [("method.tau0", ["0.05", "0.15", "0.4"]), ("method.decay", ["0.1", "0.02"]),
               ("method.divergence", ["srkl", "fkl"]), ("method.switch_ratio", ["1.0", "0.5"])]
     scores: Dict[tuple, float] = {}
     for key, values in stages:

@@ -93,6 +93,7 @@ class TrainConfig:
     clip: float = 1.0
     seed: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
+    loss_chunk: int = 0  # >0: LM head + divergence over this many response tokens at a time (bounded memory)
     eval_every: int = 0  # optimizer steps; 0 = only at the end
     save_every: int = 0  # optimizer steps; 0 = no intermediate checkpoints
     keep_best: bool = True

@@ -25,7 +25,7 @@ from switchkd.models import load_model, load_tokenizer
 from switchkd.train import train
 
 TEACHER = "tiny:gpt2,layers=4,dim=128,heads=4,seed=1"
-STUDENT = "tiny:gpt2,layers=2,dim=48,heads=4,seed=2"
+STUDENT = "tiny:gpt2,layers=2,dim=64,heads=4,seed=2"
 COMMON = ["data.train=synthetic", "data.dev=synthetic:dev", "data.max_prompt_length=128", "data.max_length=320",
           "eval.max_prompt_length=128", "eval.max_length=320", "train.log_every=10", "method.max_new_tokens=160"]
 #: method name -> overrides on top of COMMON (student, teacher, data and budget are shared)
@@ -48,7 +48,7 @@ METHODS: Dict[str, List[str]] = {
 class Budget:
     size: int = 4000  # synthetic train examples
     teacher_steps: int = 800
-    init_steps: int = 150  # shared student warm start
+    init_steps: int = 400  # shared student warm start
     student_steps: int = 60
     batch: int = 16
     test: int = 112

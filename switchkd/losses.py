@@ -8,10 +8,11 @@ depend on how a step is split.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from switchkd.config import MethodConfig
 from switchkd.divergences import ce, divergence
@@ -51,3 +52,48 @@ def shifted(logits: Tensor, labels: Tensor, vocab: int) -> tuple[Tensor, Tensor]
 def response_tokens(labels: Tensor) -> int:
     """Number of predicted response tokens in ``labels [B, T]``."""
     return int((labels[:, 1:] != -100).sum())
+
+
+def _final_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Final hidden states ``[B, T, d]`` without materialising ``[B, T, V]`` logits, and the last logits."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, output_hidden_states=True)
+    return out.hidden_states[-1], out.logits[:, -1]
+
+
+def chunked_loss_sum(student: Any, head: torch.nn.Module, batch: Dict[str, Tensor], teacher: Optional[Any],
+                     teacher_selected: Optional[Tensor], method: MethodConfig, vocab: int, chunk: int) -> Tensor:
+    """The same sum as ``token_loss(shifted(...)).sum()``, with the LM head and the divergence evaluated
+    ``chunk`` response tokens at a time under activation checkpointing, so the loss's peak memory stays
+    near ``chunk x V`` instead of several ``[B, T, V]`` tensors.
+
+    ``head`` is the student's (unwrapped) output embedding; the teacher side is chunked the same way
+    unless its logits were already computed (``teacher_selected [N, V]``).  Raises ``ValueError`` when
+    the model's logits are not ``head(last hidden state)`` (soft-capping, scaling), checked on the
+    last position.
+    """
+    hidden, last = _final_hidden(student, batch["input_ids"], batch["attention_mask"])
+    if not torch.allclose(head(hidden[:, -1]).float(), last.float(), rtol=1e-3, atol=1e-3):
+        raise ValueError("this model's logits are not its LM head applied to the last hidden state")
+    target = batch["labels"][:, 1:]
+    mask = target != -100
+    h, tgt = hidden[:, :-1][mask], target[mask]
+    t_src, t_head = teacher_selected, None
+    if t_src is None and kd_weight(method) > 0:
+        t_labels = batch.get("teacher_labels", batch["labels"])[:, 1:]
+        with torch.no_grad():
+            t_hidden, _ = _final_hidden(teacher, batch.get("teacher_input_ids", batch["input_ids"]),
+                                        batch.get("teacher_attention_mask", batch["attention_mask"]))
+        t_src, t_head = t_hidden[:, :-1][t_labels != -100], teacher.get_output_embeddings()
+
+    def piece(h_c: Tensor, t_c: Optional[Tensor], y_c: Tensor) -> Tensor:
+        t_logits = None
+        if t_c is not None:
+            t_logits = t_c if t_head is None else t_head(t_c).detach()
+            t_logits = t_logits[:, :vocab]
+        return token_loss(head(h_c)[:, :vocab], t_logits, y_c, method).sum()
+
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        t_c = t_src[i:i + chunk] if t_src is not None else None
+        total = total + checkpoint(piece, h[i:i + chunk], t_c, tgt[i:i + chunk], use_reentrant=False)
+    return total

@@ -27,7 +27,7 @@ from transformers import get_scheduler
 from switchkd.config import Config, to_yaml
 from switchkd.data import Tokenized, collate, load_examples, tokenize
 from switchkd.evaluate import generate_texts, rouge_l
-from switchkd.losses import kd_weight, response_tokens, shifted, token_loss
+from switchkd.losses import chunked_loss_sum, kd_weight, response_tokens, shifted, token_loss
 from switchkd.models import load_pair
 from switchkd.sources import make_source, teacher_targets
 
@@ -65,10 +65,15 @@ def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, t
     for i, b in enumerate(group):
         sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(student)
         with sync, accelerator.autocast():
-            t = teacher_targets(teacher, b, vocab) if needs_teacher else None
-            s, target = shifted(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                                b["labels"], vocab)
-            loss = token_loss(s, t, target, cfg.method).sum()
+            if cfg.train.loss_chunk > 0:
+                head = accelerator.unwrap_model(student).get_output_embeddings()
+                loss = chunked_loss_sum(student, head, b, teacher, b.get("teacher_selected"), cfg.method, vocab,
+                                        cfg.train.loss_chunk)
+            else:
+                t = teacher_targets(teacher, b, vocab) if needs_teacher else None
+                s, target = shifted(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                    b["labels"], vocab)
+                loss = token_loss(s, t, target, cfg.method).sum()
             accelerator.backward(loss * scale)
         loss_sum += loss.detach()
     return float(accelerator.reduce(loss_sum, reduction="sum")) / max(total, 1), total

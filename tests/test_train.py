@@ -95,3 +95,22 @@ def test_two_processes_match_one(tmp_path):
     b = load_file(tmp_path / "two/final/model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", [["method.name=sft", "method.kd_ratio=0"],
+                                    ["method.name=kd", "method.kd_ratio=0.7", "method.divergence=srkl"],
+                                    ["method.name=bild", "method.divergence=bild", "method.temperature=3"],
+                                    ["method.name=kd", "method.priming=confidence"]])
+def test_chunked_loss_equals_full_loss_and_gradients(method):
+    cfg = load_config(None, TINY + method)
+
+    def groups(tok):
+        ex = load_examples("synthetic", cfg.data, tok)[:4]
+        return [collate(tokenize(ex, tok, 128, 320, cfg.method.priming)[0], tok.pad_token_id)]
+
+    full = _grads(cfg, groups)
+    cfg.train.loss_chunk = 7  # odd size: chunks straddle rows
+    chunked = _grads(cfg, groups)
+    assert abs(full[0] - chunked[0]) < 1e-5 and full[1] == chunked[1]
+    for k in full[2]:
+        torch.testing.assert_close(full[2][k], chunked[2][k], rtol=1e-4, atol=1e-6)
