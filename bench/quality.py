@@ -16,6 +16,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List
 
@@ -38,7 +39,8 @@ def sweep_switch(teacher: Path, init: Path, b: Budget, out: Path) -> tuple[List[
 
     def run(extra: List[str]) -> float:
         tag = "_".join(x.split(".")[-1] for x in extra).replace("=", "")
-        final = train_method("switch", teacher, init, out / f"sweep-{tag}", b, seed=1, extra=extra)
+        final = train_method("switch", teacher, init, out / f"sweep-{tag}", replace(b, student_steps=40), seed=1,
+                             extra=extra)
         prof = switch_profile(out / f"sweep-{tag}" / "metrics.jsonl")
         frac = [json.loads(x).get("switch/teacher_frac") for x in (out / f"sweep-{tag}/metrics.jsonl").read_text().splitlines()]
         frac = [f for f in frac if f is not None]
@@ -47,8 +49,8 @@ def sweep_switch(teacher: Path, init: Path, b: Budget, out: Path) -> tuple[List[
         print(json.dumps({"sweep": extra, "dev_rougeL": rows[-1]["dev_rougeL"], "teacher_frac": rows[-1]["teacher_frac"]}))
         return rows[-1]["dev_rougeL"]
 
-    best = ["method.tau0=0.15", "method.decay=0.1", "method.divergence=srkl", "method.switch_ratio=1.0"]
-    stages = [("method.tau0", ["0.05", "0.15", "0.4"]), ("method.decay", ["0.1", "0.02"]),
+    best = ["method.tau0=0.3", "method.decay=0.02", "method.divergence=srkl", "method.switch_ratio=1.0"]
+    stages = [("method.tau0", ["0.1", "0.3", "0.6"]), ("method.decay", ["0.02", "0.1"]),
               ("method.divergence", ["srkl", "fkl"]), ("method.switch_ratio", ["1.0", "0.5"])]
     scores: Dict[tuple, float] = {}
     for key, values in stages:

@@ -10,12 +10,12 @@ the lockstep engine's; under sampling each decided token is drawn from the same
 distribution as in lockstep (a student draft at a position where the gate does not exceed
 tau_t *is* a sample of the student's distribution there; where it exceeds, the teacher is
 sampled), so the sequence distribution is the same, though a seeded run consumes random
-numbers in a different order.  k adapts to the recent accepted length.
+numbers in a different order.  k doubles after a fully accepted draft and falls to the
+accepted length after a rejection (k = 1 costs what lockstep costs).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -45,7 +45,7 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
     gate = torch.full((B, N), float("nan"), device=device)
     kept = torch.zeros((B, N, vocab), device=device) if cfg.keep_teacher_logits else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    t, k, accepted_ema = 0, max(1, cfg.draft_k), float(cfg.draft_k)
+    t, k = 0, max(1, cfg.draft_k)
     while t < N and not bool(done.all()):
         kk = min(k, N - t)
         s_len, t_len = s.mask.shape[1], tt.mask.shape[1]
@@ -79,6 +79,6 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
         last = tokens[:, t - 1]
         s.advance(last)
         tt.advance(last)
-        accepted_ema = 0.7 * accepted_ema + 0.3 * n_dec
-        k = max(1, min(cfg.max_draft_k, math.ceil(accepted_ema) + 1))
+        # full acceptance: draft twice as far; a rejection: draft as far as was decided (1 = lockstep cost)
+        k = min(cfg.max_draft_k, 2 * kk) if n_dec == kk and m == kk else max(1, n_dec - 1)
     return RolloutOutput(torch.cat([input_ids, tokens], dim=1), resp, from_t, gate, kept)
