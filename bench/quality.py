@@ -39,8 +39,10 @@ def sweep_switch(teacher: Path, init: Path, b: Budget, out: Path) -> tuple[List[
 
     def run(extra: List[str]) -> float:
         tag = "_".join(x.split(".")[-1] for x in extra).replace("=", "")
-        final = train_method("switch", teacher, init, out / f"sweep-{tag}", replace(b, student_steps=40), seed=1,
-                             extra=extra)
+        final = out / f"sweep-{tag}" / "final"
+        if not (final / "config.json").is_file():  # finished sweep runs are reused
+            final = train_method("switch", teacher, init, out / f"sweep-{tag}", replace(b, student_steps=40), seed=1,
+                                 extra=extra)
         prof = switch_profile(out / f"sweep-{tag}" / "metrics.jsonl")
         frac = [json.loads(x).get("switch/teacher_frac") for x in (out / f"sweep-{tag}/metrics.jsonl").read_text().splitlines()]
         frac = [f for f in frac if f is not None]
@@ -51,7 +53,7 @@ def sweep_switch(teacher: Path, init: Path, b: Budget, out: Path) -> tuple[List[
 
     best = ["method.tau0=0.3", "method.decay=0.02", "method.divergence=srkl", "method.switch_ratio=1.0"]
     stages = [("method.tau0", ["0.1", "0.3", "0.6"]), ("method.decay", ["0.02", "0.1"]),
-              ("method.divergence", ["srkl", "fkl"]), ("method.switch_ratio", ["1.0", "0.5"])]
+              ("method.divergence", ["srkl", "skl"]), ("method.switch_ratio", ["1.0", "0.5"])]
     scores: Dict[tuple, float] = {}
     for key, values in stages:
         results = {}
