@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from switchkd.config import Config, ConfigError
 from switchkd.data import build_batch, load_examples, tokenize
 from switchkd.models import load_model, load_tokenizer
-from switchkd.rollout import RolloutConfig, rollout
+from switchkd.rollout import from_method, rollout
 
 
 def generate_dataset(cfg: Config, output: str | Path, batch_size: int = 16) -> int:
@@ -40,9 +40,7 @@ def generate_dataset(cfg: Config, output: str | Path, batch_size: int = 16) -> i
             prompts = [x.teacher_prompt or x.prompt for x in chunk]
             b = build_batch(prompts, [[] for _ in chunk], tok.pad_token_id, [x.index for x in chunk])
             P = b["prompt_ids"].shape[1]
-            rcfg = RolloutConfig(source="teacher", max_new_tokens=max(1, min(m.max_new_tokens, cfg.data.max_length - P)),
-                                 do_sample=m.do_sample, temperature=m.gen_temperature, top_k=m.top_k, top_p=m.top_p,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, vocab_size=len(tok))
+            rcfg = from_method(m, "teacher", min(m.max_new_tokens, cfg.data.max_length - P), tok, len(tok))
             r = rollout(None, teacher, b["prompt_ids"].to(device), b["prompt_mask"].to(device), rcfg)
             for j, x in enumerate(chunk):
                 ex = examples[x.index]

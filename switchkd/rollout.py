@@ -69,6 +69,16 @@ class RolloutOutput:
     teacher_logits: Optional[Tensor] = None
 
 
+def from_method(method: Any, source: str, max_new_tokens: int, tokenizer: Any, vocab: int,
+                keep_teacher_logits: bool = False) -> RolloutConfig:
+    """The :class:`RolloutConfig` that a training config's ``method`` section describes."""
+    m = method
+    return RolloutConfig(source=source, max_new_tokens=max(1, max_new_tokens), do_sample=m.do_sample,
+                         temperature=m.gen_temperature, top_k=m.top_k, top_p=m.top_p, tau0=m.tau0, decay=m.decay,
+                         schedule=m.schedule, gate=m.gate, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, vocab_size=vocab, keep_teacher_logits=keep_teacher_logits)
+
+
 def threshold(t: int, cfg: RolloutConfig) -> float:
     """tau_t for response position ``t``."""
     if cfg.schedule == "exp":

@@ -21,7 +21,7 @@ from torch import Tensor
 from switchkd.config import Config
 from switchkd.data import build_batch
 from switchkd.losses import shifted
-from switchkd.rollout import RolloutConfig, RolloutOutput, rollout
+from switchkd.rollout import RolloutOutput, from_method, rollout
 
 Batch = Dict[str, Any]
 BUCKETS = (0, 8, 16, 32, 64, 128, 256)
@@ -73,13 +73,9 @@ class DatasetSource:
 
     def _rollout(self, batch: Batch, source: str, keep_teacher: bool = False) -> tuple[Batch, RolloutOutput]:
         """Decode responses for the batch's prompts and rebuild it around them."""
-        m, device = self.cfg.method, batch["prompt_ids"].device
-        P = batch["prompt_ids"].shape[1]
-        rcfg = RolloutConfig(
-            source=source, max_new_tokens=max(1, min(m.max_new_tokens, self.cfg.data.max_length - P)),
-            do_sample=m.do_sample, temperature=m.gen_temperature, top_k=m.top_k, top_p=m.top_p, tau0=m.tau0,
-            decay=m.decay, schedule=m.schedule, gate=m.gate, eos_token_id=self.tok.eos_token_id,
-            pad_token_id=self.tok.pad_token_id, vocab_size=self.vocab, keep_teacher_logits=keep_teacher)
+        device, P = batch["prompt_ids"].device, batch["prompt_ids"].shape[1]
+        rcfg = from_method(self.cfg.method, source, min(self.cfg.method.max_new_tokens, self.cfg.data.max_length - P),
+                           self.tok, self.vocab, keep_teacher)
         student = self.unwrap(self.student)
         was_training = student.training
         student.eval()
