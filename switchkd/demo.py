@@ -40,7 +40,7 @@ METHODS: Dict[str, List[str]] = {
                  "method.init_student_prob=0.0", "method.student_prob_step=0.1", "method.max_student_prob=0.8"],
     "bild": ["method.name=bild", "method.divergence=bild", "method.params.k=8", "method.temperature=3.0"],
     "switch": ["method.name=switch", "method.source=switch", "method.divergence=srkl", "method.params.alpha=0.1",
-               "method.tau0=0.2", "method.decay=0.1", "method.gate=jsd"],
+               "method.tau0=0.1", "method.decay=0.1", "method.gate=jsd"],
 }
 
 

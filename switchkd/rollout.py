@@ -43,7 +43,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    tau0: float = 0.2
+    tau0: float = 0.1
     decay: float = 0.1
     schedule: str = "exp"  # exp | linear | const
     gate: str = "jsd"  # jsd | fkl | rkl | tvd
