@@ -55,6 +55,14 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {n} teacher responses to {args.output}")
 
 
+def _cache_teacher(args: argparse.Namespace) -> None:
+    from switchkd.config import load_config
+    from switchkd.teacher_cache import build_cache
+
+    out = build_cache(load_config(args.config, args.overrides), args.output, args.k, args.batch_size)
+    print(f"wrote the teacher's top-{args.k} cache to {out}; train with method.teacher_cache={out}")
+
+
 def _convert(args: argparse.Namespace) -> None:
     from switchkd.convert import convert_llama2c
 
@@ -109,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", required=True, help="JSONL file to write")
     g.add_argument("--batch-size", type=int, default=16)
     g.set_defaults(func=_generate)
+
+    ct = sub.add_parser("cache-teacher", help="precompute the teacher's top-k log-probabilities for data.train")
+    ct.add_argument("config", help="YAML preset naming teacher and data")
+    ct.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    ct.add_argument("--output", required=True, help="cache directory")
+    ct.add_argument("--k", type=int, default=64)
+    ct.add_argument("--batch-size", type=int, default=16)
+    ct.set_defaults(func=_cache_teacher)
 
     c = sub.add_parser("convert", help="convert a foreign checkpoint to a Hugging Face model directory")
     csub = c.add_subparsers(dest="format", required=True)

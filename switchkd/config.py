@@ -76,6 +76,7 @@ class MethodConfig:
     student_prob_step: float = 0.1
     # response priming (teacher-only prompt prefix)
     priming: str = "none"  # none | teacher | ground_truth | confidence | custom text
+    teacher_cache: Optional[str] = None  # a switchkd cache-teacher directory (dataset source only)
 
 
 @dataclass
@@ -241,7 +242,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config error: method.{key}={getattr(m, key)}; expected a value in [0, 1]")
     if not 0.0 <= m.kd_ratio <= 1.0:
         raise ConfigError(f"config error: method.kd_ratio={m.kd_ratio}; expected a value in [0, 1]")
-    needs_teacher = m.name != "sft" and (m.kd_ratio > 0 or m.source != "dataset")
+    if m.teacher_cache and m.source != "dataset":
+        raise ConfigError("config error: method.teacher_cache works with method.source=dataset only")
+    needs_teacher = m.name != "sft" and (m.kd_ratio > 0 or m.source != "dataset") and not m.teacher_cache
     if needs_teacher and cfg.teacher is None:
         raise ConfigError(f"config error: method.name={m.name!r} needs a teacher; set teacher.name")
     for key in ("batch_size", "grad_accum", "epochs"):

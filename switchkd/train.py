@@ -30,6 +30,7 @@ from switchkd.evaluate import generate_texts, rouge_l
 from switchkd.losses import chunked_loss_sum, kd_weight, response_tokens, shifted, token_loss
 from switchkd.models import load_pair
 from switchkd.sources import make_source, teacher_targets
+from switchkd.teacher_cache import TeacherCache
 
 
 @dataclass
@@ -88,7 +89,9 @@ class Trainer:
         self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers or None,
                                project_dir=str(self.out), cpu=not _has_accelerator())
         set_seed(cfg.train.seed)
-        self.student, self.teacher, self.tok, self.vocab = load_pair(cfg.model, cfg.teacher)
+        self.student, self.teacher, self.tok, self.vocab = load_pair(
+            cfg.model, None if cfg.method.teacher_cache else cfg.teacher)
+        self.cache = TeacherCache(cfg.method.teacher_cache, self.vocab) if cfg.method.teacher_cache else None
         examples = load_examples(cfg.data.train, cfg.data, self.tok, cfg.data.limit)
         self.items, stats = tokenize(examples, self.tok, cfg.data.max_prompt_length, cfg.data.max_length,
                                      cfg.method.priming)
@@ -141,7 +144,7 @@ class Trainer:
         bar = tqdm(total=self.total, initial=self.state.step, desc="train", disable=not self.acc.is_main_process)
         while self.state.step < self.total:
             t0 = time.perf_counter()
-            group = [self.source(next(batches), self.state.step) for _ in range(cfg.train.grad_accum)]
+            group = [self._with_cache(self.source(next(batches), self.state.step)) for _ in range(cfg.train.grad_accum)]
             self.student.train()
             loss, n_tok = step_gradients(self.student, self.teacher, group, cfg, self.vocab, self.acc)
             if cfg.train.clip > 0:
@@ -167,19 +170,29 @@ class Trainer:
         bar.close()
         return self._finish()
 
+    def _with_cache(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """Attach the cached teacher targets (``teacher_selected [N, V]``) when a cache is in use."""
+        if self.cache is not None:
+            lengths = (batch["labels"][:, 1:] != -100).sum(1).tolist()
+            batch["teacher_selected"] = self.cache.targets(batch["index"].tolist(), lengths).to(self.acc.device)
+        return batch
+
     @torch.no_grad()
     def _dev_loss(self) -> float:
         """The training objective on the dev set's reference responses (every process computes it)."""
         total, n = 0.0, 0
         model = self.acc.unwrap_model(self.student).eval()
-        needs_teacher = kd_weight(self.cfg.method) > 0
+        method = self.cfg.method
+        if self.teacher is None and kd_weight(method) > 0:  # a cached teacher covers train only: dev CE
+            method = replace(method, name="sft")
+        needs_teacher = kd_weight(method) > 0
         for i in range(0, len(self.dev_items), self.cfg.train.batch_size):
             b = collate(self.dev_items[i:i + self.cfg.train.batch_size], self.tok.pad_token_id)
             b = {k: v.to(self.acc.device) for k, v in b.items()}
             t = teacher_targets(self.teacher, b, self.vocab) if needs_teacher else None
             s, target = shifted(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
                                 b["labels"], self.vocab)
-            total += float(token_loss(s, t, target, self.cfg.method).sum())
+            total += float(token_loss(s, t, target, method).sum())
             n += int(target.numel())
         return total / max(n, 1)
 

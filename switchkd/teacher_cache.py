@@ -1,0 +1,106 @@
+"""``switchkd cache-teacher``: the teacher's top-k log-probabilities on a fixed dataset, on disk.
+
+For every response token of ``data.train`` (tokenized exactly as training tokenizes it, priming
+included) the cache holds the teacher's k largest log-probabilities and their ids
+(safetensors: ``logp [N, k]`` float32, ``ids [N, k]`` int32, ``offsets [n + 1]``, ``index [n]``),
+so multi-epoch KD, top-k KL and BiLD runs need no teacher in memory (``method.teacher_cache=DIR``).
+
+Approximation: the loss sees the teacher distribution rebuilt as the cached top-k log-probabilities
+plus the remaining mass spread evenly over the other V - k tokens.  ``topk_kl`` with the same k and
+BiLD's teacher-led term are exact; other divergences differ by the tail's shape
+(``tests/test_teacher_cache.py`` measures it; docs/benchmarks.md records it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from switchkd.config import Config, ConfigError
+from switchkd.data import collate, load_examples, tokenize
+from switchkd.losses import shifted
+from switchkd.models import load_model, load_tokenizer
+
+
+@torch.no_grad()
+def build_cache(cfg: Config, output: str | Path, k: int = 64, batch_size: int = 16) -> Path:
+    """Run the teacher once over ``data.train`` and write the top-k cache to ``output``."""
+    if cfg.teacher is None:
+        raise ConfigError("config error: switchkd cache-teacher needs teacher.name")
+    tok = load_tokenizer(cfg.teacher)
+    teacher = load_model(cfg.teacher, tok, trainable=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher.to(device)
+    examples = load_examples(cfg.data.train, cfg.data, tok, cfg.data.limit)
+    items, _ = tokenize(examples, tok, cfg.data.max_prompt_length, cfg.data.max_length, cfg.method.priming)
+    vocab = len(tok)
+    logp, ids, lengths, index = [], [], [], []
+    for i in tqdm(range(0, len(items), batch_size), desc="cache teacher"):
+        chunk = items[i:i + batch_size]
+        b = {key: v.to(device) for key, v in collate(chunk, tok.pad_token_id).items()}
+        src = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels") if "teacher_input_ids" in b else \
+            ("input_ids", "attention_mask", "labels")
+        logits = teacher(input_ids=b[src[0]], attention_mask=b[src[1]]).logits
+        sel = torch.log_softmax(shifted(logits, b[src[2]], vocab)[0].float(), -1)
+        top = sel.topk(min(k, vocab), dim=-1)
+        logp.append(top.values.cpu())
+        ids.append(top.indices.int().cpu())
+        lengths += [len(x.response) for x in chunk]
+        index += [x.index for x in chunk]
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    save_file({"logp": torch.cat(logp), "ids": torch.cat(ids), "offsets": offsets, "index": torch.tensor(index)},
+              str(out / "teacher_topk.safetensors"))
+    (out / "meta.json").write_text(json.dumps({"k": k, "vocab": vocab, "teacher": cfg.teacher.name,
+                                               "data": cfg.data.train, "priming": cfg.method.priming,
+                                               "examples": len(items), "tokens": int(offsets[-1])}))
+    return out
+
+
+class TeacherCache:
+    """Reads a cache and returns, for a batch, the rebuilt teacher log-probabilities ``[N, V]``."""
+
+    def __init__(self, path: str | Path, vocab: int) -> None:
+        path = Path(path)
+        if not (path / "teacher_topk.safetensors").is_file():
+            raise ConfigError(f"{path}: no teacher cache here (run switchkd cache-teacher first)")
+        self.meta: Dict[str, Any] = json.loads((path / "meta.json").read_text())
+        if self.meta["vocab"] != vocab:
+            raise ConfigError(f"{path}: cache was built for vocabulary {self.meta['vocab']}, the student has {vocab}")
+        t = load_file(str(path / "teacher_topk.safetensors"))
+        self.logp, self.ids, self.offsets = t["logp"], t["ids"].long(), t["offsets"]
+        self.row = {int(x): i for i, x in enumerate(t["index"])}
+        self.vocab = vocab
+
+    def targets(self, index: List[int], lengths: List[int]) -> Tensor:
+        """Teacher log-probabilities for the response tokens of ``index`` (row-major); ``[N, V]``."""
+        parts_lp, parts_id = [], []
+        for ex, n in zip(index, lengths):
+            if ex not in self.row:
+                raise ConfigError(f"example {ex} is not in the teacher cache (built for {self.meta['data']})")
+            r = self.row[ex]
+            lo, hi = int(self.offsets[r]), int(self.offsets[r + 1])
+            if hi - lo != n:
+                raise ConfigError(f"teacher cache holds {hi - lo} tokens for example {ex}, the batch has {n}: "
+                                  "the cache was built with other data or length settings")
+            parts_lp.append(self.logp[lo:hi])
+            parts_id.append(self.ids[lo:hi])
+        return rebuild(torch.cat(parts_lp), torch.cat(parts_id), self.vocab)
+
+
+def rebuild(top_logp: Tensor, top_ids: Tensor, vocab: int) -> Tensor:
+    """Full log-probabilities ``[N, V]`` from top-k ``[N, k]``: the rest of the mass spread evenly."""
+    k = top_logp.shape[-1]
+    if k >= vocab:
+        return top_logp.new_full((top_logp.shape[0], vocab), float("-inf")).scatter(-1, top_ids, top_logp)
+    tail = (1.0 - top_logp.exp().sum(-1, keepdim=True)).clamp(min=1e-30)
+    out = (tail.log() - math.log(vocab - k)).expand(-1, vocab).clone()
+    return out.scatter(-1, top_ids, top_logp)
