@@ -28,6 +28,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/rollout.py
+	$(BIN)/python bench/epoch.py
+	$(BIN)/python bench/loss_memory.py
 
 bench-quality: $(STAMP)
 	$(BIN)/python bench/quality.py
