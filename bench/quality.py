@@ -136,13 +136,16 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-quality")
     p.add_argument("--settings", nargs="+", default=["synthetic", "stories"], choices=["synthetic", "stories"])
     p.add_argument("--no-sweep", action="store_true", help="skip SWITCH's dev sweep (use tau0 0.1, decay 0.1)")
+    p.add_argument("--stories-steps", type=int, default=150, help="training steps per method on stories260K")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    all_results = {}
+    prev = out / "results.json"
+    all_results = json.loads(prev.read_text()) if prev.is_file() else {}
     for setting in args.settings:
         t0 = time.time()
-        res = synthetic(args.seeds, out, not args.no_sweep) if setting == "synthetic" else stories(args.seeds, out)
+        res = (synthetic(args.seeds, out, not args.no_sweep) if setting == "synthetic"
+               else stories(args.seeds, out, args.stories_steps))
         res["seconds"] = time.time() - t0
         all_results[setting] = res
         (out / "results.json").write_text(json.dumps(all_results, indent=1, default=str))
