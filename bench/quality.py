@@ -3,7 +3,7 @@
 Setting 1, the synthetic suite (the demo's teacher, student and budget): SWITCH's tau0, decay,
 training divergence and dataset-mixing ratio are chosen on the *dev* split (the sweep is
 recorded), then every method is trained with ``--seeds`` seeds and scored on the test split.
-Setting 2, stories260K: the real pretrained tiny Llama teacher, a student ~8x smaller, each
+Setting 2, stories260K: the real pretrained tiny Llama teacher, a student ~6.6x smaller, each
 method with ``--seeds`` seeds; teacher NLL of student samples and student NLL of teacher samples.
 
 Prints one JSON summary line per setting and writes ``results.json``/``report.md``/PNGs to ``--out``.
