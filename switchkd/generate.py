@@ -9,27 +9,34 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, List
 
 import torch
 from tqdm.auto import tqdm
 
 from switchkd.config import Config, ConfigError
-from switchkd.data import build_batch, load_examples, tokenize
+from switchkd.data import Example, Tokenized, build_batch, load_examples, tokenize
 from switchkd.models import load_model, load_tokenizer
 from switchkd.rollout import from_method, rollout
 
 
-def generate_dataset(cfg: Config, output: str | Path, batch_size: int = 16) -> int:
-    """Write the teacher's response to every ``data.train`` prompt; returns the number written."""
+def teacher_and_data(cfg: Config, command: str) -> tuple[Any, Any, str, List[Example], List[Tokenized]]:
+    """The frozen teacher (on the GPU when there is one), its tokenizer, the device, and ``data.train``
+    loaded and tokenized exactly as training does (priming included)."""
     if cfg.teacher is None:
-        raise ConfigError("config error: switchkd generate needs teacher.name")
+        raise ConfigError(f"config error: switchkd {command} needs teacher.name")
     tok = load_tokenizer(cfg.teacher)
-    teacher = load_model(cfg.teacher, tok, trainable=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher.to(device)
+    teacher = load_model(cfg.teacher, tok, trainable=False).to(device)
     examples = load_examples(cfg.data.train, cfg.data, tok, cfg.data.limit)
     items, stats = tokenize(examples, tok, cfg.data.max_prompt_length, cfg.data.max_length, cfg.method.priming)
-    print(stats.line("generate"))
+    print(stats.line(command))
+    return teacher, tok, device, examples, items
+
+
+def generate_dataset(cfg: Config, output: str | Path, batch_size: int = 16) -> int:
+    """Write the teacher's response to every ``data.train`` prompt; returns the number written."""
+    teacher, tok, device, examples, items = teacher_and_data(cfg, "generate")
     m = cfg.method
     torch.manual_seed(cfg.train.seed)
     out, tmp = Path(output), Path(str(output) + ".tmp")

@@ -144,6 +144,14 @@ def _chooser(cfg: RolloutConfig, generator: Optional[torch.Generator]) -> Callab
     return sample
 
 
+def _setup(ref: Any, cfg: RolloutConfig, device: torch.device) -> tuple[int, Tensor, int, Callable, Callable]:
+    """``(vocab, eos_ids, pad, choose, gate_fn)`` shared by the lockstep and speculative decoders."""
+    vocab = cfg.vocab_size or ref.get_output_embeddings().weight.shape[0]
+    eos_ids, pad = _special_ids(ref, cfg)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    return vocab, eos_ids.to(device), pad, _chooser(cfg, gen), GATES[cfg.gate]
+
+
 def _special_ids(model: Any, cfg: RolloutConfig) -> tuple[Tensor, int]:
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else model.config.eos_token_id
     eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos))
@@ -178,11 +186,7 @@ def rollout(
     if ref is None or (use_t and teacher is None):
         raise ValueError(f"source={cfg.source!r} needs the {'teacher' if use_t else 'student'} model")
     device = input_ids.device
-    vocab = cfg.vocab_size or ref.get_output_embeddings().weight.shape[0]
-    eos_ids, pad = _special_ids(ref, cfg)
-    eos_ids = eos_ids.to(device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    choose, gate_fn = _chooser(cfg, gen), GATES[cfg.gate]
+    vocab, eos_ids, pad, choose, gate_fn = _setup(ref, cfg, device)
     s = _Stepper(student, input_ids, attention_mask, vocab) if use_s else None
     t_ids = teacher_input_ids if teacher_input_ids is not None else input_ids
     t_mask = teacher_attention_mask if teacher_attention_mask is not None else attention_mask

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from switchkd.rollout import GATES, RolloutConfig, RolloutOutput, _chooser, _special_ids, _Stepper, threshold
+from switchkd.rollout import RolloutConfig, RolloutOutput, _setup, _Stepper, threshold
 
 
 @torch.no_grad()
@@ -30,11 +30,7 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
                        teacher_attention_mask: Optional[Tensor] = None) -> RolloutOutput:
     """SWITCH by draft-and-verify; same output contract as :func:`switchkd.rollout.rollout`."""
     device = input_ids.device
-    vocab = cfg.vocab_size or student.get_output_embeddings().weight.shape[0]
-    eos_ids, pad = _special_ids(student, cfg)
-    eos_ids = eos_ids.to(device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    choose, gate_fn = _chooser(cfg, gen), GATES[cfg.gate]
+    vocab, eos_ids, pad, choose, gate_fn = _setup(student, cfg, device)
     s = _Stepper(student, input_ids, attention_mask, vocab)
     tt = _Stepper(teacher, teacher_input_ids if teacher_input_ids is not None else input_ids,
                   teacher_attention_mask if teacher_attention_mask is not None else attention_mask, vocab)

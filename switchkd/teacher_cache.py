@@ -24,22 +24,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from switchkd.config import Config, ConfigError
-from switchkd.data import collate, load_examples, tokenize
+from switchkd.data import collate
 from switchkd.losses import shifted
-from switchkd.models import load_model, load_tokenizer
 
 
 @torch.no_grad()
 def build_cache(cfg: Config, output: str | Path, k: int = 64, batch_size: int = 16) -> Path:
     """Run the teacher once over ``data.train`` and write the top-k cache to ``output``."""
-    if cfg.teacher is None:
-        raise ConfigError("config error: switchkd cache-teacher needs teacher.name")
-    tok = load_tokenizer(cfg.teacher)
-    teacher = load_model(cfg.teacher, tok, trainable=False)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher.to(device)
-    examples = load_examples(cfg.data.train, cfg.data, tok, cfg.data.limit)
-    items, _ = tokenize(examples, tok, cfg.data.max_prompt_length, cfg.data.max_length, cfg.method.priming)
+    from switchkd.generate import teacher_and_data
+
+    teacher, tok, device, _, items = teacher_and_data(cfg, "cache-teacher")
     vocab = len(tok)
     logp, ids, lengths, index = [], [], [], []
     for i in tqdm(range(0, len(items), batch_size), desc="cache teacher"):
