@@ -13,7 +13,8 @@ logits (masked vocabulary entries) without producing NaN values or gradients.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import Tensor
@@ -163,6 +164,68 @@ def ce(
     return torch.where(labels == -100, torch.zeros_like(nll), nll)
 
 
+@dataclass
+class TopK:
+    """A teacher distribution held sparsely (the teacher cache): its k largest log-probabilities
+    ``logp [N, k]`` (descending) and their ids ``ids [N, k]``; the remaining mass is spread evenly
+    over the other ``vocab - k`` tokens.  Slicing selects rows; :meth:`dense` gives ``[N, vocab]``."""
+
+    logp: Tensor
+    ids: Tensor
+    vocab: int
+
+    def __getitem__(self, rows: slice) -> "TopK":
+        return TopK(self.logp[rows], self.ids[rows], self.vocab)
+
+    def to(self, device: Union[str, torch.device]) -> "TopK":
+        return TopK(self.logp.to(device), self.ids.to(device), self.vocab)
+
+    @property
+    def k(self) -> int:
+        return self.logp.shape[-1]
+
+    def dense(self) -> Tensor:
+        """Full log-probabilities ``[N, vocab]``: the top-k kept, the rest of the mass spread evenly."""
+        if self.k >= self.vocab:
+            return self.logp.new_full((self.logp.shape[0], self.vocab), float("-inf")).scatter(-1, self.ids, self.logp)
+        tail = (1.0 - self.logp.exp().sum(-1, keepdim=True)).clamp(min=1e-30)
+        out = (tail.log() - math.log(self.vocab - self.k)).expand(-1, self.vocab).clone()
+        return out.scatter(-1, self.ids, self.logp)
+
+
+def _student_top(student_logits: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s [N, V] clamped, log q at ids [N, k], log-normaliser [N])`` without a ``[N, V]`` log-softmax."""
+    s = (student_logits.float() if student_logits.dtype in (torch.float16, torch.bfloat16) else student_logits)
+    s = s.clamp(min=_NEG)
+    lse = torch.logsumexp(s, -1)
+    return s, s.gather(-1, ids) - lse.unsqueeze(-1), lse
+
+
+def fkl_topk(student_logits: Tensor, teacher: TopK) -> Tensor:
+    """:func:`fkl` against ``teacher.dense()``, computed from the k cached entries; ``[N, V] -> [N]``.
+
+    KL = sum_top p (log p - log q) + m log(m / r) - (m / r) * sum_rest log q, with tail mass m spread
+    over the r = V - k other tokens and sum_rest log q = sum_all s - V * lse - sum_top log q.
+    """
+    s, lq_top, lse = _student_top(student_logits, teacher.ids)
+    p_top = teacher.logp.exp()
+    keep = p_top > 0
+    out = (p_top * (torch.where(keep, teacher.logp, 0.0) - torch.where(keep, lq_top, 0.0))).sum(-1)
+    rest = teacher.vocab - teacher.k
+    if rest > 0:
+        tail = (1.0 - p_top.sum(-1)).clamp(min=1e-30)
+        lq_rest = s.sum(-1) - teacher.vocab * lse - lq_top.sum(-1)
+        out = out + tail * (tail.log() - math.log(rest)) - tail / rest * lq_rest
+    return out
+
+
+def topk_kl_topk(student_logits: Tensor, teacher: TopK, *, k: int = 50) -> Tensor:
+    """:func:`topk_kl` from the cached entries (needs ``k <= teacher.k``); ``[N, V] -> [N]``."""
+    k = min(int(k), teacher.vocab)
+    _, lq_top, _ = _student_top(student_logits, teacher.ids[..., :k])
+    return kl_from_log_probs(_with_tail(teacher.logp[..., :k]), _with_tail(lq_top))
+
+
 DIVERGENCES: Dict[str, Callable[..., Tensor]] = {
     "fkl": fkl,
     "rkl": rkl,
@@ -193,6 +256,12 @@ def divergence(
     if name not in DIVERGENCES:
         raise KeyError(f"unknown divergence {name!r}; choose one of {sorted(DIVERGENCES)}")
     fn = DIVERGENCES[name]
+    if isinstance(teacher_logits, TopK):  # a cached teacher: sparse where exact, else rebuilt
+        if params.get("temperature", 1.0) == 1.0 and name == "fkl":
+            return fkl_topk(student_logits, teacher_logits)
+        if params.get("temperature", 1.0) == 1.0 and name == "topk_kl" and int(params.get("k", 50)) <= teacher_logits.k:
+            return topk_kl_topk(student_logits, teacher_logits, k=int(params.get("k", 50)))
+        teacher_logits = teacher_logits.dense()
     if name == "ce":
         return fn(student_logits, teacher_logits, labels=labels, **params)
     return fn(student_logits, teacher_logits, **params)

@@ -8,14 +8,16 @@ depend on how a step is split.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from switchkd.config import MethodConfig
-from switchkd.divergences import ce, divergence
+from switchkd.divergences import TopK, ce, divergence
+
+TeacherTargets = Union[Tensor, TopK]  # teacher logits [N, V] or cached top-k rows
 
 
 def kd_weight(method: MethodConfig) -> float:
@@ -23,7 +25,7 @@ def kd_weight(method: MethodConfig) -> float:
     return 0.0 if method.name in ("sft", "seqkd") or method.divergence == "ce" else method.kd_ratio
 
 
-def token_loss(student_logits: Tensor, teacher_logits: Optional[Tensor], labels: Tensor, method: MethodConfig) -> Tensor:
+def token_loss(student_logits: Tensor, teacher_logits: Optional[TeacherTargets], labels: Tensor, method: MethodConfig) -> Tensor:
     """Per-token loss ``[N]`` from logits ``[N, V]`` and target ids ``[N]``."""
     w = kd_weight(method)
     out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
@@ -61,13 +63,13 @@ def _final_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor) -> tupl
 
 
 def chunked_loss_sum(student: Any, head: torch.nn.Module, batch: Dict[str, Tensor], teacher: Optional[Any],
-                     teacher_selected: Optional[Tensor], method: MethodConfig, vocab: int, chunk: int) -> Tensor:
+                     teacher_selected: Optional[TeacherTargets], method: MethodConfig, vocab: int, chunk: int) -> Tensor:
     """The same sum as ``token_loss(shifted(...)).sum()``, with the LM head and the divergence evaluated
     ``chunk`` response tokens at a time under activation checkpointing, so the loss's peak memory stays
     near ``chunk x V`` instead of several ``[B, T, V]`` tensors.
 
     ``head`` is the student's (unwrapped) output embedding; the teacher side is chunked the same way
-    unless its logits were already computed (``teacher_selected [N, V]``).  Raises ``ValueError`` when
+    unless its logits were already computed (``teacher_selected``: ``[N, V]`` or a cached ``TopK``).  Raises ``ValueError`` when
     the model's logits are not ``head(last hidden state)`` (soft-capping, scaling), checked on the
     last position.
     """
@@ -85,10 +87,9 @@ def chunked_loss_sum(student: Any, head: torch.nn.Module, batch: Dict[str, Tenso
                                         batch.get("teacher_attention_mask", batch["attention_mask"]))
         t_src, t_head = t_hidden[:, :-1][t_labels != -100], teacher.get_output_embeddings()
 
-    def piece(h_c: Tensor, t_c: Optional[Tensor], y_c: Tensor) -> Tensor:
-        t_logits = None
-        if t_c is not None:
-            t_logits = t_c if t_head is None else t_head(t_c).detach()
+    def piece(h_c: Tensor, t_c: Optional[TeacherTargets], y_c: Tensor) -> Tensor:
+        t_logits = t_c if t_head is None else t_head(t_c).detach()
+        if isinstance(t_logits, Tensor):  # a cached TopK is already over the vocabulary
             t_logits = t_logits[:, :vocab]
         return token_loss(head(h_c)[:, :vocab], t_logits, y_c, method).sum()
 

@@ -2,7 +2,8 @@
 
 A source turns a dataset batch (:func:`switchkd.data.build_batch`) into the batch the
 loss sees.  Sources that decode use the one rollout engine.  A batch may carry
-``teacher_selected [N, V]``: the teacher's logits at its N response tokens (row-major),
+``teacher_selected [N, V]``: the teacher's logits at its N response tokens (row-major; a sparse
+:class:`switchkd.divergences.TopK` when they come from the teacher cache),
 already computed during a SWITCH rollout, which the loss then uses instead of a second
 teacher forward.  They are exact targets because the teacher saw the same (possibly
 primed) prefix with the same weights; batches without them (dataset batches, student

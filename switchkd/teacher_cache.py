@@ -8,13 +8,14 @@ so multi-epoch KD, top-k KL and BiLD runs need no teacher in memory (``method.te
 Approximation: the loss sees the teacher distribution rebuilt as the cached top-k log-probabilities
 plus the remaining mass spread evenly over the other V - k tokens.  ``topk_kl`` with the same k and
 BiLD's teacher-led term are exact; other divergences differ by the tail's shape
-(``tests/test_teacher_cache.py`` measures it; docs/benchmarks.md records it).
+(``tests/test_teacher_cache.py`` measures it; docs/benchmarks.md records it).  The targets stay
+sparse (:class:`switchkd.divergences.TopK`): fkl and topk_kl are computed from the k entries at
+about the cost of cross-entropy; other divergences rebuild the ``[N, V]`` distribution.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from switchkd.config import Config, ConfigError
 from switchkd.data import collate
+from switchkd.divergences import TopK
 from switchkd.losses import shifted
 
 
@@ -60,7 +62,7 @@ def build_cache(cfg: Config, output: str | Path, k: int = 64, batch_size: int = 
 
 
 class TeacherCache:
-    """Reads a cache and returns, for a batch, the rebuilt teacher log-probabilities ``[N, V]``."""
+    """Reads a cache and returns, for a batch, the teacher's top-k distributions (:class:`TopK`)."""
 
     def __init__(self, path: str | Path, vocab: int) -> None:
         path = Path(path)
@@ -74,8 +76,12 @@ class TeacherCache:
         self.row = {int(x): i for i, x in enumerate(t["index"])}
         self.vocab = vocab
 
-    def targets(self, index: List[int], lengths: List[int]) -> Tensor:
-        """Teacher log-probabilities for the response tokens of ``index`` (row-major); ``[N, V]``."""
+    def targets(self, index: List[int], lengths: List[int]) -> TopK:
+        """The cached teacher distributions at the response tokens of ``index`` (row-major), ``N`` rows.
+
+        Kept sparse: fkl and topk_kl are evaluated from the k entries (exactly as on the rebuilt
+        ``[N, V]`` distribution), other divergences rebuild it (:meth:`TopK.dense`).
+        """
         parts_lp, parts_id = [], []
         for ex, n in zip(index, lengths):
             if ex not in self.row:
@@ -87,14 +93,9 @@ class TeacherCache:
                                   "the cache was built with other data or length settings")
             parts_lp.append(self.logp[lo:hi])
             parts_id.append(self.ids[lo:hi])
-        return rebuild(torch.cat(parts_lp), torch.cat(parts_id), self.vocab)
+        return TopK(torch.cat(parts_lp), torch.cat(parts_id), self.vocab)
 
 
 def rebuild(top_logp: Tensor, top_ids: Tensor, vocab: int) -> Tensor:
     """Full log-probabilities ``[N, V]`` from top-k ``[N, k]``: the rest of the mass spread evenly."""
-    k = top_logp.shape[-1]
-    if k >= vocab:
-        return top_logp.new_full((top_logp.shape[0], vocab), float("-inf")).scatter(-1, top_ids, top_logp)
-    tail = (1.0 - top_logp.exp().sum(-1, keepdim=True)).clamp(min=1e-30)
-    out = (tail.log() - math.log(vocab - k)).expand(-1, vocab).clone()
-    return out.scatter(-1, top_ids, top_logp)
+    return TopK(top_logp, top_ids, vocab).dense()

@@ -154,8 +154,9 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             self.state.step += 1
             tokens = sum(int(b["attention_mask"].sum()) for b in group) * self.acc.num_processes
+            step_s = time.perf_counter() - t0  # sequences (rollouts included) + losses + optimizer step
             rec = {"step": self.state.step, "epoch": self.state.epoch, "loss": loss, "lr": self.sched.get_last_lr()[0],
-                   "tokens_per_s": tokens / (time.perf_counter() - t0), "response_tokens": n_tok}
+                   "step_s": step_s, "tokens_per_s": tokens / step_s, "response_tokens": n_tok}
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             last = self.state.step == self.total
@@ -171,7 +172,7 @@ class Trainer:
         return self._finish()
 
     def _with_cache(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        """Attach the cached teacher targets (``teacher_selected [N, V]``) when a cache is in use."""
+        """Attach the cached teacher targets (``teacher_selected``, a sparse ``TopK``) when a cache is in use."""
         if self.cache is not None:
             lengths = (batch["labels"][:, 1:] != -100).sum(1).tolist()
             batch["teacher_selected"] = self.cache.targets(batch["index"].tolist(), lengths).to(self.acc.device)

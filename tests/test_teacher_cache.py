@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from switchkd.cli import main
 from switchkd.config import ConfigError, load_config
-from switchkd.divergences import DIVERGENCES
+from switchkd.divergences import DIVERGENCES, TopK, divergence
 from switchkd.teacher_cache import rebuild
 from switchkd.train import train
 
@@ -25,6 +25,35 @@ def test_rebuild_keeps_top_k_and_total_mass():
     torch.testing.assert_close(full.exp().sum(-1), torch.ones(5, dtype=torch.float64))
     torch.testing.assert_close(full.gather(-1, top.indices), top.values)
     torch.testing.assert_close(rebuild(lp, torch.arange(40).expand(5, -1), 40), lp)  # k = V: exact
+
+
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_sparse_fkl_and_topk_kl_equal_the_rebuilt_distribution_in_value_and_gradient(k):
+    torch.manual_seed(k)
+    s = (torch.randn(6, 40, dtype=torch.float64) * 3).requires_grad_()
+    t = torch.randn(6, 40, dtype=torch.float64) * 4
+    t[0, 5] = float("-inf")  # a masked teacher entry (p = 0) may sit in the top-k at k = V
+    lp = torch.log_softmax(t, -1).topk(k, -1)
+    cache = TopK(lp.values, lp.indices, 40)
+    cases = [("fkl", {}), ("topk_kl", {"k": k}), ("topk_kl", {"k": max(1, k // 2)})]
+    for name, params in cases:
+        sparse = divergence(name, s, cache, temperature=1.0, **params)
+        dense = DIVERGENCES[name](s, cache.dense(), **params)
+        torch.testing.assert_close(sparse, dense)
+        g_sparse, = torch.autograd.grad(sparse.sum(), s)
+        g_dense, = torch.autograd.grad(dense.sum(), s)
+        torch.testing.assert_close(g_sparse, g_dense)
+
+
+def test_cached_targets_fall_back_to_the_rebuilt_distribution():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 30, dtype=torch.float64), torch.randn(5, 30, dtype=torch.float64) * 2
+    top = torch.log_softmax(t, -1).topk(6, -1)
+    cache = TopK(top.values, top.indices, 30)
+    for name, params in [("fkl", {"temperature": 2.0}), ("jsd", {"beta": 0.5}), ("bild", {"k": 4}),
+                         ("topk_kl", {"k": 12})]:
+        torch.testing.assert_close(divergence(name, s, cache, **params), divergence(name, s, cache.dense(), **params))
+    torch.testing.assert_close(cache[1:3].dense(), cache.dense()[1:3])
 
 
 def test_cache_error_shrinks_with_k_and_topk_kl_is_exact():
@@ -50,6 +79,16 @@ def test_training_from_the_cache_equals_online_topk_kd(tmp_path):
     cached = train(load_config(None, BASE + over + [f"method.teacher_cache={tmp_path / 'c'}", "teacher.name=absent/model",
                                                     f"output.dir={tmp_path / 'off'}"]))
     a, b = load_file(online / "model.safetensors"), load_file(cached / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_loss_from_the_cache_equals_the_whole_loss(tmp_path):
+    main(["cache-teacher", "configs/tiny/kd.yaml", *BASE, "--output", str(tmp_path / "c"), "--k", "8"])
+    over = [f"method.teacher_cache={tmp_path / 'c'}", "teacher.name=absent/model"]
+    whole = train(load_config(None, BASE + over + [f"output.dir={tmp_path / 'w'}"]))
+    chunked = train(load_config(None, BASE + over + ["train.loss_chunk=16", f"output.dir={tmp_path / 'ch'}"]))
+    a, b = load_file(whole / "model.safetensors"), load_file(chunked / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
