@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/rollout.py
+	$(BIN)/python bench/trl_step.py
 	$(BIN)/python bench/epoch.py
 	$(BIN)/python bench/loss_memory.py
 

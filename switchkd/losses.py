@@ -8,6 +8,7 @@ depend on how a step is split.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -49,6 +50,24 @@ def shifted(logits: Tensor, labels: Tensor, vocab: int) -> tuple[Tensor, Tensor]
     target = labels[:, 1:]
     mask = target != -100
     return logits[:, :-1][mask][:, :vocab], target[mask]
+
+
+def response_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                    vocab: int) -> tuple[Tensor, Tensor]:
+    """``shifted(model(...).logits, labels, vocab)`` with the LM head run only from the batch's first
+    response position on (``logits_to_keep``, when the model accepts it): prompt positions cost no
+    ``[B, P, V]`` logits.  Returns ``(logits [N, vocab], targets [N])``."""
+    cols = (labels[:, 1:] != -100).any(0).nonzero()
+    keep = labels.shape[1] - (int(cols[0]) if len(cols) else labels.shape[1] - 1)
+    kw = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
+    return shifted(logits, labels[:, labels.shape[1] - logits.shape[1]:], vocab)
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (transformers' causal LMs do)."""
+    base = getattr(model, "module", model)  # DDP / accelerate wrappers
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def response_tokens(labels: Tensor) -> int:

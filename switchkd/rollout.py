@@ -24,6 +24,7 @@ from transformers.generation.logits_process import (
 )
 
 from switchkd.divergences import fkl, jsd, rkl, tvd
+from switchkd.losses import accepts_logits_to_keep
 
 GATES: Dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "jsd": lambda s, t: jsd(s, t, beta=0.5),  # symmetric Jensen-Shannon, natural log
@@ -96,7 +97,8 @@ class _Stepper:
     def __init__(self, model: Any, input_ids: Tensor, attention_mask: Tensor, vocab: int) -> None:
         self.model, self.vocab, self.mask = model, vocab, attention_mask
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True)
+        keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # no [B, P, V] prefill logits
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, **keep)
         self.cache, self.pos = out.past_key_values, pos[:, -1]
         self.logits = out.logits[:, -1, :vocab].float()  # [B, V]
 

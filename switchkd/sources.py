@@ -21,7 +21,7 @@ from torch import Tensor
 
 from switchkd.config import Config
 from switchkd.data import build_batch
-from switchkd.losses import shifted
+from switchkd.losses import response_logits
 from switchkd.rollout import RolloutOutput, from_method, rollout
 
 Batch = Dict[str, Any]
@@ -38,10 +38,9 @@ def teacher_targets(teacher: Any, batch: Batch, vocab: int) -> Tensor:
     if batch.get("teacher_selected") is not None:
         return batch["teacher_selected"]
     if "teacher_input_ids" in batch:
-        logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
-        return shifted(logits, batch["teacher_labels"], vocab)[0]
-    logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return shifted(logits, batch["labels"], vocab)[0]
+        return response_logits(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
+                               batch["teacher_labels"], vocab)[0]
+    return response_logits(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"], vocab)[0]
 
 
 def _rows(ids: Tensor, mask: Tensor) -> List[List[int]]:

@@ -27,7 +27,7 @@ from transformers import get_scheduler
 from switchkd.config import Config, to_yaml
 from switchkd.data import Tokenized, collate, load_examples, tokenize
 from switchkd.evaluate import generate_texts, rouge_l
-from switchkd.losses import chunked_loss_sum, kd_weight, response_tokens, shifted, token_loss
+from switchkd.losses import chunked_loss_sum, kd_weight, response_logits, response_tokens, token_loss
 from switchkd.models import load_pair
 from switchkd.sources import make_source, teacher_targets
 from switchkd.teacher_cache import TeacherCache
@@ -72,8 +72,7 @@ def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, t
                                         cfg.train.loss_chunk)
             else:
                 t = teacher_targets(teacher, b, vocab) if needs_teacher else None
-                s, target = shifted(student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                                    b["labels"], vocab)
+                s, target = response_logits(student, b["input_ids"], b["attention_mask"], b["labels"], vocab)
                 loss = token_loss(s, t, target, cfg.method).sum()
             accelerator.backward(loss * scale)
         loss_sum += loss.detach()
@@ -191,8 +190,7 @@ class Trainer:
             b = collate(self.dev_items[i:i + self.cfg.train.batch_size], self.tok.pad_token_id)
             b = {k: v.to(self.acc.device) for k, v in b.items()}
             t = teacher_targets(self.teacher, b, self.vocab) if needs_teacher else None
-            s, target = shifted(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                                b["labels"], self.vocab)
+            s, target = response_logits(model, b["input_ids"], b["attention_mask"], b["labels"], self.vocab)
             total += float(token_loss(s, t, target, method).sum())
             n += int(target.numel())
         return total / max(n, 1)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from switchkd.config import load_config
 from switchkd.data import collate, load_examples, tokenize
+from switchkd.losses import response_logits, shifted
 from switchkd.models import load_pair
 from switchkd.train import step_gradients, train
 
@@ -114,3 +115,16 @@ def test_chunked_loss_equals_full_loss_and_gradients(method):
     assert abs(full[0] - chunked[0]) < 1e-5 and full[1] == chunked[1]
     for k in full[2]:
         torch.testing.assert_close(full[2][k], chunked[2][k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["tiny:gpt2,layers=1,dim=32,heads=2", "tiny:llama,layers=1,dim=32,heads=4,seed=7"])
+def test_response_logits_equal_the_full_forward(spec):
+    cfg = load_config(None, TINY + [f"model.name={spec}"])
+    model, _, tok, vocab = load_pair(cfg.model, None)
+    ex = load_examples("synthetic", cfg.data, tok)[:5]
+    b = collate(tokenize(ex, tok, 128, 320)[0], tok.pad_token_id)
+    assert (b["labels"][:, 1:] != -100).any(0).nonzero()[0] > 1  # the prompt part really is skipped
+    full = shifted(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"], vocab)
+    kept = response_logits(model, b["input_ids"], b["attention_mask"], b["labels"], vocab)
+    torch.testing.assert_close(kept[0], full[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(kept[1], full[1])
