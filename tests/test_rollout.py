@@ -200,3 +200,15 @@ def test_speculative_sampling_has_the_lockstep_distribution():
         share = [float(outs[s].from_teacher[:, pos].float().mean()) for s in (False, True)]
         assert abs(share[0] - share[1]) < 0.05
     assert 0.05 < float(outs[True].from_teacher.float().mean()) < 0.95
+
+
+def test_sampler_draws_from_the_warped_distribution():
+    from switchkd.rollout import _chooser
+
+    logits = torch.tensor([[0.0, 1.0, -2.0, float("-inf"), 0.5, -0.5]]).expand(60_000, -1)
+    for cfg, expect in [(_cfg(do_sample=True), torch.softmax(logits[0], -1)),
+                        (_cfg(do_sample=True, top_k=2), torch.softmax(torch.tensor([-1e9, 1.0, -1e9, -1e9, 0.5, -1e9]), -1))]:
+        draws = _chooser(cfg, torch.Generator().manual_seed(0))(logits)
+        freq = torch.bincount(draws, minlength=6).float() / draws.numel()
+        assert (freq[expect == 0] == 0).all()
+        torch.testing.assert_close(freq, expect, atol=0.01, rtol=0)
