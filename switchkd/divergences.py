@@ -26,8 +26,8 @@ def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """``log softmax(logits / temperature)`` in >= float32; ``[..., V] -> [..., V]``."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    return torch.log_softmax(x.clamp(min=_NEG) / temperature, dim=-1)
+    x = (logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits).clamp(min=_NEG)
+    return torch.log_softmax(x if temperature == 1.0 else x / temperature, dim=-1)
 
 
 def kl_from_log_probs(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -52,14 +52,81 @@ def log_mixture(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
     return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
 
 
+def _kl_finite(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """:func:`kl_from_log_probs` for finite log-probabilities (as :func:`log_probs` gives), without
+    gradient: no guards needed (``0 * finite = 0``), three passes over ``[..., V]`` instead of six."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def _value(kind: str, lq: Tensor, lp: Tensor, w: float, kl: Callable[[Tensor, Tensor], Tensor] = kl_from_log_probs) -> Tensor:
+    """Per-token value of ``kind`` from student/teacher log-probabilities ``[..., V] -> [...]``."""
+    if kind == "fkl":
+        return kl(lp, lq)
+    if kind == "rkl":
+        return kl(lq, lp)
+    if kind == "jsd":  # w = beta
+        lm = log_mixture(lp, lq, w)
+        return w * kl(lp, lm) + (1 - w) * kl(lq, lm)
+    if kind == "skl":  # w = alpha
+        return kl(lp, log_mixture(lp, lq, w))
+    return kl(lq, log_mixture(lq, lp, w))  # srkl
+
+
+def _logit_grad(kind: str, lq: Tensor, lp: Tensor, w: float, value: Tensor) -> Tensor:
+    """d value / d (student logits / T) in closed form: ``q * (g - <q, g>)`` with ``g = d value / d q``."""
+    q = lq.exp()
+    if kind == "fkl":
+        return q - lp.exp()
+    if kind == "rkl":
+        return q * (lq - lp - value.unsqueeze(-1))
+    if kind == "jsd":  # g = (1 - beta) log(q / m); its <q, g> is (1 - beta) KL(q || m)
+        lm = log_mixture(lp, lq, w)
+        r = lq - lm
+        return (1 - w) * q * (r - (q * r).sum(-1, keepdim=True))
+    if kind == "skl":  # g = -(1 - alpha) p / m
+        r = (lp - log_mixture(lp, lq, w)).exp()
+        return -(1 - w) * q * (r - (q * r).sum(-1, keepdim=True))
+    lm = log_mixture(lq, lp, w)  # srkl: g = log(q / m) + 1 - alpha q / m
+    r = lq - lm - w * (lq - lm).exp()
+    return q * (r - (q * r).sum(-1, keepdim=True))
+
+
+class _StudentDivergence(torch.autograd.Function):
+    """A divergence whose teacher side is fixed, with the gradient w.r.t. the student logits in
+    closed form: the loss keeps two ``[N, V]`` tensors for backward instead of autograd's many."""
+
+    @staticmethod
+    def forward(ctx, student_logits: Tensor, lp: Tensor, kind: str, w: float, temperature: float) -> Tensor:  # noqa: ANN001
+        lq = log_probs(student_logits, temperature)
+        value = _value(kind, lq, lp, w, _kl_finite)
+        ctx.save_for_backward(lq, lp, value)
+        ctx.kind, ctx.w, ctx.temperature, ctx.dtype = kind, w, temperature, student_logits.dtype
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        lq, lp, value = ctx.saved_tensors
+        g = _logit_grad(ctx.kind, lq, lp, ctx.w, value) * (grad.unsqueeze(-1) / ctx.temperature)
+        return g.to(ctx.dtype), None, None, None, None
+
+
+def _fixed_teacher(kind: str, student_logits: Tensor, teacher_logits: Tensor, temperature: float, w: float) -> Tensor:
+    """``kind`` between student and teacher logits; closed-form student gradient unless the teacher
+    itself needs one (then plain autograd through :func:`_value`)."""
+    lp = log_probs(teacher_logits, temperature)
+    if teacher_logits.requires_grad:
+        return _value(kind, log_probs(student_logits, temperature), lp, w)
+    return _StudentDivergence.apply(student_logits, lp, kind, w, temperature)
+
+
 def fkl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     """Forward KL(p || q) (word-level KD)."""
-    return kl_from_log_probs(log_probs(teacher_logits, temperature), log_probs(student_logits, temperature))
+    return _fixed_teacher("fkl", student_logits, teacher_logits, temperature, 0.0)
 
 
 def rkl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     """Reverse KL(q || p) (MiniLLM-style mode seeking)."""
-    return kl_from_log_probs(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature))
+    return _fixed_teacher("rkl", student_logits, teacher_logits, temperature, 0.0)
 
 
 def jsd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, beta: float = 0.5) -> Tensor:
@@ -68,13 +135,13 @@ def jsd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 
     m = beta * p + (1 - beta) * q; value = beta * KL(p || m) + (1 - beta) * KL(q || m).
     beta = 0 gives forward KL(p || q), beta = 1 reverse KL(q || p) (TRL's convention).
     """
-    lp, lq = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
     if beta == 0.0:
-        return kl_from_log_probs(lp, lq)
+        return fkl(student_logits, teacher_logits, temperature=temperature)
     if beta == 1.0:
-        return kl_from_log_probs(lq, lp)
-    lm = log_mixture(lp, lq, beta)
-    return beta * kl_from_log_probs(lp, lm) + (1 - beta) * kl_from_log_probs(lq, lm)
+        return rkl(student_logits, teacher_logits, temperature=temperature)
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"mixture weight must be in [0, 1], got {beta}")
+    return _fixed_teacher("jsd", student_logits, teacher_logits, temperature, beta)
 
 
 def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
@@ -86,14 +153,16 @@ def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 
 
 def skl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, alpha: float = 0.1) -> Tensor:
     """DistiLLM skew KL: KL(p || alpha * p + (1 - alpha) * q)."""
-    lp, lq = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
-    return kl_from_log_probs(lp, log_mixture(lp, lq, alpha))
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"mixture weight must be in [0, 1], got {alpha}")
+    return _fixed_teacher("skl", student_logits, teacher_logits, temperature, alpha)
 
 
 def srkl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, alpha: float = 0.1) -> Tensor:
     """DistiLLM skew reverse KL: KL(q || (1 - alpha) * p + alpha * q)."""
-    lp, lq = log_probs(teacher_logits, temperature), log_probs(student_logits, temperature)
-    return kl_from_log_probs(lq, log_mixture(lq, lp, alpha))
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"mixture weight must be in [0, 1], got {alpha}")
+    return _fixed_teacher("srkl", student_logits, teacher_logits, temperature, alpha)
 
 
 def topk_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, k: int = 50) -> Tensor:

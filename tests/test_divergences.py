@@ -150,3 +150,22 @@ def test_jsd_beta_limits_are_kls():
 def test_topk_kl_with_full_k_is_forward_kl():
     s, t = torch.randn(5, 9, dtype=torch.float64), torch.randn(5, 9, dtype=torch.float64)
     torch.testing.assert_close(DIVERGENCES["topk_kl"](s, t, k=9), DIVERGENCES["fkl"](s, t), atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name,kw", [c for c in CASES if c[0] in ("fkl", "rkl", "jsd", "skl", "srkl")])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_closed_form_student_gradient_equals_autograd_of_the_definition(name, kw, temperature):
+    from switchkd.divergences import _value, log_probs
+
+    s = (torch.randn(5, 23, dtype=torch.float64) * 2).requires_grad_()
+    t = torch.randn(5, 23, dtype=torch.float64) * 2
+    t[:, -2:] = float("-inf")  # masked teacher entries
+    up = torch.randn(5, dtype=torch.float64)  # a non-uniform upstream gradient
+    got, = torch.autograd.grad((DIVERGENCES[name](s, t, temperature=temperature, **kw) * up).sum(), s)
+    kind, w = ("rkl" if kw.get("beta") == 1 else "fkl" if kw.get("beta") == 0 else name), kw.get("beta", kw.get("alpha", 0.0))
+    ref = _value(kind, log_probs(s, temperature), log_probs(t, temperature), w)  # plain autograd
+    want, = torch.autograd.grad((ref * up).sum(), s)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    t_req = t.clone().requires_grad_()  # a teacher that needs a gradient takes the autograd path
+    both = DIVERGENCES[name](s, t_req, temperature=temperature, **kw).sum()
+    assert torch.autograd.grad(both, t_req)[0].abs().sum() > 0
