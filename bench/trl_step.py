@@ -83,7 +83,7 @@ def trl_step(student: Path, teacher: Path, texts: list[str], args: argparse.Name
 
 
 def ours(student: Path, teacher: Path, data: Path, method: list[str], args: argparse.Namespace, out: Path) -> dict:
-    run = out / f"switchkd-{method[0].split('=')[1]}"
+    run = out / ("switchkd-" + "_".join(m.split("=")[1] for m in method if not m.startswith("method.source")))
     (run / "metrics.jsonl").unlink(missing_ok=True)
     cfg = load_config(None, [f"model.name={student}", f"teacher.name={teacher}", f"data.train={data}",
                              "data.template=none", "data.dev=null", f"data.max_prompt_length={args.prompt}",
@@ -99,6 +99,23 @@ def ours(student: Path, teacher: Path, data: Path, method: list[str], args: argp
         {"teacher_share": statistics.fmean(share)} if share else {})
 
 
+def tau_for_shares(student: Path, teacher: Path, texts: list[str], args: argparse.Namespace) -> dict:
+    """Constant tau0 giving about each ``--shares`` teacher-written share: quantiles of the JSD gate
+    on a student-only probe (tau0 = inf) of the first batch."""
+    from transformers import AutoModelForCausalLM
+
+    from switchkd.rollout import RolloutConfig, rollout
+
+    tok = GPT2TokenizerFast.from_pretrained(student)
+    s, t = (AutoModelForCausalLM.from_pretrained(m).eval() for m in (student, teacher))
+    ids = torch.tensor([tok(x)["input_ids"] for x in texts[:args.batch]])
+    probe = rollout(s, t, ids, torch.ones_like(ids), RolloutConfig(
+        source="switch", tau0=float("inf"), speculative=False, max_new_tokens=args.new_tokens, seed=0,
+        eos_token_id=[tok.eos_token_id], pad_token_id=tok.eos_token_id))
+    gates = probe.gate[probe.response_mask]
+    return {share: float(gates.quantile(1 - share)) for share in args.shares}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batch", type=int, default=8)
@@ -106,6 +123,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--loss-chunk", type=int, default=0, help="switchkd's train.loss_chunk (0: whole logits)")
+    p.add_argument("--shares", type=float, nargs="*", default=[0.1, 0.53],
+                   help="extra SWITCH variants: constant tau0 set for about these teacher-written shares")
     p.add_argument("--out", default="runs/bench-trl")
     args = p.parse_args()
     out = Path(args.out)
@@ -122,6 +141,11 @@ def main() -> None:
                     student, teacher, data, ["method.name=gkd", "method.source=mixture", "method.student_ratio=1.0"], args, out),
                 "switchkd switch (preset gate, JSD beta 0.5 loss)": lambda: ours(
                     student, teacher, data, ["method.name=switch", "method.source=switch", "method.switch_ratio=1.0"], args, out)}
+    for share, tau in tau_for_shares(student, teacher, texts, args).items():
+        variants[f"switchkd switch (const tau0 {tau:.4f}, target share {share})"] = (
+            lambda tau=tau: ours(student, teacher, data, ["method.name=switch", "method.source=switch",
+                                                          "method.switch_ratio=1.0", "method.schedule=const",
+                                                          f"method.tau0={tau}"], args, out))
     med = {}
     for name, fn in variants.items():
         res = fn()
@@ -129,9 +153,9 @@ def main() -> None:
         print(json.dumps({"variant": name, "median_step_s": round(med[name], 3),
                           "steps_s": [round(t, 3) for t in res["step_s"]]} |
                          {k: v for k, v in res.items() if k != "step_s"}), flush=True)
-    trl, gkd, sw = med.values()
+    trl, gkd, *switch = med.values()
     print(json.dumps({"summary": "on-policy step", "trl_over_gkd": round(trl / gkd, 2), "goal_trl_over_gkd": 1.3,
-                      "switch_over_trl": round(sw / trl, 2), "goal_switch_over_trl": 1.0,
+                      "switch_over_trl": [round(x / trl, 2) for x in switch], "goal_switch_over_trl": 1.0,
                       "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                       "torch": torch.__version__}))
 
