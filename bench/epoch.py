@@ -51,7 +51,7 @@ def main() -> None:
     print(json.dumps({"variant": "build cache (once)", "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
     variants = {"sft": ["method.name=sft", "method.kd_ratio=0"],
                 "online KD (fkl)": ["method.name=kd", "method.divergence=fkl"],
-                f"cached top-{args.k} KD (fkl on rebuilt targets)": ["method.name=kd", "method.divergence=fkl",
+                f"cached top-{args.k} KD (fkl, sparse)": ["method.name=kd", "method.divergence=fkl",
                                                                       f"method.teacher_cache={out / 'cache'}"],
                 f"cached top-{args.k} KL": ["method.name=kd", "method.divergence=topk_kl", f"method.params.k={args.k}",
                                             f"method.teacher_cache={out / 'cache'}"]}
