@@ -4,8 +4,9 @@ The student drafts k tokens with its cache; the teacher scores all k positions i
 forward.  Positions before the first one where *any* row's gate exceeds tau_t are the
 student's tokens under the SWITCH rule for every row; at that position each row takes the
 teacher's token where its gate exceeds tau_t, else its draft token.  Both caches are cropped
-to the decided prefix and the last decided token is fed, so the next block starts from
-exactly the state the lockstep engine would have.  Under greedy decoding the tokens equal
+to the decided prefix and the last decided token is fed (to the teacher together with the
+next draft, so each block costs one teacher forward), so the next block starts from exactly
+the state the lockstep engine would have.  Under greedy decoding the tokens equal
 the lockstep engine's; under sampling each decided token is drawn from the same
 distribution as in lockstep (a student draft at a position where the gate does not exceed
 tau_t *is* a sample of the student's distribution there; where it exceeds, the teacher is
@@ -42,9 +43,10 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
     kept = torch.zeros((B, N, vocab), device=device) if cfg.keep_teacher_logits else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     t, k = 0, max(1, cfg.draft_k)
+    pending: Optional[Tensor] = None  # the last decided token, not yet fed to the teacher
     while t < N and not bool(done.all()):
         kk = min(k, N - t)
-        s_len, t_len = s.mask.shape[1], tt.mask.shape[1]
+        s_len, t_len = s.mask.shape[1], tt.mask.shape[1] + (pending is not None)
         q_list, drafts = [], []
         for j in range(kk):  # the student drafts kk tokens
             q_list.append(s.logits)
@@ -52,7 +54,7 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
             if j < kk - 1:
                 s.advance(drafts[-1])
         D, Q = torch.stack(drafts, 1), torch.stack(q_list, 1)  # [B, kk], [B, kk, V]
-        P = tt.logits[:, None] if kk == 1 else torch.cat([tt.logits[:, None], tt.feed(D[:, :-1])], 1)
+        P = _verify(tt, pending, D)  # [B, kk, V] in one teacher forward
         d = gate_fn(Q, P)  # [B, kk]
         tau = torch.tensor([threshold(t + j, cfg) for j in range(kk)], device=device)
         exceed = (d > tau) & ~done[:, None]
@@ -72,9 +74,17 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
             break
         s.crop(s_len + n_dec - 1)
         tt.crop(t_len + n_dec - 1)
-        last = tokens[:, t - 1]
-        s.advance(last)
-        tt.advance(last)
+        pending = tokens[:, t - 1]
+        s.advance(pending)  # the student needs its next logits now; the teacher gets it with the next draft
         # full acceptance: draft twice as far; a rejection: draft as far as was decided (1 = lockstep cost)
         k = min(cfg.max_draft_k, 2 * kk) if n_dec == kk and m == kk else max(1, n_dec - 1)
     return RolloutOutput(torch.cat([input_ids, tokens], dim=1), resp, from_t, gate, kept)
+
+
+def _verify(tt: _Stepper, pending: Optional[Tensor], drafts: Tensor) -> Tensor:
+    """Teacher logits at each of the ``drafts [B, kk]`` positions, ``[B, kk, V]``, in at most one forward:
+    the pending decided token and all drafts but the last are fed together."""
+    if pending is None:
+        return tt.logits[:, None] if drafts.shape[1] == 1 else torch.cat([tt.logits[:, None], tt.feed(drafts[:, :-1])], 1)
+    return tt.feed(torch.cat([pending[:, None], drafts[:, :-1]], 1))
+
