@@ -33,6 +33,12 @@ def save_model(path: Path, layers: int, dim: int, seed: int, tok: GPT2TokenizerF
     return path
 
 
+def gpt2_pair(out: Path) -> tuple[GPT2TokenizerFast, Path, Path]:
+    """The GPT-2 tokenizer and the benchmark's tiny random teacher (6 x 256) and student (2 x 128)."""
+    tok = GPT2TokenizerFast.from_pretrained(SHARED / "data/gpt2_tokenizer")
+    return tok, save_model(out / "teacher", 6, 256, 1, tok), save_model(out / "student", 2, 128, 2, tok)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--examples", type=int, default=128)
@@ -40,9 +46,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-epoch")
     args = p.parse_args()
     out = Path(args.out)
-    tok = GPT2TokenizerFast.from_pretrained(SHARED / "data/gpt2_tokenizer")
-    teacher = save_model(out / "teacher", 6, 256, 1, tok)
-    student = save_model(out / "student", 2, 128, 2, tok)
+    _, teacher, student = gpt2_pair(out)
     common = [f"model.name={student}", f"teacher.name={teacher}", f"data.train={SHARED}/data/minillm_data/dolly/train.jsonl",
               f"data.limit={args.examples}", "data.max_prompt_length=128", "data.max_length=256", "data.dev=null",
               "train.batch_size=8", "train.epochs=1", "train.log_every=1000", "train.keep_best=false"]

@@ -121,18 +121,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--loss-chunk", type=int, default=0, help="switchkd's train.loss_chunk (0: whole logits)")
     p.add_argument("--shares", type=float, nargs="*", default=[0.1, 0.53],
                    help="extra SWITCH variants: constant tau0 set for about these teacher-written shares")
     p.add_argument("--out", default="runs/bench-trl")
     args = p.parse_args()
     out = Path(args.out)
-    from epoch import save_model  # the same tiny random GPT-2 models as benchmark 3
+    from epoch import gpt2_pair  # the same tiny random GPT-2 models as benchmark 3
 
-    tok = GPT2TokenizerFast.from_pretrained(SHARED / "data/gpt2_tokenizer")
-    teacher = save_model(out / "teacher", 6, 256, 1, tok)
-    student = save_model(out / "student", 2, 128, 2, tok)
+    tok, teacher, student = gpt2_pair(out)
     texts = prompts(tok, args.batch * args.steps, args.prompt)
     data = out / "prompts.jsonl"
     data.write_text("".join(json.dumps({"instruction": t, "output": "unused"}) + "\n" for t in texts))
