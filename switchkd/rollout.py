@@ -54,8 +54,9 @@ class RolloutConfig:
     vocab_size: Optional[int] = None  # true vocabulary (logits beyond it are ignored)
     keep_teacher_logits: bool = False  # return the teacher's next-token logits per step
     speculative: bool = True  # switch only: student drafts, teacher verifies a block per forward
-    draft_k: int = 4  # first draft length; then adapted to the recent acceptance length
+    draft_k: int = 4  # first draft length; then chosen from the recent rejection rate (speculative.next_k)
     max_draft_k: int = 16
+    teacher_cost: Optional[float] = None  # teacher forward cost / student's; default: layer-count ratio
 
 
 @dataclass

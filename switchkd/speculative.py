@@ -11,8 +11,11 @@ the lockstep engine's; under sampling each decided token is drawn from the same
 distribution as in lockstep (a student draft at a position where the gate does not exceed
 tau_t *is* a sample of the student's distribution there; where it exceeds, the teacher is
 sampled), so the sequence distribution is the same, though a seeded run consumes random
-numbers in a different order.  k doubles after a fully accepted draft and falls to the
-accepted length after a rejection (k = 1 costs what lockstep costs).
+numbers in a different order.  Each block's k minimises the expected cost per decided token,
+(c + k) / E[decided], from a running estimate of the per-position rejection rate r
+(E[decided] = (1 - (1 - r)^k) / r) and the teacher/student forward-cost ratio c; with frequent
+rejections it falls to k = 1, which costs what lockstep costs.  k depends only on past
+decisions, so a seeded run is reproducible.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
     done = torch.zeros(B, dtype=torch.bool, device=device)
     t, k = 0, max(1, cfg.draft_k)
     pending: Optional[Tensor] = None  # the last decided token, not yet fed to the teacher
+    cost = cfg.teacher_cost if cfg.teacher_cost is not None else _cost_ratio(teacher, student)
+    rejected, examined = 0.0, 0.0  # decayed counts behind the rejection-rate estimate
     while t < N and not bool(done.all()):
         kk = min(k, N - t)
         s_len, t_len = s.mask.shape[1], tt.mask.shape[1] + (pending is not None)
@@ -76,8 +81,8 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
         tt.crop(t_len + n_dec - 1)
         pending = tokens[:, t - 1]
         s.advance(pending)  # the student needs its next logits now; the teacher gets it with the next draft
-        # full acceptance: draft twice as far; a rejection: draft as far as was decided (1 = lockstep cost)
-        k = min(cfg.max_draft_k, 2 * kk) if n_dec == kk and m == kk else max(1, n_dec - 1)
+        rejected, examined = 0.9 * rejected + (m < kk), 0.9 * examined + n_dec  # about the last 10 blocks
+        k = next_k((rejected + 0.1) / (examined + 1.0), cost, cfg.max_draft_k)  # a weak prior: r = 0.1
     return RolloutOutput(torch.cat([input_ids, tokens], dim=1), resp, from_t, gate, kept)
 
 
@@ -87,4 +92,23 @@ def _verify(tt: _Stepper, pending: Optional[Tensor], drafts: Tensor) -> Tensor:
     if pending is None:
         return tt.logits[:, None] if drafts.shape[1] == 1 else torch.cat([tt.logits[:, None], tt.feed(drafts[:, :-1])], 1)
     return tt.feed(torch.cat([pending[:, None], drafts[:, :-1]], 1))
+
+
+def next_k(r: float, cost: float, max_k: int) -> int:
+    """The draft length in ``1..max_k`` minimising ``(cost + k) / E[decided tokens]`` when each
+    position is rejected with probability ``r``: a block costs one teacher forward (``cost``
+    student forwards) and ``k`` student forwards, and decides ``(1 - (1 - r)^k) / r`` tokens."""
+    def per_token(k: int) -> float:
+        return (cost + k) / (k if r <= 0 else (1 - (1 - r) ** k) / r)
+
+    return min(range(1, max(1, max_k) + 1), key=per_token)
+
+
+def _cost_ratio(teacher: Any, student: Any) -> float:
+    """Teacher/student layer counts (parameter counts when a config has none): a one-token forward
+    of a small model costs about per layer; override with ``RolloutConfig.teacher_cost``."""
+    layers = [getattr(getattr(m, "config", None), "num_hidden_layers", None) for m in (teacher, student)]
+    if all(isinstance(n, int) and n > 0 for n in layers):
+        return layers[0] / layers[1]
+    return sum(p.numel() for p in teacher.parameters()) / max(1, sum(p.numel() for p in student.parameters()))
 

@@ -212,3 +212,14 @@ def test_sampler_draws_from_the_warped_distribution():
         freq = torch.bincount(draws, minlength=6).float() / draws.numel()
         assert (freq[expect == 0] == 0).all()
         torch.testing.assert_close(freq, expect, atol=0.01, rtol=0)
+
+
+def test_draft_length_follows_rejection_rate_and_teacher_cost():
+    from switchkd.speculative import next_k
+
+    assert next_k(0.0, 3.0, 16) == 16 and next_k(0.95, 3.0, 16) == 1
+    ks = [next_k(r, 3.0, 16) for r in (0.02, 0.1, 0.3, 0.6)]
+    assert ks == sorted(ks, reverse=True) and ks[0] > ks[-1]
+    assert next_k(0.3, 10.0, 16) > next_k(0.3, 1.0, 16)  # a dearer teacher: longer drafts
+    r, c, k = 0.22, 3.0, next_k(0.22, 3.0, 16)  # the chosen k beats lockstep's cost per token
+    assert (c + k) * r / (1 - (1 - r) ** k) < c + 1
