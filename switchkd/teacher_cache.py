@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from switchkd.config import Config, ConfigError
 from switchkd.data import collate
 from switchkd.divergences import TopK
-from switchkd.losses import shifted
+from switchkd.sources import teacher_targets
 
 
 @torch.no_grad()
@@ -41,10 +41,7 @@ def build_cache(cfg: Config, output: str | Path, k: int = 64, batch_size: int = 
     for i in tqdm(range(0, len(items), batch_size), desc="cache teacher"):
         chunk = items[i:i + batch_size]
         b = {key: v.to(device) for key, v in collate(chunk, tok.pad_token_id).items()}
-        src = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels") if "teacher_input_ids" in b else \
-            ("input_ids", "attention_mask", "labels")
-        logits = teacher(input_ids=b[src[0]], attention_mask=b[src[1]]).logits
-        sel = torch.log_softmax(shifted(logits, b[src[2]], vocab)[0].float(), -1)
+        sel = torch.log_softmax(teacher_targets(teacher, b, vocab).float(), -1)  # the loss's teacher path
         top = sel.topk(min(k, vocab), dim=-1)
         logp.append(top.values.cpu())
         ids.append(top.indices.int().cpu())
