@@ -317,11 +317,12 @@ PARAMS: Dict[str, tuple] = {
 def divergence(
     name: str,
     student_logits: Tensor,
-    teacher_logits: Optional[Tensor],
+    teacher_logits: Optional[Union[Tensor, TopK]],
     labels: Optional[Tensor] = None,
     **params: float,
 ) -> Tensor:
-    """Look up ``name`` in the registry and evaluate it; ``[..., V] -> [...]``."""
+    """Look up ``name`` in the registry and evaluate it; ``[..., V] -> [...]`` (a cached :class:`TopK`
+    teacher is evaluated sparsely for fkl and topk_kl, else rebuilt)."""
     if name not in DIVERGENCES:
         raise KeyError(f"unknown divergence {name!r}; choose one of {sorted(DIVERGENCES)}")
     fn = DIVERGENCES[name]
