@@ -68,6 +68,10 @@ class MethodConfig:
     decay: float = 0.1
     schedule: str = "exp"  # exp | linear | const
     gate: str = "jsd"  # jsd | fkl | rkl | tvd
+    speculative: bool = True  # SWITCH rollouts by draft-and-verify (same tokens as lockstep in fp32 greedy)
+    draft_k: int = 4  # first draft length; later ones from the measured rejection rate
+    max_draft_k: int = 16
+    compile: str = "auto"  # static KV caches + compiled decode step: auto (on CUDA) | true | false
     # DistiLLM adaptive off-policy sampling
     replay_size: int = 1000
     replay_ratio: float = 0.5  # probability an SGO batch is drawn from the replay buffer
@@ -247,6 +251,11 @@ def validate(cfg: Config) -> None:
     needs_teacher = m.name != "sft" and (m.kd_ratio > 0 or m.source != "dataset") and not m.teacher_cache
     if needs_teacher and cfg.teacher is None:
         raise ConfigError(f"config error: method.name={m.name!r} needs a teacher; set teacher.name")
+    if str(m.compile).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"config error: method.compile={m.compile!r}; valid choices: auto, true, false")
+    for key in ("draft_k", "max_draft_k"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"config error: method.{key}={getattr(m, key)}; expected an integer >= 1")
     for key in ("batch_size", "grad_accum", "epochs"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"config error: train.{key}={getattr(cfg.train, key)}; expected an integer >= 1")

@@ -1,21 +1,26 @@
-"""Speculative SWITCH rollouts: the same tokens as the lockstep rule at near on-policy cost.
+"""Speculative SWITCH with per-row acceptance: the lockstep rule's tokens at near on-policy cost.
 
-The student drafts k tokens with its cache; the teacher scores all k positions in one
-forward.  Positions before the first one where *any* row's gate exceeds tau_t are the
-student's tokens under the SWITCH rule for every row; at that position each row takes the
-teacher's token where its gate exceeds tau_t, else its draft token.  Both caches are cropped
-to the decided prefix and the last decided token is fed (to the teacher together with the
-next draft, so each block costs one teacher forward), so the next block starts from exactly
-the state the lockstep engine would have.  Under greedy decoding the tokens equal
-the lockstep engine's; under sampling each decided token is drawn from the same
-distribution as in lockstep (a student draft at a position where the gate does not exceed
-tau_t *is* a sample of the student's distribution there; where it exceeds, the teacher is
-sampled), so the sequence distribution is the same, though a seeded run consumes random
+Each block, the student drafts k tokens with its cache and the teacher scores all k positions
+in one forward (together with the last decided token, so a block costs one teacher forward).
+Every row decides on its own: its drafts up to (not including) its first position where the
+gate exceeds tau_t are the student's tokens under the SWITCH rule; at that position the teacher
+writes (sampled, or its argmax).  Rows therefore advance by different numbers of tokens per
+block, and one row's rejection does not end another's block.  Caches are never cropped: the
+columns of a row's rejected drafts become masked holes in its attention mask and the row's next
+position moves back (:meth:`switchkd.decoding.Stepper.keep`), so every row's next block starts
+from exactly the state that lockstep decoding would have.
+
+Under greedy decoding in float32 the tokens equal the lockstep engine's.  In bf16/fp16 a k-token
+verification forward rounds differently from k one-token forwards, so a gate value near tau_t
+may fall the other way and the two may differ there.  Under sampling each decided token is drawn
+from the same distribution as in lockstep (a student draft at a position where the gate does not
+exceed tau_t *is* a sample of the student's distribution there; where it exceeds, the teacher
+is sampled), so the sequence distribution is the same, though a seeded run consumes random
 numbers in a different order.  Each block's k minimises the expected cost per decided token,
-(c + k) / E[decided], from a running estimate of the per-position rejection rate r
-(E[decided] = (1 - (1 - r)^k) / r) and the teacher/student forward-cost ratio c; with frequent
-rejections it falls to k = 1, which costs what lockstep costs.  k depends only on past
-decisions, so a seeded run is reproducible.
+(c + k) / E[decided], from a running estimate of the per-position rejection rate r over all
+rows (E[decided] = (1 - (1 - r)^k) / r) and the teacher/student forward-cost ratio c; with
+frequent rejections it falls to k = 1.  k depends only on past decisions, so a seeded run is
+reproducible.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from switchkd.rollout import RolloutConfig, RolloutOutput, _setup, _Stepper, threshold
+from switchkd.decoding import Record, RolloutConfig, RolloutOutput, Stepper, setup, switch_gate
 
 
 @torch.no_grad()
@@ -34,59 +39,71 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
                        teacher_attention_mask: Optional[Tensor] = None) -> RolloutOutput:
     """SWITCH by draft-and-verify; same output contract as :func:`switchkd.rollout.rollout`."""
     device = input_ids.device
-    vocab, eos_ids, pad, choose, gate_fn = _setup(student, cfg, device)
-    s = _Stepper(student, input_ids, attention_mask, vocab)
-    tt = _Stepper(teacher, teacher_input_ids if teacher_input_ids is not None else input_ids,
-                  teacher_attention_mask if teacher_attention_mask is not None else attention_mask, vocab)
+    vocab, eos_ids, pad, choose, gate_fn = setup(student, cfg, device)
+    s = Stepper(student, input_ids, attention_mask, vocab)
+    tt = Stepper(teacher, teacher_input_ids if teacher_input_ids is not None else input_ids,
+                 teacher_attention_mask if teacher_attention_mask is not None else attention_mask, vocab)
     B, N = input_ids.shape[0], cfg.max_new_tokens
-    tokens = torch.full((B, N), pad, dtype=torch.long, device=device)
-    resp = torch.zeros((B, N), dtype=torch.bool, device=device)
-    from_t = torch.zeros_like(resp)
-    gate = torch.full((B, N), float("nan"), device=device)
-    kept = torch.zeros((B, N, vocab), device=device) if cfg.keep_teacher_logits else None
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    t, k = 0, max(1, cfg.draft_k)
-    pending: Optional[Tensor] = None  # the last decided token, not yet fed to the teacher
-    cost = cfg.teacher_cost if cfg.teacher_cost is not None else _cost_ratio(teacher, student)
+    rec = Record(B, N, vocab, pad, device, cfg.keep_teacher_logits)
+    L = torch.zeros(B, dtype=torch.long, device=device)  # decided tokens per row
+    k, cost = max(1, cfg.draft_k), cfg.teacher_cost if cfg.teacher_cost is not None else _cost_ratio(teacher, student)
+    pending: Optional[Tensor] = None  # each row's last decided token, not yet fed to the teacher
     rejected, examined = 0.0, 0.0  # decayed counts behind the rejection-rate estimate
-    while t < N and not bool(done.all()):
-        kk = min(k, N - t)
-        s_len, t_len = s.mask.shape[1], tt.mask.shape[1] + (pending is not None)
-        q_list, drafts = [], []
-        for j in range(kk):  # the student drafts kk tokens
-            q_list.append(s.logits)
-            drafts.append(choose(s.logits))
-            if j < kk - 1:
-                s.advance(drafts[-1])
-        D, Q = torch.stack(drafts, 1), torch.stack(q_list, 1)  # [B, kk], [B, kk, V]
-        P = _verify(tt, pending, D)  # [B, kk, V] in one teacher forward
-        d = gate_fn(Q, P)  # [B, kk]
-        tau = torch.tensor([threshold(t + j, cfg) for j in range(kk)], device=device)
-        exceed = (d > tau) & ~done[:, None]
-        first = torch.where(exceed.any(1), exceed.float().argmax(1), torch.full_like(done, kk, dtype=torch.long))
-        m = int(first.min())
-        n_dec = min(m + 1, kk)
-        for j in range(n_dec):
-            by_t = exceed[:, j]
-            tok = torch.where(by_t, choose(P[:, j]), D[:, j]) if bool(by_t.any()) else D[:, j]
-            tok = torch.where(done, torch.full_like(tok, pad), tok)
-            tokens[:, t + j], resp[:, t + j], from_t[:, t + j], gate[:, t + j] = tok, ~done, by_t & ~done, d[:, j]
-            if kept is not None:
-                kept[:, t + j] = P[:, j]
-            done = done | torch.isin(tok, eos_ids)
-        t += n_dec
-        if t >= N or bool(done.all()):
+    while True:
+        active = ~rec.done & (L < N)
+        if not bool(active.any()):
             break
-        s.crop(s_len + n_dec - 1)
-        tt.crop(t_len + n_dec - 1)
-        pending = tokens[:, t - 1]
-        s.advance(pending)  # the student needs its next logits now; the teacher gets it with the next draft
-        rejected, examined = 0.9 * rejected + (m < kk), 0.9 * examined + n_dec  # about the last 10 blocks
+        kk = min(k, N - int(L[active].min()))
+        Q, D = [], []
+        for j in range(kk):  # the student drafts kk tokens per row
+            Q.append(s.logits)
+            D.append(choose(s.logits))
+            if j < kk - 1:
+                s.feed(D[-1][:, None])
+        drafts, q = torch.stack(D, 1), torch.stack(Q, 1)  # [B, kk], [B, kk, V]
+        p = _verify(tt, pending, drafts)  # [B, kk, V] in one teacher forward
+        idx = L[:, None] + torch.arange(kk, device=device)  # response positions [B, kk]
+        d, exceed = switch_gate(q, p, idx, cfg, gate_fn)
+        toks, by_t, n_dec = _decide(exceed, drafts, p, choose, active, N - L, eos_ids)
+        cols = torch.where(torch.arange(kk, device=device) < n_dec[:, None], idx, N)
+        rec.write(cols, toks, by_t, d, p if rec.kept is not None else None)
+        last = toks.gather(1, (n_dec - 1).clamp(min=0)[:, None]).squeeze(1)
+        rec.done |= active & torch.isin(toks, eos_ids).logical_and(cols < N).any(1)
+        L = L + n_dec
+        has_pending = pending is not None
+        rejected = 0.9 * rejected + float((by_t.any(1) & active).sum())  # about the last 10 blocks
+        examined = 0.9 * examined + float(n_dec.sum())
+        if not bool((~rec.done & (L < N)).any()):
+            break
+        # caches: keep each row's decided columns, mask the rest; feed the last decided token
+        s.keep((n_dec - 1).clamp(min=0), kk - 1)
+        tt.keep(torch.where(active, n_dec - 1 + int(has_pending), 0), kk - 1 + int(has_pending))
+        pending = torch.where(n_dec > 0, last, pad)
+        s.feed(pending[:, None])  # the student needs its next logits now; the teacher gets it with the next draft
+        s.keep((n_dec > 0).long(), 1)
         k = next_k((rejected + 0.1) / (examined + 1.0), cost, cfg.max_draft_k)  # a weak prior: r = 0.1
-    return RolloutOutput(torch.cat([input_ids, tokens], dim=1), resp, from_t, gate, kept)
+    return rec.output(input_ids, {"student": s.forwards, "teacher": tt.forwards})
 
 
-def _verify(tt: _Stepper, pending: Optional[Tensor], drafts: Tensor) -> Tensor:
+def _decide(exceed: Tensor, drafts: Tensor, p: Tensor, choose: Any, active: Tensor, room: Tensor,
+            eos_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row decisions of a block: ``exceed``/``drafts [B, kk]``, teacher logits ``p [B, kk, V]``,
+    ``active [B]``, ``room [B]`` (tokens left) -> ``(tokens [B, kk], by_teacher [B, kk], n_decided [B])``."""
+    B, kk = drafts.shape
+    j = torch.arange(kk, device=drafts.device)
+    hit = exceed.any(1)
+    first = torch.where(hit, exceed.float().argmax(1), kk - 1)  # the last decided position
+    t_tok = choose(p[torch.arange(B, device=p.device), first])  # the teacher's token there
+    by_t = (j[None] == first[:, None]) & hit[:, None]
+    toks = torch.where(by_t, t_tok[:, None], drafts)
+    n_dec = torch.minimum(first + 1, room)
+    eos = torch.isin(toks, eos_ids) & (j[None] < n_dec[:, None])
+    n_dec = torch.where(eos.any(1), eos.float().argmax(1) + 1, n_dec)  # a row ends at its EOS
+    n_dec = torch.where(active, n_dec, 0)
+    return toks, by_t & (j[None] < n_dec[:, None]), n_dec
+
+
+def _verify(tt: Stepper, pending: Optional[Tensor], drafts: Tensor) -> Tensor:
     """Teacher logits at each of the ``drafts [B, kk]`` positions, ``[B, kk, V]``, in at most one forward:
     the pending decided token and all drafts but the last are fed together."""
     if pending is None:
@@ -111,4 +128,3 @@ def _cost_ratio(teacher: Any, student: Any) -> float:
     if all(isinstance(n, int) and n > 0 for n in layers):
         return layers[0] / layers[1]
     return sum(p.numel() for p in teacher.parameters()) / max(1, sum(p.numel() for p in student.parameters()))
-

@@ -1,0 +1,253 @@
+"""Decoding state shared by the lockstep and speculative engines: config, cache steppers, the
+SWITCH gate, thresholds, the sampler and the output buffers.
+
+A :class:`Stepper` holds one model's KV cache and a 2-D attention mask that may have *holes*:
+columns written for tokens a row later rejected are masked out instead of cropped, and each row
+keeps its own next position (``position_ids`` are explicit), so rows of one batch can accept
+different numbers of tokens per block.  The cache is transformers' ``DynamicCache`` (eager) or,
+with ``static=True``, a preallocated ``StaticCache`` whose one-token decode step may be compiled
+(``torch.compile``; ``mode="reduce-overhead"`` = CUDA graphs on CUDA).  Prefill is always eager.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, StaticCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from switchkd.divergences import fkl, jsd, rkl, tvd
+from switchkd.losses import accepts_logits_to_keep
+
+GATES: Dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "jsd": lambda s, t: jsd(s, t, beta=0.5),  # symmetric Jensen-Shannon, natural log
+    "fkl": fkl,
+    "rkl": rkl,
+    "tvd": tvd,
+}
+
+
+@dataclass
+class RolloutConfig:
+    """How to decode. ``source``: ``student``, ``teacher`` or ``switch``."""
+
+    source: str = "student"
+    max_new_tokens: int = 64
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    tau0: float = 0.1
+    decay: float = 0.1
+    schedule: str = "exp"  # exp | linear | const
+    gate: str = "jsd"  # jsd | fkl | rkl | tvd
+    seed: Optional[int] = None  # None: the global torch RNG
+    eos_token_id: Optional[int | Sequence[int]] = None  # default: the model config's
+    pad_token_id: Optional[int] = None  # default: the model config's, else EOS
+    vocab_size: Optional[int] = None  # true vocabulary (logits beyond it are ignored)
+    keep_teacher_logits: bool = False  # return the teacher's next-token logits per step
+    speculative: bool = True  # switch only: student drafts, teacher verifies a block per forward
+    draft_k: int = 4  # first draft length; then chosen from the recent rejection rate (speculative.next_k)
+    max_draft_k: int = 16
+    teacher_cost: Optional[float] = None  # teacher forward cost / student's; default: layer-count ratio
+    compile: Union[bool, str] = "auto"  # lockstep: static caches + compiled 1-token step; auto = on CUDA only
+    sync_every: int = 0  # check "all rows done" every n steps (a host sync); 0: 1 on CPU, 8 on CUDA
+
+
+@dataclass
+class RolloutOutput:
+    """``sequences [B, P + N]`` (pad after EOS), ``response_mask``/``from_teacher`` ``[B, N]``,
+    ``gate [B, N]`` (NaN where not computed), ``teacher_logits [B, N, V]`` when kept;
+    ``forwards``: decode forwards per model (``student``, ``teacher``; prefill not counted)."""
+
+    sequences: Tensor
+    response_mask: Tensor
+    from_teacher: Tensor
+    gate: Tensor
+    teacher_logits: Optional[Tensor] = None
+    forwards: Dict[str, int] = field(default_factory=dict)
+
+
+def use_compile(cfg: RolloutConfig, device: torch.device) -> bool:
+    """Resolve ``cfg.compile`` (``auto``: on for CUDA, off elsewhere)."""
+    value = str(cfg.compile).lower()
+    if value not in ("auto", "true", "false", "on", "off"):
+        raise ValueError(f"compile must be auto, true or false, got {cfg.compile!r}")
+    return device.type == "cuda" if value == "auto" else value in ("true", "on")
+
+
+def threshold(t: int, cfg: RolloutConfig) -> float:
+    """tau_t for response position ``t``."""
+    if cfg.schedule == "exp":
+        return cfg.tau0 * math.exp(-cfg.decay * t) if math.isfinite(cfg.tau0) else cfg.tau0
+    if cfg.schedule == "linear":
+        return cfg.tau0 * max(0.0, 1.0 - cfg.decay * t) if math.isfinite(cfg.tau0) else cfg.tau0
+    if cfg.schedule == "const":
+        return cfg.tau0
+    raise ValueError(f"schedule must be exp, linear or const, got {cfg.schedule!r}")
+
+
+def thresholds(t: Tensor, cfg: RolloutConfig) -> Tensor:
+    """tau_t for a tensor of response positions (any shape), as float64 tensor ops (no host sync)."""
+    t = t.double()
+    if not math.isfinite(cfg.tau0) or cfg.schedule == "const":
+        return torch.full_like(t, cfg.tau0)
+    if cfg.schedule == "exp":
+        return cfg.tau0 * torch.exp(-cfg.decay * t)
+    if cfg.schedule == "linear":
+        return cfg.tau0 * (1.0 - cfg.decay * t).clamp(min=0.0)
+    raise ValueError(f"schedule must be exp, linear or const, got {cfg.schedule!r}")
+
+
+def switch_gate(q_logits: Tensor, p_logits: Tensor, t: Union[int, Tensor], cfg: RolloutConfig,
+                gate_fn: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """The SWITCH rule, the one place it is computed: student logits ``q [..., V]``, teacher
+    ``p [..., V]`` at response positions ``t`` (an int, or a tensor of the batch shape) ->
+    ``(gate d [...], exceed [...])`` where ``exceed`` = the teacher writes the token (d > tau_t)."""
+    d = gate_fn(q_logits, p_logits)
+    tau = threshold(t, cfg) if isinstance(t, int) else thresholds(t, cfg).to(d.dtype)
+    return d, d > tau
+
+
+def chooser(cfg: RolloutConfig, generator: Optional[torch.Generator]) -> Callable[[Tensor], Tensor]:
+    """Greedy argmax or sampling after temperature / top-k / top-p (transformers' warpers)."""
+    if not cfg.do_sample:
+        return lambda logits: logits.argmax(-1)
+    warpers = LogitsProcessorList()
+    if cfg.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(cfg.temperature))
+    if cfg.top_k:
+        warpers.append(TopKLogitsWarper(cfg.top_k))
+    if cfg.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(cfg.top_p))
+
+    def sample(logits: Tensor) -> Tensor:
+        # inverse-CDF sampling (float64 cumulative sums, u in (0, total]): the same distribution as
+        # torch.multinomial, ~30x cheaper on a CPU at V = 50k; zero-probability tokens are never drawn
+        cdf = torch.softmax(warpers(None, logits), dim=-1).double().cumsum(-1)
+        u = (1.0 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
+
+    return sample
+
+
+def setup(ref: Any, cfg: RolloutConfig, device: torch.device) -> tuple[int, Tensor, int, Callable, Callable]:
+    """``(vocab, eos_ids, pad, choose, gate_fn)`` shared by the lockstep and speculative decoders."""
+    vocab = cfg.vocab_size or ref.get_output_embeddings().weight.shape[0]
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else ref.config.eos_token_id
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(ref.config, "pad_token_id", None)
+    pad = int(pad if pad is not None else eos_ids[0])
+    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    return vocab, eos_ids, pad, chooser(cfg, gen), GATES[cfg.gate]
+
+
+_COMPILED: "weakref.WeakKeyDictionary[Any, Callable]" = weakref.WeakKeyDictionary()
+
+
+def compiled_forward(model: Any) -> Callable:
+    """``torch.compile`` of ``model.forward`` (CUDA graphs on CUDA), made once per model."""
+    fn = _COMPILED.get(model)
+    if fn is None:
+        cuda = next(model.parameters()).device.type == "cuda"
+        fn = torch.compile(model.forward, mode="reduce-overhead" if cuda else "default", dynamic=False, fullgraph=False)
+        _COMPILED[model] = fn
+    return fn
+
+
+class Stepper:
+    """One model's KV cache, attention mask (with holes), per-row next positions and latest logits.
+
+    ``input_ids``/``attention_mask [B, P]`` left-padded prompts.  ``capacity``: with ``static`` the
+    number of tokens the cache holds after the prompt; ``compiled``: one-token feeds go through
+    :func:`compiled_forward` (static caches only).
+    """
+
+    def __init__(self, model: Any, input_ids: Tensor, attention_mask: Tensor, vocab: int,
+                 static: bool = False, capacity: int = 0, compiled: bool = False) -> None:
+        B, P = input_ids.shape
+        self.model, self.vocab, self.static, self.length, self.forwards = model, vocab, static, P, 0
+        self.step = compiled_forward(model) if (compiled and static) else model
+        if static:  # the length rounded up to a multiple of 64, so that batches reuse compiled graphs
+            size = -(-(P + max(1, capacity)) // 64) * 64
+            self.cache: Any = StaticCache(config=model.config, max_cache_len=size)
+            self.mask = attention_mask.new_zeros(B, size)
+            self.mask[:, :P] = attention_mask
+        else:
+            self.cache, self.mask = DynamicCache(config=model.config), attention_mask.clone()
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # no [B, P, V] prefill logits
+        out = model(input_ids=input_ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                    use_cache=True, **keep)
+        self.next_pos = pos[:, -1] + 1  # [B] position of the next fed token
+        self.logits = out.logits[:, -1, :vocab].float()  # [B, V]
+
+    def feed(self, tokens: Tensor) -> Tensor:
+        """Feed ``tokens [B, n]`` in one forward; returns the logits after each of them ``[B, n, V]``."""
+        n = tokens.shape[1]
+        if self.static:
+            if self.length + n > self.mask.shape[1]:
+                raise RuntimeError(f"static KV cache full ({self.mask.shape[1]} positions)")
+            self.mask[:, self.length:self.length + n] = 1
+            mask = self.mask
+        else:
+            self.mask = mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], n)], dim=1)
+        pos = self.next_pos[:, None] + torch.arange(n, device=tokens.device)
+        fn = self.step if n == 1 else self.model
+        out = fn(input_ids=tokens, attention_mask=mask, position_ids=pos, past_key_values=self.cache, use_cache=True)
+        self.length, self.next_pos, self.forwards = self.length + n, self.next_pos + n, self.forwards + 1
+        logits = out.logits[..., : self.vocab].float()
+        if fn is not self.model:
+            logits = logits.clone()  # CUDA-graph outputs are overwritten by the next replay
+        self.logits = logits[:, -1]
+        return logits
+
+    def keep(self, counts: Tensor, n: int) -> None:
+        """Of the last ``n`` fed columns, row ``b`` keeps the first ``counts[b]``; the others become
+        masked holes and the row's next position moves back accordingly."""
+        if n <= 0:
+            return
+        j = torch.arange(n, device=counts.device)
+        self.mask[:, self.length - n:self.length] = (j[None, :] < counts[:, None]).to(self.mask.dtype)
+        self.next_pos = self.next_pos - n + counts
+
+
+class Record:
+    """The rollout's output buffers ``[B, N]`` (plus a trash column N for writes that do not count)."""
+
+    def __init__(self, B: int, N: int, vocab: int, pad: int, device: torch.device, keep_logits: bool) -> None:
+        self.N, self.pad = N, pad
+        self.tokens = torch.full((B, N + 1), pad, dtype=torch.long, device=device)
+        self.resp = torch.zeros((B, N + 1), dtype=torch.bool, device=device)
+        self.from_t = torch.zeros_like(self.resp)
+        self.gate = torch.full((B, N + 1), float("nan"), device=device)
+        self.kept = torch.zeros((B, N + 1, vocab), device=device) if keep_logits else None
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    def write(self, cols: Tensor, tok: Tensor, by_t: Tensor, gate: Optional[Tensor] = None,
+              teacher_logits: Optional[Tensor] = None) -> None:
+        """Write ``[B, n]`` decided tokens at response columns ``cols [B, n]`` (``N`` = discard)."""
+        self.tokens.scatter_(1, cols, tok)
+        self.resp.scatter_(1, cols, torch.ones_like(by_t))
+        self.from_t.scatter_(1, cols, by_t)
+        if gate is not None:
+            self.gate.scatter_(1, cols, gate.to(self.gate.dtype))
+        if self.kept is not None and teacher_logits is not None:
+            self.kept.scatter_(1, cols[..., None].expand(-1, -1, self.kept.shape[-1]), teacher_logits)
+
+    def output(self, input_ids: Tensor, forwards: Dict[str, int]) -> RolloutOutput:
+        N = self.N
+        self.tokens[:, :N][~self.resp[:, :N]] = self.pad
+        kept = self.kept[:, :N] if self.kept is not None else None
+        return RolloutOutput(torch.cat([input_ids, self.tokens[:, :N]], dim=1), self.resp[:, :N],
+                             self.from_t[:, :N], self.gate[:, :N], kept, forwards)
