@@ -69,11 +69,12 @@ def trl_step(student: Path, teacher: Path, texts: list[str], args: argparse.Name
     tok.pad_token = tok.eos_token
     cfg = DistillationConfig(output_dir=str(out / "trl"), per_device_train_batch_size=args.batch, max_steps=args.steps,
                              learning_rate=1e-4, max_completion_length=args.new_tokens, beta=0.5, temperature=1.0,
-                             gradient_checkpointing=False, bf16=False, use_cpu=not torch.cuda.is_available(),
+                             gradient_checkpointing=False, bf16=getattr(args, "bf16", False), use_cpu=not torch.cuda.is_available(),
                              report_to=[], logging_steps=10_000, save_strategy="no", seed=1, disable_dropout=True,
                              dataloader_num_workers=0)
     trainer = DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student),
-                                  teacher_model=AutoModelForCausalLM.from_pretrained(teacher), args=cfg,
+                                  teacher_model=AutoModelForCausalLM.from_pretrained(
+                                      teacher, dtype=torch.bfloat16 if getattr(args, "bf16", False) else torch.float32), args=cfg,
                                   train_dataset=Dataset.from_list([{"prompt": t} for t in texts]),
                                   processing_class=tok)
     timer = StepTimer()

@@ -21,6 +21,16 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    """LoRA through peft for the student; off while ``r`` is 0."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Optional[List[str]] = None  # None: every linear layer but the LM head (peft's "all-linear")
+
+
+@dataclass
 class ModelConfig:
     """A causal LM: hub id, local directory, or ``tiny:gpt2`` / ``tiny:llama[,key=value...]``."""
 
@@ -28,6 +38,8 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     tokenizer: Optional[str] = None  # defaults to ``name``
     revision: Optional[str] = None
+    adapter: Optional[str] = None  # a peft LoRA adapter directory: loaded onto the model and merged
+    lora: LoraConfig = field(default_factory=LoraConfig)  # student only
 
 
 @dataclass
@@ -105,6 +117,7 @@ class TrainConfig:
     resume: bool = False
     log_every: int = 10
     loggers: List[str] = field(default_factory=list)  # tensorboard | wandb
+    gradient_checkpointing: bool = False  # the student's activations recomputed in backward (less memory)
 
 
 @dataclass
@@ -127,6 +140,7 @@ class EvalConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs/default"
+    merge: bool = False  # with model.lora: final/ (and best/) also hold the merged model plain transformers loads
 
 
 @dataclass
@@ -256,6 +270,14 @@ def validate(cfg: Config) -> None:
     for key in ("draft_k", "max_draft_k"):
         if getattr(m, key) < 1:
             raise ConfigError(f"config error: method.{key}={getattr(m, key)}; expected an integer >= 1")
+    lora = cfg.model.lora
+    if lora.r < 0 or lora.alpha <= 0 or not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"config error: model.lora: expected r >= 0, alpha > 0, dropout in [0, 1); got r={lora.r}, "
+                          f"alpha={lora.alpha}, dropout={lora.dropout}")
+    if cfg.teacher is not None and cfg.teacher.lora.r:
+        raise ConfigError("config error: teacher.lora: the teacher is frozen; load a LoRA-tuned teacher with teacher.adapter")
+    if cfg.output.merge and not lora.r:
+        raise ConfigError("config error: output.merge=true needs a LoRA student (model.lora.r > 0)")
     for key in ("batch_size", "grad_accum", "epochs"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"config error: train.{key}={getattr(cfg.train, key)}; expected an integer >= 1")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from switchkd.config import ConfigError, DataConfig, EvalConfig
 from switchkd.data import Example, encode_prompt, left_pad, load_examples
+from switchkd.rollout import RolloutConfig, rollout
 
 SUITE = {  # name -> candidate paths inside a MiniLLM-style data directory
     "dolly": ("dolly/valid.jsonl",),
@@ -40,23 +41,24 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
 @torch.no_grad()
 def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvalConfig, seed: Optional[int],
                    desc: str = "generate") -> List[str]:
-    """Batched KV-cached generation; returns the decoded responses (prompt removed)."""
+    """Batched generation through the rollout engine (KV caches; static and compiled on CUDA);
+    returns the decoded responses (prompt removed).  ``seed`` seeds the global torch RNG."""
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
+    vocab = min(len(tokenizer), model.get_output_embeddings().weight.shape[0])
     out: List[str] = []
     for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False, disable=len(prompts) <= cfg.batch_size):
         chunk = [encode_prompt(tokenizer, p)[-cfg.max_prompt_length:] for p in prompts[start:start + cfg.batch_size]]
         ids, mask = left_pad(chunk, tokenizer.pad_token_id)
         budget = cfg.max_length - ids.shape[1]
-        new = min(cfg.max_new_tokens or budget, budget)
-        gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(new, 1),
-            do_sample=cfg.do_sample, temperature=cfg.temperature if cfg.do_sample else None,
-            top_p=cfg.top_p if cfg.do_sample else None, top_k=cfg.top_k if cfg.do_sample else None,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-        out += [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in gen]
+        rcfg = RolloutConfig(source="student", max_new_tokens=max(1, min(cfg.max_new_tokens or budget, budget)),
+                             do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab)
+        r = rollout(model, None, ids.to(device), mask.to(device), rcfg)
+        P = ids.shape[1]
+        out += [tokenizer.decode(r.sequences[i, P:][r.response_mask[i]], skip_special_tokens=True).strip()
+                for i in range(len(chunk))]
     return out
 
 

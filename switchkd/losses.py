@@ -67,6 +67,8 @@ def response_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, label
 def accepts_logits_to_keep(model: Any) -> bool:
     """Whether ``model.forward`` takes ``logits_to_keep`` (transformers' causal LMs do)."""
     base = getattr(model, "module", model)  # DDP / accelerate wrappers
+    if hasattr(base, "get_base_model"):  # peft: its forward passes keyword arguments on to the base model
+        base = base.get_base_model()
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 

@@ -8,8 +8,10 @@ Tiny models use transformers' byte-level ByT5 tokenizer, which needs no files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from transformers import (
@@ -24,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from switchkd.config import ConfigError, ModelConfig
+from switchkd.config import ConfigError, LoraConfig, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_DEFAULTS = {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "ffn": 0, "positions": 1024, "seed": 0}
@@ -97,8 +99,56 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
+def adapter_base(path: str) -> Optional[str]:
+    """The base model named by a peft adapter directory (``adapter_config.json``), else None."""
+    f = Path(path) / "adapter_config.json"
+    if not f.is_file():
+        return None
+    try:
+        base = json.loads(f.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{f}: cannot read ({exc})") from None
+    if not base:
+        raise ConfigError(f"{f}: base_model_name_or_path is empty; set model.name to the base and model.adapter to {path}")
+    return str(base)
+
+
+def with_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
+    """``model`` with the peft LoRA adapter at ``adapter`` merged into its weights."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ConfigError(f"adapter {adapter!r}: LoRA needs peft (pip install -e '.[peft]')") from None
+    try:
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"adapter {adapter!r}: cannot load ({str(exc).splitlines()[0]})") from None
+
+
+def add_lora(model: PreTrainedModel, lora: LoraConfig, base_name: str) -> Any:
+    """Wrap ``model`` in a trainable peft LoRA model (only the adapter's parameters train)."""
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+    except ImportError:
+        raise ConfigError("model.lora: LoRA needs peft (pip install -e '.[peft]')") from None
+    spec = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                          target_modules=list(lora.target_modules) if lora.target_modules else "all-linear")
+    try:
+        peft_model = get_peft_model(model, spec)
+    except ValueError as exc:
+        raise ConfigError(f"model.lora: {str(exc).splitlines()[0]}") from None
+    peft_model.peft_config["default"].base_model_name_or_path = base_name  # so a saved adapter reloads
+    return peft_model
+
+
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, trainable: bool = True) -> PreTrainedModel:
-    """Load (or build) the model; a non-trainable model is frozen and in eval mode."""
+    """Load (or build) the model, merging ``cfg.adapter`` (or the adapter that ``cfg.name`` is);
+    a non-trainable model is frozen and in eval mode."""
+    base = adapter_base(cfg.name) if not cfg.name.startswith("tiny:") else None
+    if base is not None:  # a saved LoRA adapter: its base, with the adapter merged
+        model = with_adapter(load_model(replace(cfg, name=base, adapter=None), tokenizer), cfg.name)
+        return _finish(model, cfg, trainable)
     dtype = DTYPES[cfg.dtype]
     if cfg.name.startswith("tiny:"):
         model = build_tiny(cfg.name, tokenizer).to(dtype)
@@ -110,6 +160,12 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, trainable: 
     if len(tokenizer) > model.get_output_embeddings().weight.shape[0]:
         raise ConfigError(f"model {cfg.name!r}: tokenizer has {len(tokenizer)} tokens but the LM head only "
                           f"{model.get_output_embeddings().weight.shape[0]} rows")
+    if cfg.adapter:
+        model = with_adapter(model, cfg.adapter)
+    return _finish(model, cfg, trainable)
+
+
+def _finish(model: PreTrainedModel, cfg: ModelConfig, trainable: bool) -> PreTrainedModel:
     if not trainable:
         model.eval().requires_grad_(False)
     return model
@@ -138,6 +194,8 @@ def load_pair(
     """Student (trainable), frozen teacher (or None), the shared tokenizer and the true vocab size."""
     tok = load_tokenizer(student_cfg)
     student = load_model(student_cfg, tok)
+    if student_cfg.lora.r:
+        student = add_lora(student, student_cfg.lora, student_cfg.name)
     teacher = None
     vocab = len(tok)
     if teacher_cfg is not None:

@@ -9,6 +9,7 @@ depend on how the step is split.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import shutil
@@ -90,6 +91,8 @@ class Trainer:
         set_seed(cfg.train.seed)
         self.student, self.teacher, self.tok, self.vocab = load_pair(
             cfg.model, None if cfg.method.teacher_cache else cfg.teacher)
+        if cfg.train.gradient_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.cache = TeacherCache(cfg.method.teacher_cache, self.vocab) if cfg.method.teacher_cache else None
         examples = load_examples(cfg.data.train, cfg.data, self.tok, cfg.data.limit)
         self.items, stats = tokenize(examples, self.tok, cfg.data.max_prompt_length, cfg.data.max_length,
@@ -217,10 +220,17 @@ class Trainer:
             self.acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=self.state.step)
 
     def _save_model(self, path: Path) -> None:
-        """``save_pretrained`` (safetensors) into a temporary directory, then rename."""
+        """``save_pretrained`` (safetensors) into a temporary directory, then rename.  A LoRA student
+        saves its adapter (``path/``; with ``output.merge``: ``path/adapter/`` and the merged model in ``path/``)."""
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.acc.unwrap_model(self.student).save_pretrained(tmp, safe_serialization=True)
+        model = self.acc.unwrap_model(self.student)
+        if hasattr(model, "merge_and_unload") and self.cfg.output.merge:
+            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+            self.tok.save_pretrained(tmp / "adapter")
+            copy.deepcopy(model).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         self.tok.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)

@@ -37,6 +37,12 @@ def test_batched_greedy_generation_equals_one_by_one():
     batched = generate_texts(model, tok, prompts, cfg, None)
     single = [generate_texts(model, tok, [p], cfg, None)[0] for p in prompts]
     assert batched == single
+    # the engine's greedy decoding is Hugging Face generate's
+    from switchkd.data import encode_prompt, left_pad
+    ids, mask = left_pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
+    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    assert batched == [tok.decode(r[ids.shape[1]:], skip_special_tokens=True).strip() for r in hf]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,59 @@
+"""Find SWITCH's tau0 for a target teacher share by bisection on the *measured* share.
+
+A quantile of student-only gate values misses the share SWITCH then produces (teacher tokens
+change the trajectory, and gates of random models are flat), so the share is measured by
+rolling out at each candidate tau0 and tau0 is bisected on a log scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+from torch import Tensor
+
+from switchkd.rollout import RolloutConfig, rollout
+
+
+def teacher_share(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: RolloutConfig) -> float:
+    """Fraction of response tokens the teacher writes under ``cfg``."""
+    out = rollout(student, teacher, ids, mask, cfg)
+    return float(out.from_teacher[out.response_mask].float().mean())
+
+
+def calibrate_tau0(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: RolloutConfig, target: float,
+                   iters: int = 14) -> tuple[float, float]:
+    """``(tau0, measured share)`` with the share closest to ``target`` found by bisecting log(tau0)
+    between bounds from a student-only probe's gate values; ``cfg`` gives everything else (schedule,
+    decay, gate, sampling: a greedy ``cfg`` makes the search deterministic)."""
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target share must be in (0, 1), got {target}")
+    probe = rollout(student, teacher, ids, mask, replace(cfg, source="switch", tau0=float("inf")))
+    g = probe.gate[probe.response_mask]
+    g = g[g > 0]
+    if g.numel() == 0:
+        raise ValueError("the two models agree exactly on these prompts: no tau0 gives a teacher share")
+    lo, hi = math.log(float(g.min()) / 2), math.log(float(g.max()) * 2)
+
+    def share_at(log_tau: float) -> float:
+        return teacher_share(student, teacher, ids, mask, replace(cfg, source="switch", tau0=math.exp(log_tau)))
+
+    best = (math.inf, 0.0, 0.0)
+    for end, want_above, step in ((hi, False, 2.0), (lo, True, -2.0)):  # widen the bracket: the share is
+        for _ in range(10):  # measured on trajectories that teacher tokens change, so probe bounds can miss
+            share = share_at(end)
+            best = min(best, (abs(share - target), math.exp(end), share))
+            if (share >= target) == want_above:
+                break
+            end += step
+        hi, lo = (end, lo) if not want_above else (hi, end)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        share = share_at(mid)
+        best = min(best, (abs(share - target), math.exp(mid), share))
+        if share > target:
+            lo = mid
+        else:
+            hi = mid
+    return best[1], best[2]
