@@ -104,7 +104,6 @@ def rollouts(args: argparse.Namespace, tok, teacher_dir: Path, student_dir: Path
                     "lockstep_over_speculative": round(row["lockstep_ms_per_step"] / row["speculative_ms_per_step"], 2)}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    del t, s
     return rows
 
 

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -20,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -86,6 +88,8 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg, self.out = cfg, Path(cfg.output.dir)
         trackers = [t for t in cfg.train.loggers if _installed(t)]
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process: a fresh accelerate state per run, since an
+            AcceleratorState._reset_state(reset_partial_state=True)  # earlier run here may have used another device
         self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers or None,
                                project_dir=str(self.out), cpu=not _has_accelerator())
         set_seed(cfg.train.seed)

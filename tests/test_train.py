@@ -25,9 +25,17 @@ TINY = ["model.name=tiny:gpt2,layers=1,dim=32,heads=2", "teacher.name=tiny:llama
         "eval.limit=4", "eval.max_prompt_length=128", "eval.max_length=200", "eval.max_new_tokens=8"]
 
 
+def cpu_accelerator() -> Accelerator:
+    """A CPU Accelerator even where an earlier test's Trainer initialised accelerate on CUDA."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=True)
+
+
 def _grads(cfg, groups):
     student, teacher, tok, vocab = load_pair(cfg.model, cfg.teacher)
-    acc = Accelerator(cpu=True)
+    acc = cpu_accelerator()
     loss, n = step_gradients(student, teacher, groups(tok), cfg, vocab, acc)
     return loss, n, {k: p.grad.clone() for k, p in student.named_parameters()}
 
@@ -83,12 +91,12 @@ def test_two_processes_match_one(tmp_path):
     """2 CPU processes (gloo, accelerate launch) with batch 2 each == 1 process with batch 4."""
     common = [sys.executable, "-m", "switchkd", "train", str(ROOT / "configs/tiny/kd.yaml"), "train.max_steps=3",
               "data.synthetic_size=32", "data.dev=null", "train.log_every=1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")  # the CPU backend (gloo)
     one = subprocess.run(common + ["train.batch_size=4", f"output.dir={tmp_path / 'one'}"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes=2",
-                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={_free_port()}"]
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+                str(ROOT / "configs/accelerate/ddp.yaml"), "--num_processes=2", f"--main_process_port={_free_port()}"]
     two = subprocess.run(launcher + common[1:] + ["train.batch_size=2", f"output.dir={tmp_path / 'two'}"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
