@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint bench bench-quality bench-crispr clean
+.PHONY: demo test lint bench bench-quality bench-crispr bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ bench: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(BIN)/python bench/quality.py
+
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/gpu.py
 
 bench-crispr: $(STAMP)
 	$(BIN)/python bench/crispr.py

@@ -84,12 +84,14 @@ class MethodConfig:
     draft_k: int = 4  # first draft length; later ones from the measured rejection rate
     max_draft_k: int = 16
     compile: str = "auto"  # static KV caches + compiled decode step: auto (on CUDA) | true | false
-    # DistiLLM adaptive off-policy sampling
-    replay_size: int = 1000
-    replay_ratio: float = 0.5  # probability an SGO batch is drawn from the replay buffer
-    init_student_prob: float = 0.0
-    max_student_prob: float = 0.8
+    # DistiLLM adaptive off-policy sampling (official finetune.py's rules and defaults)
+    replay_size: int = 1000  # --capacity
+    replay_schedule: str = "decreasing"  # --replay-ratio: fresh-sample share decreasing | constant | increasing
+    replay_ratio: float = 0.5  # the fresh-sample share under replay_schedule=constant
+    init_student_prob: float = 0.0  # --init-threshold
+    max_student_prob: float = 1.0
     student_prob_step: float = 0.1
+    loss_eps: float = 0.1  # --loss-eps: p rises when the dev CE is >= reference + loss_eps
     # response priming (teacher-only prompt prefix)
     priming: str = "none"  # none | teacher | ground_truth | confidence | custom text
     teacher_cache: Optional[str] = None  # a switchkd cache-teacher directory (dataset source only)
@@ -164,6 +166,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "method.source": ("dataset", "teacher", "student", "mixture", "distillm", "switch"),
     "method.schedule": ("exp", "linear", "const"),
     "method.gate": ("jsd", "fkl", "rkl", "tvd"),
+    "method.replay_schedule": ("decreasing", "constant", "increasing"),
     "train.scheduler": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
 }
@@ -260,6 +263,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config error: method.{key}={getattr(m, key)}; expected a value in [0, 1]")
     if not 0.0 <= m.kd_ratio <= 1.0:
         raise ConfigError(f"config error: method.kd_ratio={m.kd_ratio}; expected a value in [0, 1]")
+    if m.source == "distillm" and not cfg.data.dev:
+        raise ConfigError("config error: method.source=distillm needs data.dev: its student-data probability rises "
+                          "only when the dev loss does (set data.dev, and train.eval_every)")
+    if m.replay_size < 1 or m.student_prob_step < 0 or not m.loss_eps >= 0:
+        raise ConfigError("config error: method.replay_size must be >= 1, method.student_prob_step and "
+                          "method.loss_eps >= 0")
     if m.teacher_cache and m.source != "dataset":
         raise ConfigError("config error: method.teacher_cache works with method.source=dataset only")
     needs_teacher = m.name != "sft" and (m.kd_ratio > 0 or m.source != "dataset") and not m.teacher_cache

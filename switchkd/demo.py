@@ -37,7 +37,7 @@ METHODS: Dict[str, List[str]] = {
     "gkd": ["method.name=gkd", "method.source=mixture", "method.divergence=jsd", "method.params.beta=0.5",
             "method.student_ratio=0.5"],
     "distillm": ["method.name=distillm", "method.source=distillm", "method.divergence=srkl", "method.params.alpha=0.1",
-                 "method.init_student_prob=0.0", "method.student_prob_step=0.1", "method.max_student_prob=0.8"],
+                 "method.init_student_prob=0.0", "method.student_prob_step=0.1", "method.max_student_prob=1.0"],
     "bild": ["method.name=bild", "method.divergence=bild", "method.params.k=8", "method.temperature=3.0"],
     "switch": ["method.name=switch", "method.source=switch", "method.divergence=srkl", "method.params.alpha=0.1",
                "method.tau0=0.1", "method.decay=0.1", "method.gate=jsd"],

@@ -62,8 +62,10 @@ class DatasetSource:
         """Diagnostics to log since the last call."""
         return {}
 
+    dev_metric = "objective"  # what on_validation receives: the training objective on dev, or "ce"
+
     def on_validation(self, dev_loss: float) -> None:
-        """Called with the dev loss at each evaluation."""
+        """Called with the dev loss (``dev_metric``) at each evaluation."""
 
     def state_dict(self) -> Dict[str, Any]:
         return {"rng": self.rng.getstate()}
@@ -138,34 +140,52 @@ class MixtureSource(DatasetSource):
 
 
 class DistillmSource(DatasetSource):
-    """DistiLLM's adaptive off-policy student-generated outputs (SGO).
+    """DistiLLM's adaptive off-policy student-generated outputs (SGO), by the rules of the official
+    ``finetune.py`` (jongwooko/distillm).
 
-    With probability ``p`` a batch uses SGOs, else the dataset.  An SGO batch is drawn from a
-    replay buffer of earlier student samples with probability ``replay_ratio`` (once the buffer
-    holds a batch), else generated fresh and added to the buffer.  ``p`` starts at
-    ``init_student_prob`` and is raised by ``student_prob_step`` (up to ``max_student_prob``)
-    whenever the validation loss rises.
+    ``p`` (``--init-threshold``) starts at ``init_student_prob``.  For each batch, with ``u ~ U(0, 1)``
+    and the fresh-sample threshold ``s`` = ``p * (1 - step / total)`` (``replay_schedule=decreasing``,
+    the official default), ``p * replay_ratio`` (``constant``) or ``p * step / total`` (``increasing``),
+    ``step`` counted from 1: the batch is generated fresh by the student (and stored in the replay
+    buffer) when ``u < s``, or when ``u < p`` while the buffer is not yet full (``replay_size``); drawn
+    from the buffer when ``u < p``; else it is the dataset batch.  The reference dev loss is the
+    student's cross-entropy on the dev references, measured once before training; at each evaluation
+    whose dev CE is at least ``loss_eps`` above the reference, ``p`` rises by ``student_prob_step`` (at
+    most ``max_student_prob``, officially 1.0) and the reference becomes that dev CE.
     """
+
+    dev_metric = "ce"  # what on_validation receives: the student's CE on the dev references
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.p = self.cfg.method.init_student_prob
         self.buffer: deque = deque(maxlen=self.cfg.method.replay_size)
-        self.last_dev: Optional[float] = None
+        self.reference: Optional[float] = None
+        self.total_steps = 1  # set by the trainer
         self.counts = {"dataset": 0, "fresh": 0, "replay": 0}
 
+    def decide(self, u: float, step: int) -> str:
+        """``dataset``, ``fresh`` or ``replay`` for a draw ``u`` at optimizer step ``step`` (0-based)."""
+        m, frac = self.cfg.method, min(1.0, (step + 1) / max(self.total_steps, 1))
+        s = {"decreasing": self.p * (1 - frac), "constant": self.p * m.replay_ratio,
+             "increasing": self.p * frac}[m.replay_schedule]
+        if u < s or (u < self.p and len(self.buffer) < m.replay_size):
+            return "fresh"
+        return "replay" if u < self.p else "dataset"
+
     def __call__(self, batch: Batch, step: int) -> Batch:
-        m, n = self.cfg.method, batch["input_ids"].shape[0]
-        if self.rng.random() >= self.p:
-            self.counts["dataset"] += 1
+        n = batch["input_ids"].shape[0]
+        choice = self.decide(self.rng.random(), step)
+        if choice == "replay" and len(self.buffer) < n:
+            choice = "fresh"  # only when replay_size < batch size
+        self.counts[choice] += 1
+        if choice == "dataset":
             return batch
-        if len(self.buffer) >= n and self.rng.random() < m.replay_ratio:
-            self.counts["replay"] += 1
+        if choice == "replay":
             rows = self.rng.sample(list(self.buffer), n)
             new = build_batch([r[0] for r in rows], [r[1] for r in rows], self.tok.pad_token_id, [r[2] for r in rows],
                               [r[3] for r in rows] if rows[0][3] is not None else None)
             return {k: v.to(batch["input_ids"].device) for k, v in new.items()}
-        self.counts["fresh"] += 1
         new, _ = self._rollout(batch, "student")
         prompts = _rows(new["prompt_ids"], new["prompt_mask"])
         t_prompts = _rows(new["teacher_prompt_ids"], new["teacher_prompt_mask"]) if "teacher_prompt_ids" in new else None
@@ -175,22 +195,27 @@ class DistillmSource(DatasetSource):
         return new
 
     def on_validation(self, dev_loss: float) -> None:
+        """The first call sets the reference (the evaluation before training); later ones may raise p."""
         m = self.cfg.method
-        if self.last_dev is not None and dev_loss > self.last_dev:
+        if self.reference is None:
+            self.reference = dev_loss
+        elif dev_loss >= self.reference + m.loss_eps:
             self.p = min(self.p + m.student_prob_step, m.max_student_prob)
-        self.last_dev = dev_loss
+            self.reference = dev_loss
 
     def stats(self) -> Dict[str, float]:
         out = {"distillm/student_prob": self.p, **{f"distillm/{k}_batches": v for k, v in self.counts.items()}}
+        if self.reference is not None:
+            out["distillm/reference_dev_ce"] = self.reference
         self.counts = dict.fromkeys(self.counts, 0)
         return out
 
     def state_dict(self) -> Dict[str, Any]:
-        return super().state_dict() | {"p": self.p, "buffer": list(self.buffer), "last_dev": self.last_dev}
+        return super().state_dict() | {"p": self.p, "buffer": list(self.buffer), "reference": self.reference}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.p, self.last_dev = state["p"], state["last_dev"]
+        self.p, self.reference = state["p"], state.get("reference")
         self.buffer.extend(state["buffer"])
 
 

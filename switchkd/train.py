@@ -117,6 +117,7 @@ class Trainer:
             self.teacher.to(self.acc.device)
         self.source = make_source(cfg, self.student, self.teacher, self.tok, self.vocab, self.acc.unwrap_model,
                                   seed=cfg.train.seed * 1000 + self.acc.process_index)
+        self.source.total_steps = self.total
         self.state = TrainState()
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +147,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.resume:
             self._resume()
+        if self.source.dev_metric == "ce" and self.dev is not None and getattr(self.source, "reference", 0) is None:
+            self.source.on_validation(self._dev_loss(ce=True))  # DistiLLM's evaluation before training
         batches = self._micro_batches()
         bar = tqdm(total=self.total, initial=self.state.step, desc="train", disable=not self.acc.is_main_process)
         while self.state.step < self.total:
@@ -168,7 +171,9 @@ class Trainer:
             last = self.state.step == self.total
             if self.dev is not None and ((cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0) or last):
                 rec["dev_loss"] = self._dev_loss()
-                self.source.on_validation(rec["dev_loss"])
+                if self.source.dev_metric == "ce":
+                    rec["dev_ce"] = self._dev_loss(ce=True)
+                self.source.on_validation(rec["dev_ce"] if self.source.dev_metric == "ce" else rec["dev_loss"])
                 rec["dev_rougeL"] = self._evaluate_dev()
             if self.state.step % max(cfg.train.log_every, 1) == 0 or last or "dev_rougeL" in rec:
                 self._log(rec | self.source.stats())
@@ -185,12 +190,13 @@ class Trainer:
         return batch
 
     @torch.no_grad()
-    def _dev_loss(self) -> float:
-        """The training objective on the dev set's reference responses (every process computes it)."""
+    def _dev_loss(self, ce: bool = False) -> float:
+        """The training objective (or, with ``ce``, the student's cross-entropy) on the dev set's reference
+        responses (every process computes it)."""
         total, n = 0.0, 0
         model = self.acc.unwrap_model(self.student).eval()
         method = self.cfg.method
-        if self.teacher is None and kd_weight(method) > 0:  # a cached teacher covers train only: dev CE
+        if ce or (self.teacher is None and kd_weight(method) > 0):  # a cached teacher covers train only: dev CE
             method = replace(method, name="sft")
         needs_teacher = kd_weight(method) > 0
         for i in range(0, len(self.dev_items), self.cfg.train.batch_size):

@@ -3,6 +3,8 @@ rollout teacher logits as loss targets, SeqKD generation, DistiLLM's adaptive sc
 
 from __future__ import annotations
 
+import random
+
 import json
 from pathlib import Path
 
@@ -134,23 +136,76 @@ def test_seqkd_source_generates_once_and_matches_generate_command(tmp_path):
         assert row["output"] == tok.decode(source.cache[x.index], skip_special_tokens=True).strip()
 
 
-def test_distillm_raises_student_probability_when_validation_loss_rises():
-    cfg, student, teacher, tok, vocab, examples = _setup(["method.name=distillm", "method.source=distillm",
-                                                          "method.divergence=srkl", "method.init_student_prob=0.2",
-                                                          "method.student_prob_step=0.3", "method.max_student_prob=0.6",
-                                                          "method.max_new_tokens=8", "method.replay_ratio=1.0"])
+def _official_choice(p, u, global_step, total_iters, buffer_len, capacity, schedule="decreasing", ratio=0.5):
+    """DistiLLM's official finetune.py, transcribed: which data an iteration trains on."""
+    samp = {"constant": p * ratio, "increasing": p * global_step / total_iters}.get(
+        schedule, p * (1 - global_step / total_iters))
+    if u < samp or (u < p and buffer_len < capacity):
+        return "fresh"
+    if u < p:
+        return "replay"
+    return "dataset"
+
+
+def test_distillm_schedule_follows_the_official_rules():
+    cfg, student, teacher, tok, vocab, examples = _setup(["method.name=distillm", "method.source=distillm", "data.dev=synthetic:dev",
+                                                          "method.divergence=srkl", "method.max_new_tokens=8",
+                                                          "method.replay_size=8"])
     src = DistillmSource(cfg, student, teacher, tok, vocab)
-    for loss, want in [(1.0, 0.2), (0.9, 0.2), (0.95, 0.5), (1.2, 0.6), (0.5, 0.6)]:
+    assert (src.p, cfg.method.loss_eps, cfg.method.max_student_prob) == (0.0, 0.1, 1.0)  # official defaults
+    # p: the first evaluation (before training) is the reference; p rises only >= loss_eps above it
+    noisy_fall = [3.0, 2.98, 3.01, 2.95, 2.97, 2.90, 2.92, 2.85]
+    for loss in noisy_fall:
         src.on_validation(loss)
-        assert src.p == pytest.approx(want)
-    items, _ = tokenize(examples[:4], tok, 400, 600)
+    assert src.p == 0.0 and src.reference == 3.0  # ours raised p to 0.4 on such noise before
+    src.on_validation(3.09)
+    assert src.p == 0.0
+    src.on_validation(3.1)  # >= 3.0 + 0.1: p rises, the reference resets
+    assert src.p == pytest.approx(0.1) and src.reference == 3.1
+    src.on_validation(3.15)
+    assert src.p == pytest.approx(0.1)
+    for k in range(20):
+        src.on_validation(10.0 + k)
+    assert src.p == pytest.approx(1.0)  # capped at 1.0
+    # decisions: the same draws give the official choice at every step, buffer filling included
+    rng = random.Random(0)
+    for p in (0.3, 0.7, 1.0):
+        src.p, buffer_len = p, 0
+        for step in range(40):
+            u = rng.random()
+            want = _official_choice(p, u, step + 1, 40, buffer_len, 8)
+            src.total_steps = 40
+            src.buffer.clear()
+            src.buffer.extend([None] * buffer_len)
+            assert src.decide(u, step) == want
+            buffer_len = min(8, buffer_len + 4 * (want == "fresh"))
+    src.buffer.clear()
+    assert src.decide(0.5, 0) == "fresh" and src.decide(0.99, 0) == "fresh"  # p = 1: always student data
+    src.p = 0.5
+    assert src.decide(0.7, 0) == "dataset" and src.decide(0.45, 0) == "fresh"  # buffer not full: fresh, not replay
     src.p = 1.0
+    src.buffer.extend([None] * 8)
+    src.total_steps = 10
+    assert src.decide(0.05, 9) == "replay"  # the fresh share has decreased to 0 at the last step
+    # end to end: a fresh batch fills the buffer; a replay batch is drawn from it; the state round-trips
+    items, _ = tokenize(examples[:4], tok, 400, 600)
+    src.buffer.clear()
+    src.p, src.rng = 1.0, random.Random(1)
     fresh = src(collate(items, tok.pad_token_id), 0)
     assert len(src.buffer) == 4 and src.counts["fresh"] == 1
-    replay = src(collate(items, tok.pad_token_id), 1)  # replay_ratio 1: drawn from the buffer
+    src.buffer.extend(list(src.buffer))  # full (8): now replay happens for u >= fresh threshold
+    replay = None
+    for step in range(9, 10):
+        replay = src(collate(items, tok.pad_token_id), step)
     assert src.counts["replay"] == 1
     assert sorted(replay["labels"][replay["labels"] != -100].tolist()) == sorted(fresh["labels"][fresh["labels"] != -100].tolist())
-    state = src.state_dict()
     again = DistillmSource(cfg, student, teacher, tok, vocab)
-    again.load_state_dict(state)
-    assert again.p == 1.0 and len(again.buffer) == 4
+    again.load_state_dict(src.state_dict())
+    assert again.p == 1.0 and len(again.buffer) == 8 and again.reference == src.reference
+
+
+def test_distillm_without_dev_data_is_an_error():
+    from switchkd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs data.dev"):
+        load_config(ROOT / "configs/tiny/distillm.yaml", ["data.dev=null"])
