@@ -57,3 +57,31 @@ def calibrate_tau0(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: R
         else:
             hi = mid
     return best[1], best[2]
+
+
+def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int = 8) -> tuple[float, float]:
+    """``switchkd calibrate``: tau0 for a ``target`` teacher share on the first ``limit`` prompts of
+    ``data.dev`` (else ``data.train``), decoded as the config's SWITCH rollouts are (schedule, decay,
+    gate, sampling; seeded with ``train.seed``) on one batch of ``batch_size`` at a time."""
+    import torch
+
+    from switchkd.config import ConfigError
+    from switchkd.data import left_pad, load_examples, tokenize
+    from switchkd.models import load_pair
+    from switchkd.rollout import from_method
+
+    if cfg.teacher is None:
+        raise ConfigError("config error: switchkd calibrate needs teacher.name")
+    student, teacher, tok, vocab = load_pair(cfg.model, cfg.teacher)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    student.to(device).eval()
+    teacher.to(device)
+    examples = load_examples(cfg.data.dev or cfg.data.train, cfg.data, tok, limit)
+    items, _ = tokenize(examples, tok, cfg.data.max_prompt_length, cfg.data.max_length, cfg.method.priming)
+    if not items:
+        raise ConfigError("config error: calibrate: no prompts left after tokenization")
+    items = items[:batch_size]
+    ids, mask = left_pad([x.prompt for x in items], tok.pad_token_id)
+    rcfg = from_method(cfg.method, "switch", min(cfg.method.max_new_tokens, cfg.data.max_length - ids.shape[1]), tok,
+                       vocab)
+    return calibrate_tau0(student, teacher, ids.to(device), mask.to(device), replace(rcfg, seed=cfg.train.seed), target)

@@ -8,16 +8,44 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from switchkd.config import ConfigError
+
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def preset_path(name: str) -> str:
+    """A config file path, or a preset name such as ``tiny/switch`` resolved under ``configs/``."""
+    if Path(name).is_file() or not (PRESET_DIR / f"{name}.yaml").is_file():
+        return name
+    return str(PRESET_DIR / f"{name}.yaml")
+
+
+def _presets(args: argparse.Namespace) -> None:
+    for f in sorted(PRESET_DIR.glob("*/*.yaml")):
+        if f.parent.name != "accelerate":
+            print(f"{f.parent.name}/{f.stem}")
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from switchkd.calibrate import calibrate_config
+    from switchkd.config import load_config
+
+    if not 0.0 < args.target < 1.0:
+        raise ConfigError(f"--target {args.target}: expected a teacher share in (0, 1)")
+    tau0, share = calibrate_config(load_config(preset_path(args.config), args.overrides), args.target, args.limit,
+                                   args.batch_size)
+    print(f"method.tau0={tau0:.6g}  (measured teacher share {share:.3f}, target {args.target})")
 
 
 def _train(args: argparse.Namespace) -> None:
     from switchkd.config import load_config
     from switchkd.train import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(preset_path(args.config), args.overrides)
     final = train(cfg)
     print(f"final model: {final}")
 
@@ -92,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a student from a YAML config")
-    t.add_argument("config", help="YAML preset, e.g. configs/tiny/kd.yaml")
+    t.add_argument("config", help="YAML file or preset name, e.g. configs/tiny/kd.yaml or tiny/kd")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
     t.set_defaults(func=_train)
 
@@ -148,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, help="use N records")
     b.add_argument("--eval-limit", type=int, help="score N test records before/after")
     b.set_defaults(func=_debias)
+
+    pr = sub.add_parser("presets", help="list the shipped presets (usable as switchkd train NAME)")
+    pr.set_defaults(func=_presets)
+
+    cal = sub.add_parser("calibrate", help="SWITCH: find method.tau0 for a target teacher-written share on dev prompts")
+    cal.add_argument("config", help="YAML file or preset name, e.g. tiny/switch")
+    cal.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    cal.add_argument("--target", type=float, required=True, help="teacher-written share, e.g. 0.53")
+    cal.add_argument("--limit", type=int, default=32, help="prompts read from data.dev (else data.train)")
+    cal.add_argument("--batch-size", type=int, default=8, help="prompts rolled out per measurement")
+    cal.set_defaults(func=_calibrate)
 
     d = sub.add_parser("demo", help="the built-in end-to-end demo on the synthetic suite")
     d.add_argument("--output", default="runs/demo")

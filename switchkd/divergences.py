@@ -179,6 +179,18 @@ def topk_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
     return kl_from_log_probs(_with_tail(top_lp), _with_tail(top_lq))
 
 
+def topk_kl_renorm(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 3.0,
+                   k: int = 1024) -> Tensor:
+    """BiLD's ``top_kl_loss``: forward KL between the teacher's and the student's softmax over the
+    teacher's top-k logits only, each renormalised over those k (no tail bucket; no T^2 factor, as in
+    the official code); ``[..., V] -> [...]``.  Differs from :func:`topk_kl`, which keeps the mass
+    outside the top-k as one more outcome."""
+    k = min(int(k), teacher_logits.shape[-1])
+    top_t, ids = teacher_logits.detach().topk(k, dim=-1)
+    top_s = student_logits.gather(-1, ids)
+    return kl_from_log_probs(log_probs(top_t, temperature), log_probs(top_s, temperature))
+
+
 def _with_tail(top_log_probs: Tensor) -> Tensor:
     """Append log(1 - sum exp(top)) as one more outcome; ``[..., k] -> [..., k + 1]``."""
     tail = (1.0 - top_log_probs.exp().sum(-1, keepdim=True)).clamp(min=1e-30)
@@ -303,6 +315,7 @@ DIVERGENCES: Dict[str, Callable[..., Tensor]] = {
     "skl": skl,
     "srkl": srkl,
     "topk_kl": topk_kl,
+    "topk_kl_renorm": topk_kl_renorm,
     "bild": bild,
     "ce": ce,
 }
@@ -310,7 +323,7 @@ DIVERGENCES: Dict[str, Callable[..., Tensor]] = {
 #: parameters each divergence accepts besides ``temperature`` (used to validate configs)
 PARAMS: Dict[str, tuple] = {
     "fkl": (), "rkl": (), "tvd": (), "jsd": ("beta",), "skl": ("alpha",), "srkl": ("alpha",),
-    "topk_kl": ("k",), "bild": ("k",), "ce": (),
+    "topk_kl": ("k",), "topk_kl_renorm": ("k",), "bild": ("k",), "ce": (),
 }
 
 

@@ -23,3 +23,18 @@ def test_calibrated_tau0_gives_the_target_share(target):
     assert teacher_share(student, teacher, ids, mask, RolloutConfig(**{**cfg.__dict__, "tau0": tau0})) == share
     with pytest.raises(ValueError):
         calibrate_tau0(student, teacher, ids, mask, cfg, 1.5)
+
+
+def test_calibrate_cli_and_presets(capsys):
+    from switchkd.cli import main
+
+    assert main(["presets"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "tiny/switch" in names and "gpt2-xl_to_gpt2/distillm" in names and not any("accelerate" in n for n in names)
+    assert main(["calibrate", "tiny/switch", "method.max_new_tokens=16", "data.synthetic_size=16", "--target", "0.5",
+                 "--limit", "4", "--batch-size", "4"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("method.tau0=") and "measured teacher share" in line
+    share = float(line.split("measured teacher share ")[1].split(",")[0])
+    assert 0.2 < share < 0.8
+    assert main(["calibrate", "tiny/switch", "--target", "1.5"]) == 2

@@ -47,6 +47,9 @@ def brute(name, s_logits, t_logits, t=1.0, **kw):
         ids = sorted(range(len(p)), key=lambda i: -p[i])[: kw["k"]]
         pk, qk = [p[i] for i in ids], [q[i] for i in ids]
         return _kl(pk + [max(1 - sum(pk), 0.0)], qk + [max(1 - sum(qk), 1e-300)])
+    if name == "topk_kl_renorm":  # BiLD's top_kl_loss: softmax over the teacher's top-k logits only
+        ids = sorted(range(len(t_logits)), key=lambda i: -t_logits[i])[: kw["k"]]
+        return _kl(_probs([t_logits[i] for i in ids], t), _probs([s_logits[i] for i in ids], t))
     if name == "bild":
         k = kw["k"]
         total = 0.0
@@ -63,7 +66,8 @@ def brute(name, s_logits, t_logits, t=1.0, **kw):
 
 CASES = [("fkl", {}), ("rkl", {}), ("tvd", {}), ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.9}),
          ("skl", {"alpha": 0.1}), ("srkl", {"alpha": 0.1}), ("skl", {"alpha": 0.5}), ("topk_kl", {"k": 5}),
-         ("topk_kl", {"k": 17}), ("bild", {"k": 8}), ("bild", {"k": 3})]
+         ("topk_kl", {"k": 17}), ("topk_kl_renorm", {"k": 5}), ("topk_kl_renorm", {"k": 17}),
+         ("bild", {"k": 8}), ("bild", {"k": 3})]
 
 
 @pytest.mark.parametrize("name,kw", CASES)
