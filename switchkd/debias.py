@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,17 +77,29 @@ def run_debias(model: Any, tok: Any, data: Sequence[str], output: str | Path, cf
     return report
 
 
+def check_output(out: Path) -> None:
+    """Refuse an output path that exists (never delete what the user has there)."""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ConfigError(f"--output {out}: already exists; choose a new directory (nothing is overwritten)")
+
+
 def write_outputs(model: Any, tok: Any, report: Dict[str, Any], out: Path) -> None:
-    """The pruned model plus the reports, written to a temporary directory and renamed."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "debias_report.json").write_text(json.dumps(report, indent=1))
-    (tmp / "debias_report.md").write_text(render_markdown(report))
-    plot_layers(report, tmp / "neurons_by_layer.png")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    """The pruned model plus the reports, written to a fresh temporary directory beside ``out`` and
+    renamed to ``out`` (which must not exist, or be an empty directory); nothing is left on failure."""
+    check_output(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "debias_report.json").write_text(json.dumps(report, indent=1))
+        (tmp / "debias_report.md").write_text(render_markdown(report))
+        plot_layers(report, tmp / "neurons_by_layer.png")
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def render_markdown(r: Dict[str, Any]) -> str:
@@ -131,6 +144,13 @@ def debias_cli(args: Any) -> Dict[str, Any]:
                        eval_limit=args.eval_limit)
     if args.candidates:
         cfg.candidates = args.candidates
+    if not 0.0 < cfg.dev_fraction < 1.0:
+        raise ConfigError(f"--dev-fraction {cfg.dev_fraction}: expected a value in (0, 1)")
+    if cfg.instances < 1 or (cfg.limit is not None and cfg.limit < 2) or (cfg.eval_limit is not None and cfg.eval_limit < 1):
+        raise ConfigError("--instances and --eval-limit must be >= 1, --limit >= 2")
+    if any(n < 0 for n in cfg.candidates):
+        raise ConfigError(f"--candidates {cfg.candidates}: expected counts >= 0")
+    check_output(Path(args.output))
     model, tok = load_any(args.model)
     if torch.cuda.is_available():
         model.cuda()

@@ -208,3 +208,25 @@ def test_debias_cli_end_to_end_on_stored_bbq(shared, tmp_path):
     for x in report["neurons"]:
         w = dict(pruned.named_modules())[x["module"]].weight
         assert (w[:, x["index"]] == 0).all()
+
+
+def test_debias_never_deletes_an_existing_output_and_rejects_bad_flags(shared, tmp_path, capsys):
+    model_dir = tmp_path / "m"
+    model = load_model(ModelConfig(name="tiny:gpt2,layers=1,dim=32,heads=2"), TOK)
+    model.save_pretrained(model_dir)
+    TOK.save_pretrained(model_dir)
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("user data")
+    data = str(shared / "data/bbq/Age.jsonl")
+    base = ["debias", "--model", str(model_dir), "--data", data, "--limit", "40", "--instances", "2",
+            "--instructions", "2", "--candidates", "0", "1", "--eval-limit", "8"]
+    assert main(base + ["--output", str(keep)]) == 2
+    assert "already exists" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (keep / "precious.txt").read_text() == "user data" and sorted(p.name for p in keep.iterdir()) == ["precious.txt"]
+    for bad in (["--dev-fraction", "1.0"], ["--instances", "0"], ["--limit", "1"], ["--candidates", "-1"]):
+        assert main(base[:-2] + ["--candidates", "0"] + bad + ["--output", str(tmp_path / "new")]) == 2, bad
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("switchkd: error:"), err
+    assert not (tmp_path / "new").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directories left
