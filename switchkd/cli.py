@@ -13,7 +13,6 @@ from typing import List, Optional
 
 from switchkd.config import ConfigError
 
-
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -42,10 +41,14 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from switchkd.config import load_config
+    from switchkd.config import load_config, to_yaml
+
+    cfg = load_config(preset_path(args.config), args.overrides)  # checked before the heavy imports
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return
     from switchkd.train import train
 
-    cfg = load_config(preset_path(args.config), args.overrides)
     final = train(cfg)
     print(f"final model: {final}")
 
@@ -115,13 +118,26 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(out_dir=args.output, quick=args.quick)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``switchkd: error: ...`` and exit status 2, no usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"switchkd: error: {self.prog.removeprefix('switchkd').strip() or 'switchkd'}: {message}",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="switchkd", description="Distil a teacher causal LM into a student.")
-    sub = p.add_subparsers(dest="command", required=True)
+    from switchkd import __version__
+
+    p = _Parser(prog="switchkd", description="Distil a teacher causal LM into a student.")
+    p.add_argument("--version", action="version", version=f"switchkd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a student from a YAML config")
     t.add_argument("config", help="YAML file or preset name, e.g. configs/tiny/kd.yaml or tiny/kd")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-4")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="generate and score ROUGE-L on a data file or a MiniLLM-style directory")
@@ -196,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help / --version (0) or a usage error (2, already reported in one line)
+        return int(exc.code or 0)
     try:
         args.func(args)
     except ConfigError as exc:

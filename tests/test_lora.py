@@ -54,7 +54,7 @@ def test_only_the_adapter_trains():
 
 
 def test_lora_config_errors():
-    with pytest.raises(ConfigError, match="model.lora"):
+    with pytest.raises(ConfigError, match="model.lora.r"):
         load_config(None, ["model.lora.r=-1"])
     with pytest.raises(ConfigError, match="teacher.adapter"):
         load_config(None, TINY + ["teacher.lora.r=4"])

@@ -3,9 +3,8 @@ rollout teacher logits as loss targets, SeqKD generation, DistiLLM's adaptive sc
 
 from __future__ import annotations
 
-import random
-
 import json
+import random
 from pathlib import Path
 
 import pytest

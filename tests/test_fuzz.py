@@ -1,0 +1,112 @@
+"""Bad input through the CLI entry point, in-process: exit 2, one ``switchkd: error:`` line naming the
+key, no traceback, nothing written.  Hand-listed cases (the issue's) plus generated ones."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from switchkd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+KD = str(ROOT / "configs/tiny/kd.yaml")
+SWITCH = str(ROOT / "configs/tiny/switch.yaml")
+
+LISTED = [  # (override, the key the message must name)
+    ("train.lr=inf", "train.lr"), ("train.lr=-1", "train.lr"), ("train.lr=nan", "train.lr"),
+    ("train.max_steps=-5", "train.max_steps"), ("train.max_steps=0", "train.max_steps"),
+    ("train.warmup_steps=-1", "train.warmup_steps"), ("train.weight_decay=-1", "train.weight_decay"),
+    ("train.clip=nan", "train.clip"), ("train.save_every=-1", "train.save_every"),
+    ("train.eval_every=-1", "train.eval_every"), ("train.log_every=-1", "train.log_every"),
+    ("train.loss_chunk=-1", "train.loss_chunk"), ("train.seed=-1", "train.seed"), ("data.limit=0", "data.limit"),
+    ("eval.limit=0", "eval.limit"), ("eval.max_new_tokens=0", "eval.max_new_tokens"),
+    ("eval.batch_size=0", "eval.batch_size"), ("eval.buckets={a: 1}", "eval.buckets"),
+    ("model.name=tiny:gpt2,layers=0", "model.name"), ("model.name=tiny:gpt2,heads=3", "model.name"),
+    ("model.name=tiny:gpt2,dim=-4", "model.name"), ("model.name=tiny:gpt2,positions=8", "model.name"),
+    ("data.fields.foo=bar", "data.fields.foo"), ("data.fields={instruction: 5}", "data.fields.instruction"),
+    ("data.template='{foo}'", "data.template"), ("method.priming='Hint: {foo}'", "method.priming"),
+    ("train.loggers=[foo]", "train.loggers"), ("method.temperature=nan", "method.temperature"),
+    ("method.temperature=0", "method.temperature"), ("method.temperature=-1", "method.temperature"),
+    ("method.max_new_tokens=0", "method.max_new_tokens"), ("method.max_new_tokens=-1", "method.max_new_tokens"),
+    ("method.tau0=nan", "method.tau0"), ("method.tau0=-inf", "method.tau0"), ("method.decay=-1", "method.decay"),
+    ("method.gen_temperature=0", "method.gen_temperature"), ("method.gen_temperature=-1", "method.gen_temperature"),
+    ("method.top_p=0", "method.top_p"), ("method.top_p=1.5", "method.top_p"), ("method.top_k=-1", "method.top_k"),
+    ("method.replay_size=0", "method.replay_size"), ("method.student_prob_step=-1", "method.student_prob_step"),
+    ("method.params.k=0", "method.params.k"), ("train.lr=[1", "train.lr"), ("method.draft_k=0", "method.draft_k"),
+]
+PRESET_SPECIFIC = [  # (preset, override, key)
+    (ROOT / "configs/tiny/distillm.yaml", "method.params.alpha=5", "method.params.alpha"),
+    (ROOT / "configs/tiny/distillm.yaml", "method.params.alpha=-1", "method.params.alpha"),
+    (ROOT / "configs/tiny/bild.yaml", "method.params.k=2", "method.params.k"),
+    (ROOT / "configs/tiny/gkd.yaml", "method.params.beta=2", "method.params.beta"),
+]
+
+
+def _run(capsys, tmp_path, argv):
+    out = tmp_path / "run"
+    rc = main(argv + [f"output.dir={out}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err, out
+
+
+def _assert_one_line(rc, err, out, key):
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("switchkd: error:"), err
+    assert "Traceback" not in err[0] and key in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("override,key", LISTED)
+def test_listed_bad_overrides(override, key, capsys, tmp_path):
+    _assert_one_line(*_run(capsys, tmp_path, ["train", KD, override]), key)
+
+
+@pytest.mark.parametrize("preset,override,key", PRESET_SPECIFIC)
+def test_bad_divergence_parameters(preset, override, key, capsys, tmp_path):
+    _assert_one_line(*_run(capsys, tmp_path, ["train", str(preset), override]), key)
+
+
+NUMERIC = {  # key -> generator of invalid values
+    "train.lr": ["0", "-1e-3", "inf", "-inf", "nan"], "train.batch_size": ["0", "-3"], "train.grad_accum": ["0"],
+    "train.epochs": ["0", "-1"], "train.clip": ["-0.5", "inf"], "train.weight_decay": ["-0.1", "nan"],
+    "method.kd_ratio": ["-0.1", "1.5", "nan"], "method.student_ratio": ["2", "-1"], "method.switch_ratio": ["1.01"],
+    "method.replay_ratio": ["-0.5"], "method.init_student_prob": ["3"], "method.max_student_prob": ["-2"],
+    "method.loss_eps": ["-0.1", "nan"], "method.top_p": ["-1", "0", "2"], "method.max_draft_k": ["0"],
+    "data.max_prompt_length": ["0", "-5"], "data.max_length": ["0", "1"], "data.synthetic_size": ["0"],
+    "eval.temperature": ["0", "-1"], "eval.top_p": ["0"], "eval.top_k": ["-2"], "eval.max_length": ["0"],
+    "model.lora.r": ["-1"], "model.lora.alpha": ["0"], "model.lora.dropout": ["1", "-0.1"],
+}
+
+
+def _generated(n: int = 200, seed: int = 0):
+    """Random bad overrides: an invalid value for one key, sometimes with valid noise around it."""
+    rng = random.Random(seed)
+    valid_noise = ["train.log_every=5", "method.top_k=3", "data.synthetic_size=16", "train.lr=1e-4"]
+    cases = []
+    for _ in range(n):
+        key = rng.choice(sorted(NUMERIC))
+        bad = f"{key}={rng.choice(NUMERIC[key])}"
+        noise = [x for x in rng.sample(valid_noise, rng.randint(0, 2)) if not x.startswith(key + "=")]
+        cases.append((rng.choice([KD, SWITCH]), noise + [bad], key))
+    return cases
+
+
+def test_generated_bad_configs(capsys, tmp_path):
+    for preset, overrides, key in _generated():
+        rc, err, out = _run(capsys, tmp_path, ["train", preset, *overrides])
+        _assert_one_line(rc, err, out, key)
+
+
+def test_usage_errors_version_and_print_config(capsys, tmp_path):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip().startswith("switchkd 0.")
+    for argv in (["train"], ["bogus"], ["eval", "--model"], ["debias", "--model", "m"], ["calibrate", KD]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("switchkd: error:"), (argv, err)
+    out = tmp_path / "x"
+    assert main(["train", KD, f"output.dir={out}", "train.lr=3e-4", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert "lr: 0.0003" in text and f"dir: {out}" in text and not out.exists()
