@@ -70,7 +70,7 @@ def run_seed(seed: int, out: Path, steps: int) -> dict:
                              "model.name=tiny:gpt2,layers=2,dim=64,heads=4,seed=%d" % seed, "method.name=sft",
                              "method.kd_ratio=0", f"train.max_steps={steps}", "train.batch_size=16", "train.lr=2e-3",
                              "train.warmup_steps=20", f"train.seed={seed}", "train.log_every=50",
-                             f"output.dir={root / 'train'}"])
+                             f"output.dir={root / 'train'}", "output.overwrite=true"])
     model_dir = train(cfg)
     model, tok = load_any(str(model_dir))
     dcfg = DebiasConfig(seed=seed, eval_limit=300, candidates=[0, 1, 2, 4, 8, 16, 32])

@@ -62,7 +62,7 @@ def main() -> None:
     times = {}
     for i, (name, over) in enumerate(variants.items()):
         t0 = time.perf_counter()
-        train(load_config(None, common + over + [f"output.dir={out / f'run{i}'}"]))
+        train(load_config(None, common + over + [f"output.dir={out / f'run{i}'}", "output.overwrite=true"]))
         times[name] = time.perf_counter() - t0
         print(json.dumps({"variant": name, "epoch_s": round(times[name], 2),
                           "over_sft": round(times[name] / times["sft"], 2)}), flush=True)

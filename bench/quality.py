@@ -109,7 +109,7 @@ def stories(seeds: List[int], out: Path, steps: int = 150) -> dict:
     if not (init_run / "final/config.json").is_file():
         train(load_config(None, common + [f"model.name={student0}", "method.name=sft", "method.kd_ratio=0",
                                           "train.max_steps=150", "train.warmup_steps=20", "train.keep_best=false",
-                                          "data.dev=null", f"output.dir={init_run}"]))
+                                          "data.dev=null", f"output.dir={init_run}", "output.overwrite=true"]))
     init = init_run / "final"
     results: Dict[str, List[dict]] = {"teacher": [st.nll_metrics(teacher, teacher, data["test"], 1)],
                                       "init": [st.nll_metrics(init, teacher, data["test"], 1)]}
@@ -117,7 +117,7 @@ def stories(seeds: List[int], out: Path, steps: int = 150) -> dict:
         for name, overrides in METHODS.items():
             cfg = load_config(None, common + overrides + [
                 f"model.name={init}", f"teacher.name={teacher}", f"train.max_steps={steps}", f"train.seed={seed}",
-                "train.eval_every=50", "train.keep_best=false", f"output.dir={root / f'{name}-s{seed}'}"])
+                "train.eval_every=50", "train.keep_best=false", f"output.dir={root / f'{name}-s{seed}'}", "output.overwrite=true"])
             final = root / f"{name}-s{seed}" / "final"
             if not (final / "config.json").is_file():  # finished runs are reused
                 final = train(cfg)

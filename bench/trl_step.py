@@ -92,7 +92,7 @@ def ours(student: Path, teacher: Path, data: Path, method: list[str], args: argp
                              "method.divergence=jsd", "method.params.beta=0.5", "method.gen_temperature=1.0",
                              f"train.batch_size={args.batch}", f"train.max_steps={args.steps}", "train.lr=1e-4",
                              "train.warmup_steps=0", "train.log_every=1", "train.keep_best=false",
-                             f"train.loss_chunk={args.loss_chunk}", f"output.dir={run}", *method])
+                             f"train.loss_chunk={args.loss_chunk}", f"output.dir={run}", "output.overwrite=true", *method])
     train(cfg)
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     share = [r["switch/teacher_frac"] for r in recs if "switch/teacher_frac" in r]

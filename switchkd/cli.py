@@ -221,6 +221,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"switchkd: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if type(exc).__name__ != "TrainingError":
+            raise
+        print(f"switchkd: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("switchkd: interrupted", file=sys.stderr)
         return 130

@@ -143,6 +143,7 @@ class EvalConfig:
 class OutputConfig:
     dir: str = "runs/default"
     merge: bool = False  # with model.lora: final/ (and best/) also hold the merged model plain transformers loads
+    overwrite: bool = False  # replace a finished or interrupted run in dir (else refused unless train.resume)
 
 
 @dataclass

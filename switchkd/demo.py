@@ -77,7 +77,7 @@ def _cached_sft(name: str, spec: str, steps: int, lr: float, b: Budget) -> Path:
     cfg = load_config(None, COMMON + [
         f"model.name={spec}", "method.name=sft", "method.kd_ratio=0.0", f"data.synthetic_size={b.size}",
         f"train.max_steps={steps}", f"train.batch_size={b.batch}", f"train.lr={lr}", "train.warmup_steps=30",
-        "train.keep_best=false", "data.dev=null", f"output.dir={run}"])
+        "train.keep_best=false", "data.dev=null", f"output.dir={run}", "output.overwrite=true"])
     final = train(cfg)
     shutil.rmtree(path, ignore_errors=True)
     shutil.copytree(final, path)
@@ -97,7 +97,7 @@ def train_method(method: str, teacher: Path, init: Path, out: Path, b: Budget, s
     cfg = load_config(None, COMMON + METHODS[method] + [
         f"model.name={init}", f"teacher.name={teacher}", f"data.synthetic_size={b.size}", f"data.seed={seed}",
         f"train.max_steps={b.student_steps}", f"train.batch_size={b.batch}", "train.lr=1e-3", f"train.seed={seed}",
-        "train.warmup_steps=0", f"train.eval_every={b.eval_every}", f"eval.limit={b.dev}", f"output.dir={out}", *extra])
+        "train.warmup_steps=0", f"train.eval_every={b.eval_every}", f"eval.limit={b.dev}", f"output.dir={out}", "output.overwrite=true", *extra])
     return train(cfg)
 
 

@@ -78,6 +78,7 @@ class DatasetSource:
         device, P = batch["prompt_ids"].device, batch["prompt_ids"].shape[1]
         rcfg = from_method(self.cfg.method, source, min(self.cfg.method.max_new_tokens, self.cfg.data.max_length - P),
                            self.tok, self.vocab, keep_teacher)
+        rcfg.seed = self.rng.getrandbits(62)  # sampling from the source's own (checkpointed) RNG: resumes exactly
         student = self.unwrap(self.student)
         was_training = student.training
         student.eval()

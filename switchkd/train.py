@@ -27,13 +27,37 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from switchkd.config import Config, to_yaml
+from switchkd.config import Config, ConfigError, to_yaml
 from switchkd.data import Tokenized, collate, load_examples, tokenize
 from switchkd.evaluate import generate_texts, rouge_l
 from switchkd.losses import chunked_loss_sum, kd_weight, response_logits, response_tokens, token_loss
 from switchkd.models import load_pair
 from switchkd.sources import make_source, teacher_targets
 from switchkd.teacher_cache import TeacherCache
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss or gradient); the message is one line."""
+
+
+RUN_FILES = ("metrics.jsonl", "config.yaml", "final", "best", "checkpoints")
+
+
+def check_output_dir(cfg: Config) -> None:
+    """Refuse an ``output.dir`` that already holds a run unless resuming it or ``output.overwrite``;
+    with ``output.overwrite`` remove only the run's own files (never anything else in the directory)."""
+    out = Path(cfg.output.dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output.dir={out}: exists and is not a directory")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if not found or cfg.train.resume:
+        return
+    if not cfg.output.overwrite:
+        raise ConfigError(f"output.dir={out}: already holds a run ({', '.join(found)}); set train.resume=true to "
+                          "continue it or output.overwrite=true to replace it")
+    for name in found:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 @dataclass
@@ -87,6 +111,8 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg, self.out = cfg, Path(cfg.output.dir)
+        if int(os.environ.get("RANK", "0")) == 0:
+            check_output_dir(cfg)
         trackers = [t for t in cfg.train.loggers if _installed(t)]
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process: a fresh accelerate state per run, since an
             AcceleratorState._reset_state(reset_partial_state=True)  # earlier run here may have used another device
@@ -131,8 +157,8 @@ class Trainer:
         while True:
             g = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + self.state.epoch)
             order: List[Tokenized] = [self.items[i] for i in torch.randperm(len(self.items), generator=g)]
-            dl = DataLoader(order, batch_size=self.cfg.train.batch_size, shuffle=False,
-                            collate_fn=lambda xs: collate(xs, self.tok.pad_token_id))
+            dl = DataLoader(order, batch_size=self.cfg.train.batch_size, shuffle=False, generator=torch.Generator(),
+                            collate_fn=lambda xs: collate(xs, self.tok.pad_token_id))  # no global-RNG draw
             dl = self.acc.prepare_data_loader(dl)
             if self.state.batch_in_epoch:
                 dl = self.acc.skip_first_batches(dl, self.state.batch_in_epoch)
@@ -156,8 +182,14 @@ class Trainer:
             group = [self._with_cache(self.source(next(batches), self.state.step)) for _ in range(cfg.train.grad_accum)]
             self.student.train()
             loss, n_tok = step_gradients(self.student, self.teacher, group, cfg, self.vocab, self.acc)
-            if cfg.train.clip > 0:
-                self.acc.clip_grad_norm_(self.student.parameters(), cfg.train.clip)
+            norm = float(self.acc.clip_grad_norm_(self.student.parameters(),
+                                                  cfg.train.clip if cfg.train.clip > 0 else float("inf")))
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                bar.close()
+                self.acc.end_training()
+                raise TrainingError(f"step {self.state.step + 1}: {'loss' if not math.isfinite(loss) else 'gradient norm'}"
+                                    f" is not finite (loss {loss}, gradient norm {norm}); stopped without saving it: "
+                                    f"the last good checkpoint in {self.out / 'checkpoints'} is kept (lower train.lr?)")
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
@@ -246,32 +278,66 @@ class Trainer:
         tmp.rename(path)
 
     def _checkpoint(self) -> None:
-        """Model, optimizer, scheduler, RNG, step and data position, written atomically."""
+        """Model, optimizer, scheduler, RNG, step, data position and the run's shape, written atomically
+        (a ``.tmp`` directory renamed when complete); the newest two are kept."""
         root = self.out / "checkpoints"
         tmp = root / f"step-{self.state.step:08d}.tmp"
         self.acc.save_state(str(tmp))
         if self.acc.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(asdict(self.state)))
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(self.state) | {"shape": self._shape()}))
             torch.save(self.source.state_dict(), tmp / "source_state.pt")
             final = tmp.with_suffix("")
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            for old in sorted(root.glob("step-*")):
-                if old != final and not old.name.endswith(".tmp"):
-                    shutil.rmtree(old)
+            for old in sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp"))[:-2]:
+                shutil.rmtree(old)
         self.acc.wait_for_everyone()
 
+    def _shape(self) -> Dict[str, Any]:
+        """What a resumed run must share with the run that wrote the checkpoint."""
+        t = self.cfg.train
+        return {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "processes": self.acc.num_processes,
+                "model": self.cfg.model.name, "method.source": self.cfg.method.source}
+
     def _resume(self) -> None:
+        """Continue from the newest readable checkpoint (a corrupt one is skipped with a warning);
+        ``metrics.jsonl`` keeps only the steps up to it."""
         found = sorted(p for p in (self.out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
-        if not found:
+        for ckpt in reversed(found):
+            try:
+                state = json.loads((ckpt / "trainer_state.json").read_text())
+                shape = state.pop("shape", None)
+                source_state = torch.load(ckpt / "source_state.pt", weights_only=False)
+                if shape is not None and shape != self._shape():
+                    raise ConfigError(f"train.resume: {ckpt} was written by a run with {shape}; this run has "
+                                      f"{self._shape()}")
+                self.acc.load_state(str(ckpt))
+            except ConfigError:
+                raise
+            except Exception as exc:  # truncated or garbage files: fall back to the previous checkpoint
+                print(f"switchkd: warning: skipping unreadable checkpoint {ckpt} ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''})", flush=True)
+                continue
+            self.state = TrainState(**state)
+            self.source.load_state_dict(source_state)
             if self.acc.is_main_process:
-                print(f"train.resume: no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
+                self._truncate_metrics(self.state.step)
+                print(f"resumed from {ckpt} at step {self.state.step}")
             return
-        self.acc.load_state(str(found[-1]))
-        self.state = TrainState(**json.loads((found[-1] / "trainer_state.json").read_text()))
-        self.source.load_state_dict(torch.load(found[-1] / "source_state.pt", weights_only=False))
         if self.acc.is_main_process:
-            print(f"resumed from {found[-1]} at step {self.state.step}")
+            print(f"train.resume: no readable checkpoint in {self.out / 'checkpoints'}; starting from scratch")
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            keep = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line + "\n")
+                except ValueError:
+                    continue  # a line cut by the kill
+            path.write_text("".join(keep), encoding="utf-8")
 
     def _finish(self) -> Path:
         """Write ``final/``: the best dev checkpoint when kept, else the last weights."""

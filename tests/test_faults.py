@@ -1,0 +1,81 @@
+"""Faults survived: kill -9 during training (checkpoint writes included), then train.resume=true, ends with
+the weights of an uninterrupted run; corrupt checkpoints are skipped; a non-finite loss stops the run;
+a finished run is not overwritten by accident."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from switchkd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["data.synthetic_size=48", "train.max_steps=12", "train.save_every=2", "train.batch_size=4", "train.log_every=1",
+         "train.eval_every=0", "eval.limit=4", "train.keep_best=false", "method.max_new_tokens=24",
+         "model.name=tiny:gpt2,layers=1,dim=32,heads=2", "teacher.name=tiny:gpt2,layers=2,dim=32,heads=2,seed=1"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+
+
+def _cmd(preset: str, out: Path, extra=()):
+    return [sys.executable, "-m", "switchkd", "train", preset, *SMALL, *extra, f"output.dir={out}"]
+
+
+def _steps(out: Path) -> list:
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(x)["step"] for x in lines if x.endswith("}")]
+
+
+@pytest.mark.parametrize("preset,extra", [("tiny/switch", ()), ("tiny/distillm", ("train.grad_accum=2",
+                                                                                   "method.init_student_prob=0.5"))])
+def test_kill_9_and_resume_gives_the_uninterrupted_weights(preset, extra, tmp_path):
+    full = subprocess.run(_cmd(preset, tmp_path / "full", extra), env=ENV, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    out = tmp_path / "killed"
+    for kill_after in (3, 7):  # two kills at different moments (mid-step or mid-checkpoint, whatever comes)
+        proc = subprocess.Popen(_cmd(preset, out, (*extra, "train.resume=true")), env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and (max(_steps(out), default=0) < kill_after):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(_cmd(preset, out, (*extra, "train.resume=true")), env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = load_file(tmp_path / "full/final/model.safetensors"), load_file(out / "final/model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert _steps(out) == list(range(1, 13))  # each step once
+
+
+def test_corrupt_checkpoint_is_skipped_and_nan_stops_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    kd = str(ROOT / "configs/tiny/kd.yaml")
+    common = [*SMALL[:-2], "model.name=tiny:gpt2,layers=1,dim=32,heads=2", "teacher.name=tiny:gpt2,layers=2,dim=32,heads=2,seed=1",
+              "train.max_steps=6", f"output.dir={out}"]
+    assert main(["train", kd, *common]) == 0
+    ckpts = sorted((out / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step-00000004", "step-00000006"][: len(ckpts)] or len(ckpts) == 2
+    (ckpts[-1] / "model.safetensors").write_bytes(b"garbage")
+    assert main(["train", kd, *common, "train.resume=true"]) == 0
+    captured = capsys.readouterr().out
+    assert "skipping unreadable checkpoint" in captured and f"resumed from {ckpts[-2]}" in captured
+    # a finished run is not overwritten by accident
+    assert main(["train", kd, *common]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    # a diverging run stops with one line, exit 1, and no final model
+    nan = tmp_path / "nan"
+    assert main(["train", kd, *common[:-1], f"output.dir={nan}", "train.lr=1e6", "train.clip=0"]) == 1
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if "error" in x or "Traceback" in x]
+    assert len(err) == 1 and "is not finite" in err[0] and err[0].startswith("switchkd: error: step "), err
+    assert not (nan / "final").exists()
