@@ -58,10 +58,12 @@ def _eval(args: argparse.Namespace) -> None:
 
     import torch
 
+    from switchkd.checks import _check_placeholders
     from switchkd.config import DataConfig, EvalConfig, ModelConfig
     from switchkd.evaluate import evaluate, format_table
     from switchkd.models import load_model, load_tokenizer
 
+    _check_placeholders("--template", args.template, {"instruction", "input"}, ("alpaca", "none"), ConfigError)
     ecfg = EvalConfig(limit=args.limit, batch_size=args.batch_size, do_sample=not args.greedy,
                       max_prompt_length=args.max_prompt_length, max_length=args.max_length,
                       max_new_tokens=args.max_new_tokens)
@@ -118,6 +120,17 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(out_dir=args.output, quick=args.quick)
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``switchkd: error: ...`` and exit status 2, no usage block."""
 
@@ -144,13 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="model directory or hub id")
     e.add_argument("--data", required=True, help="JSONL file, a directory with the five MiniLLM sets, or synthetic:test")
     e.add_argument("--output", help="where scores.json and predictions.jsonl go (default MODEL/eval)")
-    e.add_argument("--limit", type=int, help="first N examples of each set")
+    e.add_argument("--limit", type=positive, help="first N examples of each set")
     e.add_argument("--seeds", type=int, nargs="+", help="sampling seeds (default 10 20 30 40 50)")
     e.add_argument("--greedy", action="store_true", help="greedy decoding, one pass")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--max-prompt-length", type=int, default=256)
-    e.add_argument("--max-length", type=int, default=512)
-    e.add_argument("--max-new-tokens", type=int)
+    e.add_argument("--batch-size", type=positive, default=16)
+    e.add_argument("--max-prompt-length", type=positive, default=256)
+    e.add_argument("--max-length", type=positive, default=512)
+    e.add_argument("--max-new-tokens", type=positive)
     e.add_argument("--template", default="alpaca", help="prompt template for records without 'prompt'")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.set_defaults(func=_eval)
@@ -159,15 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("config", help="YAML preset naming teacher and data, e.g. configs/tiny/seqkd.yaml")
     g.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     g.add_argument("--output", required=True, help="JSONL file to write")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--batch-size", type=positive, default=16)
     g.set_defaults(func=_generate)
 
     ct = sub.add_parser("cache-teacher", help="precompute the teacher's top-k log-probabilities for data.train")
     ct.add_argument("config", help="YAML preset naming teacher and data")
     ct.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     ct.add_argument("--output", required=True, help="cache directory")
-    ct.add_argument("--k", type=int, default=64)
-    ct.add_argument("--batch-size", type=int, default=16)
+    ct.add_argument("--k", type=positive, default=64)
+    ct.add_argument("--batch-size", type=positive, default=16)
     ct.set_defaults(func=_cache_teacher)
 
     c = sub.add_parser("convert", help="convert a foreign checkpoint to a Hugging Face model directory")
@@ -200,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("config", help="YAML file or preset name, e.g. tiny/switch")
     cal.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     cal.add_argument("--target", type=float, required=True, help="teacher-written share, e.g. 0.53")
-    cal.add_argument("--limit", type=int, default=32, help="prompts read from data.dev (else data.train)")
-    cal.add_argument("--batch-size", type=int, default=8, help="prompts rolled out per measurement")
+    cal.add_argument("--limit", type=positive, default=32, help="prompts read from data.dev (else data.train)")
+    cal.add_argument("--batch-size", type=positive, default=8, help="prompts rolled out per measurement")
     cal.set_defaults(func=_calibrate)
 
     d = sub.add_parser("demo", help="the built-in end-to-end demo on the synthetic suite")

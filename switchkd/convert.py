@@ -9,7 +9,9 @@ Llama conversion does).  Tokenizer: the scored pieces become a SentencePiece-sty
 
 from __future__ import annotations
 
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 from typing import List, Tuple
 
@@ -32,7 +34,11 @@ def _permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def read_llama2c(path: str | Path) -> Tuple[LlamaConfig, dict]:
     """Config and a Hugging Face Llama state dict from a llama2.c ``.bin`` checkpoint."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no such file")
     raw = Path(path).read_bytes()
+    if (len(raw) - 28) % 4:
+        raise ConfigError(f"{path}: {len(raw)} bytes is not a 28-byte header plus float32 values")
     if len(raw) < 28:
         raise ConfigError(f"{path}: too short for a llama2.c header (7 int32)")
     dim, hidden, layers, heads, kv_heads, vocab, seq_len = struct.unpack("<7i", raw[:28])
@@ -75,6 +81,8 @@ def read_llama2c(path: str | Path) -> Tuple[LlamaConfig, dict]:
 
 def read_llama2c_tokenizer(path: str | Path) -> List[Tuple[str, float]]:
     """``[(piece, score)]`` from a llama2.c ``tokenizer.bin``, spaces written as SentencePiece's ``▁``."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no such file")
     raw = Path(path).read_bytes()
     pieces, off = [], 4
     try:
@@ -120,7 +128,11 @@ def build_tokenizer(pieces: List[Tuple[str, float]]) -> PreTrainedTokenizerFast:
 
 
 def convert_llama2c(model_bin: str | Path, tokenizer_bin: str | Path, out_dir: str | Path) -> Path:
-    """Write a ``save_pretrained`` Llama model and tokenizer to ``out_dir``; returns it."""
+    """Write a ``save_pretrained`` Llama model and tokenizer to ``out_dir`` (which must not exist, or be an
+    empty directory), through a temporary directory renamed when complete; returns it."""
+    out = Path(out_dir)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ConfigError(f"{out}: already exists; choose a new output directory (nothing is overwritten)")
     cfg, sd = read_llama2c(model_bin)
     pieces = read_llama2c_tokenizer(tokenizer_bin)
     if len(pieces) != cfg.vocab_size:
@@ -129,7 +141,14 @@ def convert_llama2c(model_bin: str | Path, tokenizer_bin: str | Path, out_dir: s
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise ConfigError(f"{model_bin}: weights do not fit a Llama ({missing[:3]} missing, {unexpected[:3]} unexpected)")
-    out = Path(out_dir)
-    model.save_pretrained(out, safe_serialization=True)
-    build_tokenizer(pieces).save_pretrained(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        build_tokenizer(pieces).save_pretrained(tmp)
+        if out.is_dir():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

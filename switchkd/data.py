@@ -63,9 +63,7 @@ def read_records(source: str) -> List[Dict[str, Any]]:
         if not path.is_file():
             raise ConfigError(f"{source}: data file not found")
         if path.suffix == ".parquet":
-            import datasets
-
-            return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+            return _read_parquet(path)
         return _read_json(path)
     import datasets
 
@@ -76,13 +74,37 @@ def read_records(source: str) -> List[Dict[str, Any]]:
         raise ConfigError(f"{source}: not a local file and not loadable as a dataset ({str(exc).splitlines()[0]})") from None
 
 
+def _read_parquet(path: Path) -> List[Dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises several types for corrupt or empty files
+        raise ConfigError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not rows:
+        raise ConfigError(f"{path}: no examples (empty dataset)")
+    return rows
+
+
 def _read_json(path: Path) -> List[Dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raise ConfigError(f"{path}: a gzip-compressed file; decompress it first (gunzip)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the file as UTF-8") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: JSON nested too deeply") from None
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise ConfigError(f"{path}: item {bad + 1} of the JSON list is a {type(rows[bad]).__name__}; expected an object per example")
     else:
         rows = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -92,6 +114,8 @@ def _read_json(path: Path) -> List[Dict[str, Any]]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{path}:{lineno}: invalid JSON line ({exc.msg})") from None
+            except RecursionError:
+                raise ConfigError(f"{path}:{lineno}: JSON nested too deeply") from None
             if not isinstance(rows[-1], dict):
                 raise ConfigError(f"{path}:{lineno}: expected a JSON object per line")
     if not rows:
@@ -125,14 +149,24 @@ def to_example(row: Dict[str, Any], fmt: str, cfg: DataConfig, tokenizer: Any, w
     meta = {k: row[k] for k in ("topic", "category") if k in row}
     if fmt == "messages":
         msgs = row["messages"]
-        if not msgs or msgs[-1].get("role") != "assistant":
+        if not isinstance(msgs, list) or len(msgs) < 2 or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+            raise ConfigError(f"{where}: 'messages' must be a list of at least two {{role, content}} objects with string "
+                              "values")
+        if msgs[-1]["role"] != "assistant":
             raise ConfigError(f"{where}: 'messages' must end with an assistant message")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"{where}: chat data ('messages') needs a tokenizer with a chat template; this one has none "
+                              "(use instruction/output records, or a chat model's tokenizer)")
         prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
         return Example(prompt=prompt, references=[msgs[-1]["content"]], instruction=msgs[-2]["content"], meta=meta)
     if fmt == "dolly":
         instruction, inp, out = row["instruction"], row.get("context", "") or "", row["response"]
     else:
         instruction, inp, out = row["instruction"], row.get("input", "") or "", row["output"]
+    if not isinstance(instruction, str) or not isinstance(inp, str):
+        raise ConfigError(f"{where}: 'instruction' and 'input'/'context' must be strings, got "
+                          f"{type(instruction).__name__} and {type(inp).__name__}")
     refs = list(out) if isinstance(out, list) else [out]
     if not refs or not all(isinstance(r, str) for r in refs):
         raise ConfigError(f"{where}: the reference answer must be a string or a non-empty list of strings")

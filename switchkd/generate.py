@@ -37,10 +37,23 @@ def teacher_and_data(cfg: Config, command: str) -> tuple[Any, Any, str, List[Exa
 def generate_dataset(cfg: Config, output: str | Path, batch_size: int = 16) -> int:
     """Write the teacher's response to every ``data.train`` prompt; returns the number written."""
     teacher, tok, device, examples, items = teacher_and_data(cfg, "generate")
-    m = cfg.method
     torch.manual_seed(cfg.train.seed)
     out, tmp = Path(output), Path(str(output) + ".tmp")
+    if out.is_dir():
+        raise ConfigError(f"--output {out}: is a directory; expected a .jsonl file path")
     out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _write(tmp, teacher, tok, device, examples, items, cfg, batch_size)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing half-written is left behind
+        raise
+    tmp.replace(out)
+    return len(items)
+
+
+def _write(tmp: Path, teacher: Any, tok: Any, device: str, examples: List[Example], items: List[Tokenized],
+           cfg: Config, batch_size: int) -> None:
+    m = cfg.method
     with open(tmp, "w", encoding="utf-8") as f:
         for i in tqdm(range(0, len(items), batch_size), desc="generate"):
             chunk = items[i:i + batch_size]
@@ -53,5 +66,3 @@ def generate_dataset(cfg: Config, output: str | Path, batch_size: int = 16) -> i
                 ex = examples[x.index]
                 text = tok.decode(r.sequences[j, P:][r.response_mask[j]], skip_special_tokens=True).strip()
                 f.write(json.dumps({"instruction": ex.instruction, "input": "", "prompt": ex.prompt, "output": text}) + "\n")
-    tmp.replace(out)
-    return len(items)

@@ -83,9 +83,17 @@ def build_tiny(spec: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel
         return cls(cfg)
 
 
+def _local_path_missing(name: str) -> bool:
+    """A name written as a local path (``/x``, ``./x``, ``~/x``, ``x/y/z``) that does not exist."""
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+    return looks_local and not Path(name).expanduser().exists()
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer for ``cfg``, left-padded, with a pad token."""
     name = cfg.tokenizer or cfg.name
+    if _local_path_missing(name):
+        raise ConfigError(f"model {name!r}: no such local directory")
     if name.startswith("tiny:"):
         tok = tiny_tokenizer()
     else:
@@ -145,6 +153,8 @@ def add_lora(model: PreTrainedModel, lora: LoraConfig, base_name: str) -> Any:
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, trainable: bool = True) -> PreTrainedModel:
     """Load (or build) the model, merging ``cfg.adapter`` (or the adapter that ``cfg.name`` is);
     a non-trainable model is frozen and in eval mode."""
+    if _local_path_missing(cfg.name):
+        raise ConfigError(f"model {cfg.name!r}: no such local directory")
     base = adapter_base(cfg.name) if not cfg.name.startswith("tiny:") else None
     if base is not None:  # a saved LoRA adapter: its base, with the adapter merged
         model = with_adapter(load_model(replace(cfg, name=base, adapter=None), tokenizer), cfg.name)
@@ -155,7 +165,9 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, trainable: 
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.name, revision=cfg.revision, dtype=dtype)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # corrupt/truncated safetensors (SafetensorError), bad shapes, missing files
+            if isinstance(exc, (KeyboardInterrupt, MemoryError)):
+                raise
             raise ConfigError(f"model {cfg.name!r}: cannot load ({str(exc).splitlines()[0]})") from None
     if len(tokenizer) > model.get_output_embeddings().weight.shape[0]:
         raise ConfigError(f"model {cfg.name!r}: tokenizer has {len(tokenizer)} tokens but the LM head only "

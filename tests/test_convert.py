@@ -56,3 +56,20 @@ def test_bad_files_are_clear_errors(tmp_path, shared, capsys):
     assert main(["convert", "llama2c", str(shared / "models/stories260K/stories260K.bin"), str(tmp_path / "t.bin"),
                  str(tmp_path / "o")]) == 2
     assert "not a llama2.c tokenizer" in capsys.readouterr().err
+
+
+def test_convert_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    from switchkd.cli import main
+
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(b"\x00" * 31)
+    existing = tmp_path / "file"
+    existing.write_text("mine")
+    for argv, fragment in ((["convert", "llama2c", str(odd), str(odd), str(tmp_path / "o1")], "28-byte header"),
+                           (["convert", "llama2c", str(tmp_path / "missing.bin"), str(odd), str(tmp_path / "o2")],
+                            "no such file"),
+                           (["convert", "llama2c", str(odd), str(odd), str(existing)], "already exists")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("switchkd: error:") and fragment in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "odd.bin"] and existing.read_text() == "mine"

@@ -110,3 +110,66 @@ def test_usage_errors_version_and_print_config(capsys, tmp_path):
     assert main(["train", KD, f"output.dir={out}", "train.lr=3e-4", "--print-config"]) == 0
     text = capsys.readouterr().out
     assert "lr: 0.0003" in text and f"dir: {out}" in text and not out.exists()
+
+
+BAD_FILES = {  # name -> (bytes, what the message must say)
+    "list.json": (b'[1, 2, 3]', "item 1"),
+    "empty.parquet": (b"", "parquet"),
+    "corrupt.parquet": (b"PAR1 not really", "parquet"),
+    "latin1.jsonl": ('{"instruction": "caf\u00e9", "output": "x"}\n'.encode("latin-1"), "UTF-8"),
+    "gz.jsonl": (b"\x1f\x8b\x08\x00rest", "gzip"),
+    "msg_str.jsonl": (b'{"messages": "hello"}\n', "messages"),
+    "msg_strs.jsonl": (b'{"messages": ["a", "b"]}\n', "messages"),
+    "chat_no_template.jsonl": (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n',
+                               "chat template"),
+    "deep.jsonl": (b"[" * 100000 + b"]" * 100000 + b"\n", ":1"),
+    "number.jsonl": (b'{"instruction": 5, "output": "x"}\n', "must be strings"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_data_files_are_one_line_errors(name, capsys, tmp_path):
+    data, fragment = BAD_FILES[name]
+    path = tmp_path / name
+    path.write_bytes(data)
+    extra = ["data.template=none"] if name == "number.jsonl" else []
+    rc, err, out = _run(capsys, tmp_path, ["train", KD, f"data.train={path}", "data.dev=null", *extra])
+    _assert_one_line(rc, err, out, str(path))
+    assert fragment in err[0], err
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["eval", "--model", "m", "--data", "synthetic:test", "--batch-size", "0"], "--batch-size"),
+    (["eval", "--model", "m", "--data", "synthetic:test", "--limit", "0"], "--limit"),
+    (["eval", "--model", "m", "--data", "synthetic:test", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["eval", "--model", "tiny:gpt2", "--data", "synthetic:test", "--template", "{foo}"], "{foo}"),
+    (["generate", KD, "--output", "x.jsonl", "--batch-size", "0"], "--batch-size"),
+    (["cache-teacher", KD, "--output", "c", "--k", "-1"], "--k"),
+    (["cache-teacher", KD, "--output", "c", "--k", "0"], "--k"),
+    (["eval", "--model", "./no/such/dir", "--data", "synthetic:test"], "no such local directory"),
+])
+def test_bad_command_flags(argv, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("switchkd: error:") and fragment in err[0], err
+    assert not any(tmp_path.iterdir())
+
+
+def test_corrupt_model_files_are_one_line_errors(capsys, tmp_path):
+    from switchkd.config import ModelConfig
+    from switchkd.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name="tiny:gpt2"))
+    d = tmp_path / "m"
+    load_model(ModelConfig(name="tiny:gpt2,layers=1,dim=32,heads=2"), tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    weights = d / "model.safetensors"
+    good = weights.read_bytes()
+    capsys.readouterr()  # the save's progress bar
+    for bad in (b"garbage", good[: len(good) // 2], good[:8]):
+        weights.write_bytes(bad)
+        for argv in (["eval", "--model", str(d), "--data", "synthetic:test", "--output", str(tmp_path / "ev")],
+                     ["train", KD, f"teacher.name={d}"]):
+            rc, err, out = _run(capsys, tmp_path, argv) if argv[0] == "train" else (main(argv), capsys.readouterr().err.strip().splitlines(), tmp_path / "ev")
+            _assert_one_line(rc, err, out, str(d))
