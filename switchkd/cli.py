@@ -66,7 +66,7 @@ def _eval(args: argparse.Namespace) -> None:
     _check_placeholders("--template", args.template, {"instruction", "input"}, ("alpaca", "none"), ConfigError)
     ecfg = EvalConfig(limit=args.limit, batch_size=args.batch_size, do_sample=not args.greedy,
                       max_prompt_length=args.max_prompt_length, max_length=args.max_length,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, metric=args.metric)
     if args.seeds:
         ecfg.seeds = args.seeds
     mcfg = ModelConfig(name=args.model, dtype=args.dtype)
@@ -75,7 +75,14 @@ def _eval(args: argparse.Namespace) -> None:
     if torch.cuda.is_available():
         model.cuda()
     out = Path(args.output or (Path(args.model) / "eval" if Path(args.model).is_dir() else "eval"))
-    summary = evaluate(model, tok, args.data, ecfg, DataConfig(template=args.template), out)
+    fields = dict(item.partition("=")[::2] for item in args.field)
+    if any(not k or not v for k, v in fields.items()):
+        raise ConfigError(f"--field {args.field}: expected CANONICAL=NAME, e.g. instruction=question")
+    dcfg = DataConfig(template=args.template, fields=fields)
+    from switchkd.checks import _check_fields
+
+    _check_fields(fields, ConfigError)
+    summary = evaluate(model, tok, args.data, ecfg, dcfg, out)
     print(format_table(summary))
     print(f"wrote {out / 'scores.json'} and {out / 'predictions.jsonl'}")
 
@@ -166,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=positive)
     e.add_argument("--template", default="alpaca", help="prompt template for records without 'prompt'")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--metric", default="rougeL", choices=["rougeL", "accuracy"],
+                   help="rougeL (default) or accuracy of the final answer (GSM8K's '#### N', else the last number)")
+    e.add_argument("--field", action="append", default=[], metavar="CANONICAL=NAME",
+                   help="map a canonical field to yours, e.g. --field instruction=question --field output=answer")
     e.set_defaults(func=_eval)
 
     g = sub.add_parser("generate", help="write the teacher's responses to data.train as a JSONL dataset (SeqKD)")

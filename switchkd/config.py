@@ -137,6 +137,7 @@ class EvalConfig:
     batch_size: int = 16
     limit: Optional[int] = None
     buckets: List[int] = field(default_factory=lambda: [5, 10, 20, 40, 80])
+    metric: str = "rougeL"  # rougeL | accuracy (final answer: GSM8K's "#### N", else the last number)
 
 
 @dataclass
@@ -169,6 +170,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "method.gate": ("jsd", "fkl", "rkl", "tvd"),
     "method.replay_schedule": ("decreasing", "constant", "increasing"),
     "train.scheduler": ("cosine", "linear", "constant"),
+    "eval.metric": ("rougeL", "accuracy"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
 }
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from switchkd.config import ConfigError, DataConfig, EvalConfig
 from switchkd.data import Example, encode_prompt, left_pad, load_examples
+from switchkd.metrics import METRICS, rouge_l  # noqa: F401  (rouge_l: re-exported)
 from switchkd.rollout import RolloutConfig, rollout
 
 SUITE = {  # name -> candidate paths inside a MiniLLM-style data directory
@@ -30,12 +30,6 @@ SUITE = {  # name -> candidate paths inside a MiniLLM-style data directory
     "sinst": ("sinst_11_/valid.jsonl", "sinst/11_/valid.jsonl"),
     "uinst": ("uinst/11_/valid.jsonl", "uinst/valid.jsonl"),
 }
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-
-
-def rouge_l(prediction: str, references: Sequence[str]) -> float:
-    """ROUGE-L F-measure x100, max over references."""
-    return 100.0 * max(_SCORER.score(ref, prediction)["rougeL"].fmeasure for ref in references)
 
 
 @torch.no_grad()
@@ -76,23 +70,24 @@ def score_examples(model: Any, tokenizer: Any, examples: Sequence[Example], cfg:
                    name: str = "data") -> tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """Generate for every seed and score; returns ``(scores, prediction records)``."""
     seeds: List[Optional[int]] = list(cfg.seeds) if cfg.do_sample else [None]
+    metric, score_fn = cfg.metric, METRICS[cfg.metric]
     per_seed, records = [], []
     bucket_scores: Dict[str, List[float]] = {}
     n_long = sum(len(encode_prompt(tokenizer, e.prompt)) > cfg.max_prompt_length for e in examples)
     for seed in seeds:
         texts = generate_texts(model, tokenizer, [e.prompt for e in examples], cfg, seed, desc=f"{name} seed {seed}")
-        scores = [rouge_l(t, e.references) for t, e in zip(texts, examples)]
+        scores = [score_fn(t, e.references) for t, e in zip(texts, examples)]
         per_seed.append(statistics.fmean(scores))
         for i, (t, e, s) in enumerate(zip(texts, examples, scores)):
             b = bucket_name(len(e.references[0].split()), cfg.buckets)
             bucket_scores.setdefault(b, []).append(s)
             records.append({"dataset": name, "index": i, "seed": seed, "prompt": e.prompt, "prediction": t,
-                            "references": e.references, "rougeL": s, "bucket": b, **e.meta})
+                            "references": e.references, metric: s, "bucket": b, **e.meta})
     order = sorted(bucket_scores, key=lambda b: int(b.split("-")[0].lstrip(">")) + (b.startswith(">")))
     return {
-        "dataset": name, "n": len(examples), "seeds": seeds, "rougeL_per_seed": per_seed,
-        "rougeL": statistics.fmean(per_seed), "rougeL_std": statistics.pstdev(per_seed) if len(per_seed) > 1 else 0.0,
-        "by_length": {b: {"n": len(bucket_scores[b]) // len(seeds), "rougeL": statistics.fmean(bucket_scores[b])} for b in order},
+        "dataset": name, "n": len(examples), "seeds": seeds, "metric": metric, f"{metric}_per_seed": per_seed,
+        metric: statistics.fmean(per_seed), f"{metric}_std": statistics.pstdev(per_seed) if len(per_seed) > 1 else 0.0,
+        "by_length": {b: {"n": len(bucket_scores[b]) // len(seeds), metric: statistics.fmean(bucket_scores[b])} for b in order},
         "prompts_truncated": n_long,
     }, records
 
@@ -143,9 +138,10 @@ def write_outputs(out: Path, summary: Dict[str, Any], records: List[Dict[str, An
 
 def format_table(summary: Dict[str, Any]) -> str:
     """A Markdown table: one row per dataset with mean +- std over seeds."""
-    lines = ["| dataset | n | ROUGE-L | std |", "|---|---:|---:|---:|"]
+    metric = next(iter(summary["results"].values()), {}).get("metric", "rougeL")
+    lines = [f"| dataset | n | {'ROUGE-L' if metric == 'rougeL' else metric} | std |", "|---|---:|---:|---:|"]
     for name, r in summary["results"].items():
-        lines.append(f"| {name} | {r['n']} | {r['rougeL']:.2f} | {r['rougeL_std']:.2f} |")
+        lines.append(f"| {name} | {r['n']} | {r[metric]:.2f} | {r[f'{metric}_std']:.2f} |")
     return "\n".join(lines)
 
 

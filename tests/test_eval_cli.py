@@ -101,7 +101,7 @@ def test_malformed_data_is_one_line_error_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize("args,fragment", [
     (["train", "configs/tiny/kd.yaml", "train.lrr=3"], "unknown key 'train.lrr'"),
     (["train", "configs/nope.yaml"], "config file not found"),
-    (["eval", "--model", "/nonexistent/model", "--data", "x.jsonl"], "cannot load"),
+    (["eval", "--model", "/nonexistent/model", "--data", "x.jsonl"], "no such local directory"),
 ])
 def test_cli_errors_are_one_line(args, fragment):
     r = _cli(*args, cwd=ROOT)
