@@ -219,7 +219,12 @@ def search_n(model: Any, tok: Any, ranked: Sequence[Tuple[str, int, float]], dev
              instructions: Sequence[str], candidates: Sequence[int]) -> SearchResult:
     """The n (among ``candidates``) maximising mean dev accuracy over instructions."""
     pruner, acc = Pruner(model), {}
-    for n in tqdm(sorted(set(c for c in candidates if c <= len(ranked))), desc="search n"):
+    usable = sorted(set(c for c in candidates if c <= len(ranked)))
+    if not usable:
+        from switchkd.config import ConfigError
+
+        raise ConfigError(f"--candidates {sorted(candidates)}: every value exceeds the {len(ranked)} neurons scored")
+    for n in tqdm(usable, desc="search n"):
         pruner.prune([(name, i) for name, i, _ in ranked[:n]])
         acc[n] = accuracy(model, tok, dev, instructions)["all"]["mean"]
         pruner.restore()

@@ -81,7 +81,9 @@ def split_of(instruction: str) -> str:
 def make_split(split: str, n: int, seed: int = 0) -> List[Example]:
     """``n`` examples of ``split`` (train | dev | test), families in equal turns."""
     if split not in SPLITS:
-        raise ValueError(f"synthetic split must be one of {', '.join(SPLITS)}, got {split!r}")
+        from switchkd.config import ConfigError
+
+        raise ConfigError(f"synthetic:{split}: the built-in suite's split must be one of {', '.join(SPLITS)}")
     r = random.Random(f"{seed}-{split}")
     names = list(FAMILIES)
     out: List[Example] = []

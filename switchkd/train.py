@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,6 +35,17 @@ from switchkd.losses import chunked_loss_sum, kd_weight, response_logits, respon
 from switchkd.models import load_pair
 from switchkd.sources import make_source, teacher_targets
 from switchkd.teacher_cache import TeacherCache
+
+
+class _TiedWeights(logging.Filter):
+    """Drop accelerate's "Removed shared tensor" notice at every checkpoint: tied embeddings are
+    expected to be stored once, and they reload tied (the resume tests check the weights)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeights())
 
 
 class TrainingError(RuntimeError):
@@ -130,6 +142,9 @@ class Trainer:
         self.dev = load_examples(cfg.data.dev, cfg.data, self.tok, cfg.eval.limit or 100) if cfg.data.dev else None
         self.dev_items = tokenize(self.dev, self.tok, cfg.data.max_prompt_length, cfg.data.max_length,
                                   cfg.method.priming)[0] if self.dev else []
+        if cfg.train.batch_size * cfg.train.grad_accum * self.acc.num_processes > len(self.items):
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} (x grad_accum {cfg.train.grad_accum} x "
+                              f"{self.acc.num_processes} processes) is larger than the {len(self.items)} training examples")
         per_epoch = math.ceil(math.ceil(len(self.items) / (cfg.train.batch_size * self.acc.num_processes)) / cfg.train.grad_accum)
         self.total = cfg.train.max_steps or per_epoch * cfg.train.epochs
         opt = torch.optim.AdamW(param_groups(self.student, cfg.train.weight_decay), lr=cfg.train.lr)
@@ -146,7 +161,10 @@ class Trainer:
         self.source.total_steps = self.total
         self.state = TrainState()
         if self.acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"output.dir={self.out}: cannot create it ({exc.strerror or exc})") from None
             (self.out / "config.yaml").write_text(to_yaml(cfg))
             print(to_yaml(cfg), stats.line("train"), sep="\n", flush=True)
         if trackers:

@@ -173,3 +173,13 @@ def test_corrupt_model_files_are_one_line_errors(capsys, tmp_path):
                      ["train", KD, f"teacher.name={d}"]):
             rc, err, out = _run(capsys, tmp_path, argv) if argv[0] == "train" else (main(argv), capsys.readouterr().err.strip().splitlines(), tmp_path / "ev")
             _assert_one_line(rc, err, out, str(d))
+
+
+def test_more_listed_cases(capsys, tmp_path):
+    for override, key in (("data.train=synthetic:bogus", "synthetic:bogus"), ("train.batch_size=1000000000000", "train.batch_size"),
+                          ("output.dir=/proc/switchkd-test", "output.dir")):
+        rc = main(["train", KD, "data.synthetic_size=16", "data.dev=null", override] +
+                  ([] if override.startswith("output.dir") else [f"output.dir={tmp_path / 'r'}"]))
+        err = [x for x in capsys.readouterr().err.strip().splitlines() if "error" in x or "Traceback" in x]
+        assert rc == 2 and len(err) == 1 and err[0].startswith("switchkd: error:") and key in err[0], (override, err)
+        assert not (tmp_path / "r").exists()
