@@ -63,7 +63,7 @@ class MethodConfig:
     """Which sequences we train on x which per-token loss."""
 
     name: str = "sft"
-    source: str = "dataset"  # dataset | teacher | student | mixture | distillm | switch
+    source: str = "dataset"  # dataset | teacher | student | imitkd | mixture | distillm | switch
     divergence: str = "fkl"
     params: Dict[str, float] = field(default_factory=dict)  # divergence parameters
     temperature: float = 1.0
@@ -164,8 +164,8 @@ CHOICES: Dict[str, Sequence[str]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "teacher.dtype": ("float32", "bfloat16", "float16"),
     "data.format": ("auto", "minillm", "dolly", "messages"),
-    "method.name": ("sft", "kd", "bild", "seqkd", "imitkd", "gkd", "distillm", "switch"),
-    "method.source": ("dataset", "teacher", "student", "mixture", "distillm", "switch"),
+    "method.name": ("sft", "kd", "bild", "seqkd", "imitkd", "student_fkl", "gkd", "distillm", "switch"),
+    "method.source": ("dataset", "teacher", "student", "imitkd", "mixture", "distillm", "switch"),
     "method.schedule": ("exp", "linear", "const"),
     "method.gate": ("jsd", "fkl", "rkl", "tvd"),
     "method.replay_schedule": ("decreasing", "constant", "increasing"),

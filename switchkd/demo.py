@@ -33,7 +33,7 @@ METHODS: Dict[str, List[str]] = {
     "sft": ["method.name=sft", "method.kd_ratio=0.0"],
     "kd": ["method.name=kd", "method.divergence=fkl"],
     "seqkd": ["method.name=seqkd", "method.source=teacher", "method.kd_ratio=0.0", "method.do_sample=false"],
-    "imitkd": ["method.name=imitkd", "method.source=student", "method.divergence=fkl"],
+    "imitkd": ["method.name=imitkd", "method.source=imitkd", "method.divergence=fkl"],
     "gkd": ["method.name=gkd", "method.source=mixture", "method.divergence=jsd", "method.params.beta=0.5",
             "method.student_ratio=0.5"],
     "distillm": ["method.name=distillm", "method.source=distillm", "method.divergence=srkl", "method.params.alpha=0.1",

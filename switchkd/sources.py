@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -129,6 +130,45 @@ class StudentSource(DatasetSource):
 
     def __call__(self, batch: Batch, step: int) -> Batch:
         return self._rollout(batch, "student")[0]
+
+
+class ImitkdSource(DatasetSource):
+    """ImitKD as Lin et al. (2020) define it: each sequence's response is the dataset's with probability
+    beta, else the student's greedy decoding of the prompt (the student's own prefix), with beta annealed
+    linearly from 1 (all dataset) at the first step to 0 (all student) at the last; the loss's targets
+    are the teacher's distributions over those sequences."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.total_steps = 1  # set by the trainer
+        self.counts = {"dataset_rows": 0, "student_rows": 0}
+
+    def beta(self, step: int) -> float:
+        """Probability of the dataset response at optimizer step ``step`` (0-based)."""
+        return max(0.0, 1.0 - step / max(self.total_steps - 1, 1))
+
+    def __call__(self, batch: Batch, step: int) -> Batch:
+        b = self.beta(step)
+        rows = [i for i in range(batch["input_ids"].shape[0]) if self.rng.random() >= b]
+        self.counts["student_rows"] += len(rows)
+        self.counts["dataset_rows"] += batch["input_ids"].shape[0] - len(rows)
+        if not rows:
+            return batch
+        sub = {k: (v[rows] if isinstance(v, Tensor) else v) for k, v in batch.items()}
+        greedy = replace(self.cfg, method=replace(self.cfg.method, do_sample=False))
+        gen, _ = DatasetSource(greedy, self.student, self.teacher, self.tok, self.vocab, self.unwrap)._rollout(
+            sub, "student")
+        student = {idx: gen["labels"][j][gen["labels"][j] != -100].tolist() for j, idx in enumerate(rows)}
+        responses = [student[i] if i in student else row[row != -100].tolist() for i, row in enumerate(batch["labels"])]
+        prompts = _rows(batch["prompt_ids"], batch["prompt_mask"])
+        t_prompts = _rows(batch["teacher_prompt_ids"], batch["teacher_prompt_mask"]) if "teacher_prompt_ids" in batch else None
+        new = build_batch(prompts, responses, self.tok.pad_token_id, batch["index"].tolist(), t_prompts)
+        return {k: v.to(batch["input_ids"].device) for k, v in new.items()}
+
+    def stats(self) -> Dict[str, float]:
+        out = {f"imitkd/{k}": v for k, v in self.counts.items()}
+        self.counts = dict.fromkeys(self.counts, 0)
+        return out
 
 
 class MixtureSource(DatasetSource):
@@ -260,7 +300,8 @@ class SwitchSource(DatasetSource):
         return out
 
 
-SOURCES = {"dataset": DatasetSource, "teacher": TeacherSource, "student": StudentSource, "mixture": MixtureSource,
+SOURCES = {"dataset": DatasetSource, "teacher": TeacherSource, "student": StudentSource, "imitkd": ImitkdSource,
+           "mixture": MixtureSource,
            "distillm": DistillmSource, "switch": SwitchSource}
 
 

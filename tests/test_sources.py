@@ -23,7 +23,7 @@ FAST = ["train.max_steps=3", "train.batch_size=4", "data.synthetic_size=24", "ev
         "method.max_new_tokens=12", "train.eval_every=2"]
 
 
-@pytest.mark.parametrize("preset", ["seqkd", "imitkd", "gkd", "distillm", "switch"])
+@pytest.mark.parametrize("preset", ["seqkd", "imitkd", "student_fkl", "gkd", "distillm", "switch"])
 def test_tiny_presets_train(preset, tmp_path):
     cfg = load_config(ROOT / f"configs/tiny/{preset}.yaml", FAST + [f"output.dir={tmp_path}"])
     final = train(cfg)
@@ -209,3 +209,30 @@ def test_distillm_without_dev_data_is_an_error():
 
     with pytest.raises(ConfigError, match="needs data.dev"):
         load_config(ROOT / "configs/tiny/distillm.yaml", ["data.dev=null"])
+
+
+def test_imitkd_anneals_from_dataset_to_student_greedy():
+    from switchkd.rollout import RolloutConfig, rollout
+    from switchkd.sources import ImitkdSource
+
+    cfg, student, teacher, tok, vocab, examples = _setup(["method.name=imitkd", "method.source=imitkd",
+                                                          "method.divergence=fkl", "method.max_new_tokens=8"])
+    src = ImitkdSource(cfg, student, teacher, tok, vocab)
+    src.total_steps = 11
+    assert [src.beta(s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+    items, _ = tokenize(examples[:8], tok, 400, 600)
+    batch = collate(items, tok.pad_token_id)
+    assert src(batch, 0) is batch  # beta 1: the dataset batch unchanged
+    last = src(batch, 10)  # beta 0: every response is the student's greedy decoding
+    greedy = rollout(student, None, batch["prompt_ids"], batch["prompt_mask"],
+                     RolloutConfig(source="student", max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id, vocab_size=vocab))
+    P = batch["prompt_ids"].shape[1]
+    for i in range(8):
+        want = greedy.sequences[i, P:][greedy.response_mask[i]].tolist()
+        assert last["labels"][i][last["labels"][i] != -100].tolist() == want
+    src.stats()
+    for _ in range(20):
+        src(batch, 5)  # beta 0.5: about half the rows are the student's
+    share = src.stats()["imitkd/student_rows"] / (20 * 8)
+    assert 0.35 < share < 0.65
