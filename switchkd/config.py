@@ -70,6 +70,7 @@ class MethodConfig:
     kd_ratio: float = 1.0  # loss = kd_ratio * divergence + (1 - kd_ratio) * CE
     # on-policy sources (issue 3)
     student_ratio: float = 0.5  # GKD lambda: probability a batch is student-generated
+    seq_kd: bool = False  # GKD (TRL's seq_kd): the other batches are teacher samples instead of the dataset
     switch_ratio: float = 1.0  # SWITCH: probability a batch is SWITCH-generated, else dataset
     max_new_tokens: int = 128
     do_sample: bool = True

@@ -172,11 +172,15 @@ class ImitkdSource(DatasetSource):
 
 
 class MixtureSource(DatasetSource):
-    """GKD: each batch is student-generated with probability ``method.student_ratio`` (lambda), else dataset."""
+    """GKD: each batch is student-generated with probability ``method.student_ratio`` (lambda), else the
+    dataset's, or with ``method.seq_kd`` (TRL's option) the teacher's sampled responses, fresh each time
+    (the student is in eval mode while it generates: no dropout, as TRL's ``disable_dropout``)."""
 
     def __call__(self, batch: Batch, step: int) -> Batch:
         if self.rng.random() < self.cfg.method.student_ratio:
             return self._rollout(batch, "student")[0]
+        if self.cfg.method.seq_kd:
+            return self._rollout(batch, "teacher")[0]
         return batch
 
 

@@ -236,3 +236,23 @@ def test_imitkd_anneals_from_dataset_to_student_greedy():
         src(batch, 5)  # beta 0.5: about half the rows are the student's
     share = src.stats()["imitkd/student_rows"] / (20 * 8)
     assert 0.35 < share < 0.65
+
+
+def test_gkd_seq_kd_uses_teacher_samples_off_policy():
+    from switchkd.sources import MixtureSource
+
+    cfg, student, teacher, tok, vocab, examples = _setup(["method.name=gkd", "method.source=mixture",
+                                                          "method.divergence=jsd", "method.student_ratio=0.0",
+                                                          "method.seq_kd=true", "method.max_new_tokens=6",
+                                                          "method.do_sample=false"])
+    items, _ = tokenize(examples[:4], tok, 400, 600)
+    batch = collate(items, tok.pad_token_id)
+    out = MixtureSource(cfg, student, teacher, tok, vocab)(batch, 0)
+    from switchkd.rollout import RolloutConfig, rollout
+
+    ref = rollout(None, teacher, batch["prompt_ids"], batch["prompt_mask"],
+                  RolloutConfig(source="teacher", max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id, vocab_size=vocab))
+    P = batch["prompt_ids"].shape[1]
+    for i in range(4):
+        assert out["labels"][i][out["labels"][i] != -100].tolist() == ref.sequences[i, P:][ref.response_mask[i]].tolist()
