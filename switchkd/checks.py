@@ -60,6 +60,12 @@ RULES: Dict[str, Rule] = {
     "eval.batch_size": COUNT, "eval.limit": optional(COUNT),
     "model.lora.r": COUNT0, "model.lora.alpha": gt(0), "model.lora.dropout": in_range(0.0, 1.0, hi_open=True),
 }
+#: parameters each registry divergence accepts besides ``temperature`` (kept here, torch-free, so that a
+#: config is checked before torch loads; ``switchkd.divergences.PARAMS`` is this table)
+DIVERGENCE_PARAMS: Dict[str, tuple] = {
+    "fkl": (), "rkl": (), "tvd": (), "jsd": ("beta",), "skl": ("alpha",), "srkl": ("alpha",),
+    "topk_kl": ("k",), "topk_kl_renorm": ("k",), "bild": ("k",), "ce": (),
+}
 #: divergence parameters: name -> rule (``k``: at least 3 for BiLD, which needs pairs of pairs)
 PARAM_RULES: Dict[str, Rule] = {"alpha": PROB, "beta": PROB, "k": ge(1)}
 CANONICAL_FIELDS = ("instruction", "input", "output", "prompt", "messages", "context", "response")

@@ -271,7 +271,9 @@ def validate(cfg: Config) -> None:
         value = getattr(node, key)
         if value not in choices:
             raise ConfigError(f"config error: {dotted}={value!r}; valid choices: {', '.join(choices)}")
-    from switchkd.divergences import DIVERGENCES, PARAMS
+    from switchkd.checks import DIVERGENCE_PARAMS as PARAMS
+
+    DIVERGENCES = list(PARAMS)
 
     m = cfg.method
     if m.divergence not in DIVERGENCES:

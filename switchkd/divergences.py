@@ -19,6 +19,8 @@ from typing import Callable, Dict, Optional, Union
 import torch
 from torch import Tensor
 
+from switchkd.checks import DIVERGENCE_PARAMS
+
 _NEG = -1e30  # finite stand-in for -inf logits (keeps 0 * (a - b) finite)
 
 
@@ -320,11 +322,7 @@ DIVERGENCES: Dict[str, Callable[..., Tensor]] = {
     "ce": ce,
 }
 
-#: parameters each divergence accepts besides ``temperature`` (used to validate configs)
-PARAMS: Dict[str, tuple] = {
-    "fkl": (), "rkl": (), "tvd": (), "jsd": ("beta",), "skl": ("alpha",), "srkl": ("alpha",),
-    "topk_kl": ("k",), "topk_kl_renorm": ("k",), "bild": ("k",), "ce": (),
-}
+PARAMS = DIVERGENCE_PARAMS  # parameters each divergence accepts besides ``temperature`` (switchkd.checks)
 
 
 def divergence(

@@ -173,3 +173,9 @@ def test_closed_form_student_gradient_equals_autograd_of_the_definition(name, kw
     t_req = t.clone().requires_grad_()  # a teacher that needs a gradient takes the autograd path
     both = DIVERGENCES[name](s, t_req, temperature=temperature, **kw).sum()
     assert torch.autograd.grad(both, t_req)[0].abs().sum() > 0
+
+
+def test_the_config_checks_know_every_registry_divergence():
+    from switchkd.checks import DIVERGENCE_PARAMS
+
+    assert set(DIVERGENCE_PARAMS) == set(DIVERGENCES)

@@ -183,3 +183,14 @@ def test_more_listed_cases(capsys, tmp_path):
         err = [x for x in capsys.readouterr().err.strip().splitlines() if "error" in x or "Traceback" in x]
         assert rc == 2 and len(err) == 1 and err[0].startswith("switchkd: error:") and key in err[0], (override, err)
         assert not (tmp_path / "r").exists()
+
+
+def test_config_mistakes_are_reported_before_torch_loads():
+    import subprocess
+    import sys
+
+    code = ("import sys; from switchkd.cli import main; "
+            f"rc = main(['train', {KD!r}, 'train.lr=-1', 'output.dir=/nonexistent/x']); "
+            "print(rc, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr)
