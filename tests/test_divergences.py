@@ -12,6 +12,12 @@ from switchkd.divergences import DIVERGENCES, bild, divergence
 torch.manual_seed(0)
 
 
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws the same random logits whatever ran before it (order-independent, not flaky)."""
+    torch.manual_seed(1234)
+
 def _probs(logits, t=1.0):
     z = [x / t for x in logits]
     m = max(z)
