@@ -326,6 +326,10 @@ class Trainer:
                 state = json.loads((ckpt / "trainer_state.json").read_text())
                 shape = state.pop("shape", None)
                 source_state = torch.load(ckpt / "source_state.pt", weights_only=False)
+                for rng_file in ckpt.glob("random_states_*.pkl"):  # accelerate would skip a bad one silently
+                    torch.load(rng_file, weights_only=False)
+                if not any(ckpt.glob("random_states_*.pkl")):
+                    raise FileNotFoundError("no random_states_*.pkl")
                 if shape is not None and shape != self._shape():
                     raise ConfigError(f"train.resume: {ckpt} was written by a run with {shape}; this run has "
                                       f"{self._shape()}")

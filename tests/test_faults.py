@@ -35,7 +35,8 @@ def _steps(out: Path) -> list:
     return [json.loads(x)["step"] for x in lines if x.endswith("}")]
 
 
-@pytest.mark.parametrize("preset,extra", [("tiny/switch", ()), ("tiny/distillm", ("train.grad_accum=2",
+@pytest.mark.parametrize("preset,extra", [("tiny/kd", ("train.grad_accum=2",)), ("tiny/switch", ()),
+                                          ("tiny/distillm", ("train.grad_accum=2",
                                                                                    "method.init_student_prob=0.5"))])
 def test_kill_9_and_resume_gives_the_uninterrupted_weights(preset, extra, tmp_path):
     full = subprocess.run(_cmd(preset, tmp_path / "full", extra), env=ENV, capture_output=True, text=True, timeout=300)
@@ -67,6 +68,12 @@ def test_corrupt_checkpoint_is_skipped_and_nan_stops_the_run(tmp_path, capsys):
     ckpts = sorted((out / "checkpoints").iterdir())
     assert [c.name for c in ckpts] == ["step-00000004", "step-00000006"][: len(ckpts)] or len(ckpts) == 2
     (ckpts[-1] / "model.safetensors").write_bytes(b"garbage")
+    assert main(["train", kd, *common, "train.resume=true"]) == 0
+    captured = capsys.readouterr().out
+    assert "skipping unreadable checkpoint" in captured and f"resumed from {ckpts[-2]}" in captured
+    ckpts = sorted((out / "checkpoints").iterdir())
+    rng = next(ckpts[-1].glob("random_states_*.pkl"))
+    rng.write_bytes(rng.read_bytes()[:10])  # a truncated RNG file is not silently accepted
     assert main(["train", kd, *common, "train.resume=true"]) == 0
     captured = capsys.readouterr().out
     assert "skipping unreadable checkpoint" in captured and f"resumed from {ckpts[-2]}" in captured
