@@ -347,6 +347,7 @@ class Trainer:
                 print(f"resumed from {ckpt} at step {self.state.step}")
             return
         if self.acc.is_main_process:
+            self._truncate_metrics(0)  # the steps logged before the kill are trained again
             print(f"train.resume: no readable checkpoint in {self.out / 'checkpoints'}; starting from scratch")
 
     def _truncate_metrics(self, step: int) -> None:
