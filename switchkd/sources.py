@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -64,6 +63,7 @@ class DatasetSource:
         return {}
 
     dev_metric = "objective"  # what on_validation receives: the training objective on dev, or "ce"
+    total_steps = 1  # optimizer steps of the run (set by the trainer; schedules read it)
 
     def on_validation(self, dev_loss: float) -> None:
         """Called with the dev loss (``dev_metric``) at each evaluation."""
@@ -74,12 +74,15 @@ class DatasetSource:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.rng.setstate(state["rng"])
 
-    def _rollout(self, batch: Batch, source: str, keep_teacher: bool = False) -> tuple[Batch, RolloutOutput]:
-        """Decode responses for the batch's prompts and rebuild it around them."""
+    def _rollout(self, batch: Batch, source: str, keep_teacher: bool = False,
+                 greedy: bool = False) -> tuple[Batch, RolloutOutput]:
+        """Decode responses for the batch's prompts (``greedy``: argmax whatever ``method.do_sample``)
+        and rebuild it around them."""
         device, P = batch["prompt_ids"].device, batch["prompt_ids"].shape[1]
         rcfg = from_method(self.cfg.method, source, min(self.cfg.method.max_new_tokens, self.cfg.data.max_length - P),
                            self.tok, self.vocab, keep_teacher)
         rcfg.seed = self.rng.getrandbits(62)  # sampling from the source's own (checkpointed) RNG: resumes exactly
+        rcfg.do_sample = rcfg.do_sample and not greedy
         student = self.unwrap(self.student)
         was_training = student.training
         student.eval()
@@ -140,7 +143,6 @@ class ImitkdSource(DatasetSource):
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self.total_steps = 1  # set by the trainer
         self.counts = {"dataset_rows": 0, "student_rows": 0}
 
     def beta(self, step: int) -> float:
@@ -155,9 +157,7 @@ class ImitkdSource(DatasetSource):
         if not rows:
             return batch
         sub = {k: (v[rows] if isinstance(v, Tensor) else v) for k, v in batch.items()}
-        greedy = replace(self.cfg, method=replace(self.cfg.method, do_sample=False))
-        gen, _ = DatasetSource(greedy, self.student, self.teacher, self.tok, self.vocab, self.unwrap)._rollout(
-            sub, "student")
+        gen, _ = self._rollout(sub, "student", greedy=True)
         student = {idx: gen["labels"][j][gen["labels"][j] != -100].tolist() for j, idx in enumerate(rows)}
         responses = [student[i] if i in student else row[row != -100].tolist() for i, row in enumerate(batch["labels"])]
         prompts = _rows(batch["prompt_ids"], batch["prompt_mask"])
@@ -206,7 +206,6 @@ class DistillmSource(DatasetSource):
         self.p = self.cfg.method.init_student_prob
         self.buffer: deque = deque(maxlen=self.cfg.method.replay_size)
         self.reference: Optional[float] = None
-        self.total_steps = 1  # set by the trainer
         self.counts = {"dataset": 0, "fresh": 0, "replay": 0}
 
     def decide(self, u: float, step: int) -> str:
