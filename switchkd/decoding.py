@@ -143,13 +143,19 @@ def chooser(cfg: RolloutConfig, generator: Optional[torch.Generator]) -> Callabl
 
 def setup(ref: Any, cfg: RolloutConfig, device: torch.device) -> tuple[int, Tensor, int, Callable, Callable]:
     """``(vocab, eos_ids, pad, choose, gate_fn)`` shared by the lockstep and speculative decoders."""
-    vocab = cfg.vocab_size or ref.get_output_embeddings().weight.shape[0]
+    vocab = cfg.vocab_size or head_rows(ref)
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else ref.config.eos_token_id
     eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(ref.config, "pad_token_id", None)
     pad = int(pad if pad is not None else eos_ids[0])
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     return vocab, eos_ids, pad, chooser(cfg, gen), GATES[cfg.gate]
+
+
+def head_rows(model: Any) -> int:
+    """Rows of the model's LM head (its full size also when ZeRO-3 holds only a shard of it)."""
+    w = model.get_output_embeddings().weight
+    return int(getattr(w, "ds_shape", w.shape)[0])
 
 
 _COMPILED: "weakref.WeakKeyDictionary[Any, Callable]" = weakref.WeakKeyDictionary()

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from switchkd.config import ConfigError, DataConfig, EvalConfig
 from switchkd.data import Example, encode_prompt, left_pad, load_examples
 from switchkd.metrics import METRICS, rouge_l  # noqa: F401  (rouge_l: re-exported)
-from switchkd.rollout import RolloutConfig, rollout
+from switchkd.rollout import RolloutConfig, head_rows, rollout
 
 SUITE = {  # name -> candidate paths inside a MiniLLM-style data directory
     "dolly": ("dolly/valid.jsonl",),
@@ -40,7 +40,7 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Eval
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
-    vocab = min(len(tokenizer), model.get_output_embeddings().weight.shape[0])
+    vocab = min(len(tokenizer), head_rows(model))
     out: List[str] = []
     for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False, disable=len(prompts) <= cfg.batch_size):
         chunk = [encode_prompt(tokenizer, p)[-cfg.max_prompt_length:] for p in prompts[start:start + cfg.batch_size]]

@@ -28,12 +28,14 @@ from switchkd.decoding import (  # noqa: F401  (re-exported: the public names of
     RolloutOutput,
     Stepper,
     chooser,
+    head_rows,
     setup,
     switch_gate,
     threshold,
     thresholds,
     use_compile,
 )
+from switchkd.distributed import all_ranks, is_sharded
 from switchkd.speculative import speculative_switch
 
 _chooser = chooser  # earlier name, kept for callers
@@ -64,6 +66,8 @@ def rollout(
 
     The teacher may see its own left-padded prompt (response priming) through
     ``teacher_input_ids``/``teacher_attention_mask``; the generated tokens are shared.
+    With a sharded model (FSDP2, ZeRO-3) the loop is rank-synchronised, eager and lockstep
+    (``speculative`` and ``compile`` are not used): every rank steps until all ranks are done.
     """
     if cfg.source not in ("student", "teacher", "switch"):
         raise ValueError(f"source must be student, teacher or switch, got {cfg.source!r}")
@@ -73,18 +77,20 @@ def rollout(
         raise ValueError(f"source={cfg.source!r} needs the {'teacher' if use_t else 'student'} model")
     t_ids = teacher_input_ids if teacher_input_ids is not None else input_ids
     t_mask = teacher_attention_mask if teacher_attention_mask is not None else attention_mask
-    if cfg.source == "switch" and cfg.speculative:
+    synced = (use_s and is_sharded(student)) or (use_t and is_sharded(teacher))  # FSDP2 / ZeRO-3: collective forwards
+    if cfg.source == "switch" and cfg.speculative and not synced:
         return speculative_switch(student, teacher, input_ids, attention_mask, cfg, t_ids, t_mask)
     device = input_ids.device
     vocab, eos_ids, pad, choose, gate_fn = setup(ref, cfg, device)
     B, N = input_ids.shape[0], cfg.max_new_tokens
-    static = use_compile(cfg, device)
+    static = use_compile(cfg, device) and not synced
     kw = dict(static=static, capacity=N, compiled=static)
     s = Stepper(student, input_ids, attention_mask, vocab, **kw) if use_s else None
     tt = Stepper(teacher, t_ids, t_mask, vocab, **kw) if use_t else None
     rec = Record(B, N, vocab, pad, device, cfg.keep_teacher_logits and use_t)
     sync = cfg.sync_every or (1 if device.type == "cpu" else 8)
-    for t in range(N):
+    t = 0
+    while True:
         d = None
         if cfg.source == "student":
             tok, by_t = choose(s.logits), torch.zeros_like(rec.done)
@@ -98,9 +104,14 @@ def rollout(
         rec.write(cols, tok[:, None], (by_t & live)[:, None], None if d is None else d[:, None],
                   tt.logits[:, None] if rec.kept is not None else None)
         rec.done |= torch.isin(tok, eos_ids) & live
-        if t == N - 1 or ((t + 1) % sync == 0 and bool(rec.done.all())):
+        if synced:  # ranks step together until every rank is done; a rank past its end decodes into the trash column
+            rec.done |= t >= N - 1
+            if all_ranks(bool(rec.done.all()), device):
+                break
+        elif t == N - 1 or ((t + 1) % sync == 0 and bool(rec.done.all())):
             break
         for stepper in (s, tt):
             if stepper is not None:
                 stepper.feed(tok[:, None])
+        t += 1
     return rec.output(input_ids, {"student": s.forwards if s else 0, "teacher": tt.forwards if tt else 0})

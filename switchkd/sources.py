@@ -21,6 +21,7 @@ from torch import Tensor
 
 from switchkd.config import Config
 from switchkd.data import build_batch
+from switchkd.distributed import all_ranks
 from switchkd.losses import response_logits
 from switchkd.rollout import RolloutOutput, from_method, rollout
 
@@ -54,6 +55,9 @@ class DatasetSource:
                  unwrap: Callable[[Any], Any] = lambda m: m, seed: int = 0) -> None:
         self.cfg, self.student, self.teacher, self.tok, self.vocab = cfg, student, teacher, tokenizer, vocab
         self.unwrap, self.rng = unwrap, random.Random(seed)
+        # per-batch choices (rollout or not) draw from an RNG that every process seeds alike, so that with
+        # sharded models (collective forwards) all processes roll out together; row-level draws use ``rng``
+        self.shared = random.Random(cfg.train.seed * 1000 + 999)
 
     def __call__(self, batch: Batch, step: int) -> Batch:
         return batch
@@ -64,15 +68,18 @@ class DatasetSource:
 
     dev_metric = "objective"  # what on_validation receives: the training objective on dev, or "ce"
     total_steps = 1  # optimizer steps of the run (set by the trainer; schedules read it)
+    sharded = False  # set by the trainer under FSDP / ZeRO-3: rollouts are collective
 
     def on_validation(self, dev_loss: float) -> None:
         """Called with the dev loss (``dev_metric``) at each evaluation."""
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"rng": self.rng.getstate()}
+        return {"rng": self.rng.getstate(), "shared": self.shared.getstate()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.rng.setstate(state["rng"])
+        if "shared" in state:
+            self.shared.setstate(state["shared"])
 
     def _rollout(self, batch: Batch, source: str, keep_teacher: bool = False,
                  greedy: bool = False) -> tuple[Batch, RolloutOutput]:
@@ -154,10 +161,14 @@ class ImitkdSource(DatasetSource):
         rows = [i for i in range(batch["input_ids"].shape[0]) if self.rng.random() >= b]
         self.counts["student_rows"] += len(rows)
         self.counts["dataset_rows"] += batch["input_ids"].shape[0] - len(rows)
+        anyone = not all_ranks(not rows, batch["input_ids"].device) if self.sharded else bool(rows)  # collective
+        if not anyone:
+            return batch
+        # (sharded: a process with no student rows still decodes one, discarded, while another process decodes)
+        sub = {k: (v[rows or [0]] if isinstance(v, Tensor) else v) for k, v in batch.items()}
+        gen, _ = self._rollout(sub, "student", greedy=True)
         if not rows:
             return batch
-        sub = {k: (v[rows] if isinstance(v, Tensor) else v) for k, v in batch.items()}
-        gen, _ = self._rollout(sub, "student", greedy=True)
         student = {idx: gen["labels"][j][gen["labels"][j] != -100].tolist() for j, idx in enumerate(rows)}
         responses = [student[i] if i in student else row[row != -100].tolist() for i, row in enumerate(batch["labels"])]
         prompts = _rows(batch["prompt_ids"], batch["prompt_mask"])
@@ -177,7 +188,7 @@ class MixtureSource(DatasetSource):
     (the student is in eval mode while it generates: no dropout, as TRL's ``disable_dropout``)."""
 
     def __call__(self, batch: Batch, step: int) -> Batch:
-        if self.rng.random() < self.cfg.method.student_ratio:
+        if self.shared.random() < self.cfg.method.student_ratio:
             return self._rollout(batch, "student")[0]
         if self.cfg.method.seq_kd:
             return self._rollout(batch, "teacher")[0]
@@ -219,7 +230,7 @@ class DistillmSource(DatasetSource):
 
     def __call__(self, batch: Batch, step: int) -> Batch:
         n = batch["input_ids"].shape[0]
-        choice = self.decide(self.rng.random(), step)
+        choice = self.decide(self.shared.random(), step)
         if choice == "replay" and len(self.buffer) < n:
             choice = "fresh"  # only when replay_size < batch size
         self.counts[choice] += 1
@@ -279,7 +290,7 @@ class SwitchSource(DatasetSource):
         self.n, self.teacher_n, self.gate_sum = torch.zeros(k), torch.zeros(k), torch.zeros(k)
 
     def __call__(self, batch: Batch, step: int) -> Batch:
-        if self.rng.random() >= self.cfg.method.switch_ratio:
+        if self.shared.random() >= self.cfg.method.switch_ratio:
             return batch
         new, out = self._rollout(batch, "switch", keep_teacher=True)
         pos = torch.arange(out.response_mask.shape[1], device=out.response_mask.device).expand_as(out.response_mask)

@@ -22,17 +22,17 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from switchkd.config import Config, ConfigError, to_yaml
+from switchkd import distributed
+from switchkd.config import Config, ConfigError, LoraConfig, to_yaml
 from switchkd.data import Tokenized, collate, load_examples, tokenize
 from switchkd.evaluate import generate_texts, rouge_l
 from switchkd.losses import chunked_loss_sum, kd_weight, response_logits, response_tokens, token_loss
-from switchkd.models import load_pair
+from switchkd.models import load_model, load_pair, with_adapter
 from switchkd.sources import make_source, teacher_targets
 from switchkd.teacher_cache import TeacherCache
 
@@ -102,6 +102,8 @@ def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, t
     scale = accelerator.num_processes / max(total, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
     needs_teacher = kd_weight(cfg.method) > 0
+    # DeepSpeed would divide by its gradient_accumulation_steps again: the scale above is already exact
+    extra = {"scale_wrt_gas": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
     for i, b in enumerate(group):
         sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(student)
         with sync, accelerator.autocast():
@@ -113,7 +115,9 @@ def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, t
                 t = teacher_targets(teacher, b, vocab) if needs_teacher else None
                 s, target = response_logits(student, b["input_ids"], b["attention_mask"], b["labels"], vocab)
                 loss = token_loss(s, t, target, cfg.method).sum()
-            accelerator.backward(loss * scale)
+            if extra:  # DeepSpeed steps its engine at every backward that accelerate marks as a boundary
+                accelerator.gradient_state._set_sync_gradients(i == len(group) - 1)
+            accelerator.backward(loss * scale, **extra)
         loss_sum += loss.detach()
     return float(accelerator.reduce(loss_sum, reduction="sum")) / max(total, 1), total
 
@@ -126,10 +130,8 @@ class Trainer:
         if int(os.environ.get("RANK", "0")) == 0:
             check_output_dir(cfg)
         trackers = [t for t in cfg.train.loggers if _installed(t)]
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process: a fresh accelerate state per run, since an
-            AcceleratorState._reset_state(reset_partial_state=True)  # earlier run here may have used another device
-        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers or None,
-                               project_dir=str(self.out), cpu=not _has_accelerator())
+        self.acc = distributed.make_accelerator(cfg, trackers)
+        self.sharded = distributed.kind(self.acc) != "replicated"
         set_seed(cfg.train.seed)
         self.student, self.teacher, self.tok, self.vocab = load_pair(
             cfg.model, None if cfg.method.teacher_cache else cfg.teacher)
@@ -150,15 +152,17 @@ class Trainer:
         opt = torch.optim.AdamW(param_groups(self.student, cfg.train.weight_decay), lr=cfg.train.lr)
         sched = get_scheduler(cfg.train.scheduler, opt, num_warmup_steps=cfg.train.warmup_steps,
                               num_training_steps=self.total)
+        if distributed.kind(self.acc) == "zero3":
+            distributed.configure_deepspeed(self.acc, cfg)
         # the scheduler is stepped once per optimizer step (a prepared one would step once per process)
         self.student, self.opt = self.acc.prepare(self.student, opt)
         self.sched = sched
         self.acc.register_for_checkpointing(self.sched)
-        if self.teacher is not None:
-            self.teacher.to(self.acc.device)
+        self.teacher_engine = distributed.prepare_teacher(self.teacher, self.acc)  # sharded like the student
+        self.teacher = distributed.unwrap(self.teacher_engine)
         self.source = make_source(cfg, self.student, self.teacher, self.tok, self.vocab, self.acc.unwrap_model,
                                   seed=cfg.train.seed * 1000 + self.acc.process_index)
-        self.source.total_steps = self.total
+        self.source.total_steps, self.source.sharded = self.total, self.sharded
         self.state = TrainState()
         if self.acc.is_main_process:
             try:
@@ -167,6 +171,8 @@ class Trainer:
                 raise ConfigError(f"output.dir={self.out}: cannot create it ({exc.strerror or exc})") from None
             (self.out / "config.yaml").write_text(to_yaml(cfg))
             print(to_yaml(cfg), stats.line("train"), sep="\n", flush=True)
+            if self.acc.num_processes > 1:
+                print(distributed.describe(self.acc, self.sharded, self.teacher_engine), flush=True)
         if trackers:
             self.acc.init_trackers("switchkd", config=json.loads(json.dumps(asdict(cfg), default=str)))
 
@@ -200,8 +206,8 @@ class Trainer:
             group = [self._with_cache(self.source(next(batches), self.state.step)) for _ in range(cfg.train.grad_accum)]
             self.student.train()
             loss, n_tok = step_gradients(self.student, self.teacher, group, cfg, self.vocab, self.acc)
-            norm = float(self.acc.clip_grad_norm_(self.student.parameters(),
-                                                  cfg.train.clip if cfg.train.clip > 0 else float("inf")))
+            norm = self.acc.clip_grad_norm_(self.student.parameters(), cfg.train.clip if cfg.train.clip > 0 else float("inf"))
+            norm = float(norm) if norm is not None else 0.0  # DeepSpeed clips inside its step (None before it)
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 bar.close()
                 self.acc.end_training()
@@ -259,9 +265,10 @@ class Trainer:
         return total / max(n, 1)
 
     def _evaluate_dev(self) -> float:
-        """Greedy dev ROUGE-L (main process); saves ``best/`` when it improves."""
-        score = 0.0
-        if self.acc.is_main_process:
+        """Greedy dev ROUGE-L (main process; every process when the student is sharded, since its
+        forwards are collective); saves ``best/`` when it improves."""
+        score, runs = 0.0, self.acc.is_main_process or self.sharded
+        if runs:
             model = self.acc.unwrap_model(self.student).eval()
             ecfg = replace(self.cfg.eval, do_sample=False)
             texts = generate_texts(model, self.tok, [e.prompt for e in self.dev], ecfg, None, desc="dev")
@@ -281,16 +288,25 @@ class Trainer:
 
     def _save_model(self, path: Path) -> None:
         """``save_pretrained`` (safetensors) into a temporary directory, then rename.  A LoRA student
-        saves its adapter (``path/``; with ``output.merge``: ``path/adapter/`` and the merged model in ``path/``)."""
+        saves its adapter (``path/``; with ``output.merge``: ``path/adapter/`` and the merged model in ``path/``).
+        Called by the main process, or by every process when the student is sharded (the full state
+        dict is gathered collectively; the main process writes)."""
+        state = self.acc.get_state_dict(self.student) if self.sharded else None
+        if not self.acc.is_main_process:
+            return
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model = self.acc.unwrap_model(self.student)
+        model = distributed.unwrap(self.acc.unwrap_model(self.student))
+        if state is not None:
+            state = distributed.retie(model, state)
         if hasattr(model, "merge_and_unload") and self.cfg.output.merge:
-            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+            model.save_pretrained(tmp / "adapter", safe_serialization=True, state_dict=state)
             self.tok.save_pretrained(tmp / "adapter")
-            copy.deepcopy(model).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+            merged = with_adapter(load_model(replace(self.cfg.model, lora=LoraConfig()), self.tok), str(tmp / "adapter")) \
+                if self.sharded else copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(tmp, safe_serialization=True)
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
         self.tok.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
@@ -364,23 +380,16 @@ class Trainer:
 
     def _finish(self) -> Path:
         """Write ``final/``: the best dev checkpoint when kept, else the last weights."""
-        final = self.out / "final"
-        if self.acc.is_main_process:
-            best = self.out / "best"
-            if self.cfg.train.keep_best and best.is_dir():
+        final, best = self.out / "final", self.out / "best"
+        if self.cfg.train.keep_best and self.state.best_step >= 0 and (self.sharded or best.is_dir()):
+            if self.acc.is_main_process:  # (sharded: every process decides alike from the state)
                 shutil.rmtree(final, ignore_errors=True)
                 shutil.copytree(best, final)
-            else:
-                self._save_model(final)
+        elif self.acc.is_main_process or self.sharded:
+            self._save_model(final)
         self.acc.wait_for_everyone()
         self.acc.end_training()
         return final
-
-
-def _has_accelerator() -> bool:
-    """True when a GPU-like device exists (on CPU-only hosts accelerate needs ``cpu=True`` for gloo DDP)."""
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
-        torch.backends.mps.is_available()
 
 
 def _installed(tracker: str) -> bool:
