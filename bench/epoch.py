@@ -51,7 +51,7 @@ def main() -> None:
               f"data.limit={args.examples}", "data.max_prompt_length=128", "data.max_length=256", "data.dev=null",
               "train.batch_size=8", "train.epochs=1", "train.log_every=1000", "train.keep_best=false"]
     t0 = time.perf_counter()
-    build_cache(load_config(None, common + ["method.name=kd"]), out / "cache", k=args.k)
+    build_cache(load_config(None, common + ["method.name=kd", "method.divergence=fkl"]), out / "cache", k=args.k)
     print(json.dumps({"variant": "build cache (once)", "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
     variants = {"sft": ["method.name=sft", "method.kd_ratio=0"],
                 "online KD (fkl)": ["method.name=kd", "method.divergence=fkl"],

@@ -116,8 +116,10 @@ def train_steps(args: argparse.Namespace, tok, teacher_dir: Path, student_dir: P
     data = out / "prompts.jsonl"
     data.write_text("".join(json.dumps({"instruction": x, "output": "unused"}) + "\n" for x in texts))
     prec = ["train.mixed_precision=bf16", "teacher.dtype=bfloat16"] if a.bf16 else []
-    variants = {"switchkd gkd": ["method.name=gkd", "method.source=mixture", "method.student_ratio=1.0", *prec],
-                "switchkd switch (preset)": ["method.name=switch", "method.source=switch", "method.switch_ratio=1.0", *prec]}
+    variants = {"switchkd gkd": ["method.name=gkd", "method.source=mixture", "method.divergence=jsd",
+                                 "method.student_ratio=1.0", *prec],
+                "switchkd switch (preset)": ["method.name=switch", "method.source=switch", "method.divergence=jsd",
+                                             "method.switch_ratio=1.0", *prec]}
     if not args.skip_trl:
         variants = {"trl DistillationTrainer": None} | variants
     med = {}
@@ -137,7 +139,7 @@ def memory(args: argparse.Namespace, teacher_dir: Path, student_dir: Path, out: 
 
     data = out / "prompts.jsonl"
     rows = []
-    for method in (["method.name=kd", "method.divergence=fkl"], ["method.name=switch", "method.source=switch"]):
+    for method in (["method.name=kd", "method.divergence=fkl"], ["method.name=switch", "method.source=switch", "method.divergence=srkl"]):
         for lora in (False, True):
             for chunk in (0, 256):
                 torch.cuda.reset_peak_memory_stats()

@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from switchkd.config import ConfigError
-
-PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+from switchkd.config import PRESET_DIR, ConfigError
 
 
 def preset_path(name: str) -> str:

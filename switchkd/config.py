@@ -16,6 +16,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"  # the shipped presets (configs/<family>/<name>.yaml)
+
+
 class ConfigError(ValueError):
     """A user mistake in a config file or override (message is one line)."""
 
@@ -62,9 +65,9 @@ class DataConfig:
 class MethodConfig:
     """Which sequences we train on x which per-token loss."""
 
-    name: str = "sft"
+    name: str = "sft"  # a label only (logs, reports): behaviour comes from source, divergence and their parameters
     source: str = "dataset"  # dataset | teacher | student | imitkd | mixture | distillm | switch
-    divergence: str = "fkl"
+    divergence: str = "ce"  # a divergence from the registry; "ce" = cross-entropy on the sequences alone
     params: Dict[str, float] = field(default_factory=dict)  # divergence parameters
     temperature: float = 1.0
     kd_ratio: float = 1.0  # loss = kd_ratio * divergence + (1 - kd_ratio) * CE
@@ -165,7 +168,6 @@ CHOICES: Dict[str, Sequence[str]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "teacher.dtype": ("float32", "bfloat16", "float16"),
     "data.format": ("auto", "minillm", "dolly", "messages"),
-    "method.name": ("sft", "kd", "bild", "seqkd", "imitkd", "student_fkl", "gkd", "distillm", "switch"),
     "method.source": ("dataset", "teacher", "student", "imitkd", "mixture", "distillm", "switch"),
     "method.schedule": ("exp", "linear", "const"),
     "method.gate": ("jsd", "fkl", "rkl", "tvd"),
@@ -292,9 +294,12 @@ def validate(cfg: Config) -> None:
                           "only when the dev loss does (set data.dev, and train.eval_every)")
     if m.teacher_cache and m.source != "dataset":
         raise ConfigError("config error: method.teacher_cache works with method.source=dataset only")
-    needs_teacher = m.name != "sft" and (m.kd_ratio > 0 or m.source != "dataset") and not m.teacher_cache
+    distils = m.divergence != "ce" and m.kd_ratio > 0
+    needs_teacher = (distils or m.source in ("teacher", "switch") or (m.source == "mixture" and m.seq_kd)) \
+        and not m.teacher_cache
     if needs_teacher and cfg.teacher is None:
-        raise ConfigError(f"config error: method.name={m.name!r} needs a teacher; set teacher.name")
+        why = f"method.divergence={m.divergence} (kd_ratio {m.kd_ratio})" if distils else f"method.source={m.source}"
+        raise ConfigError(f"config error: {why} needs a teacher; set teacher.name")
     if str(m.compile).lower() not in ("auto", "true", "false"):
         raise ConfigError(f"config error: method.compile={m.compile!r}; valid choices: auto, true, false")
     lora = cfg.model.lora
@@ -304,6 +309,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config error: output.merge=true needs a LoRA student (model.lora.r > 0)")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError("config error: data.max_prompt_length must be smaller than data.max_length")
+
+
+def preset_method(name: str) -> List[str]:
+    """The ``method`` section of the preset ``name`` (e.g. ``tiny/switch``) as ``method.key=value``
+    overrides, so that a preset's method can be laid over another run's model, data and budget."""
+    raw = OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{name}.yaml"), resolve=True) or {}
+
+    def flat(prefix: str, node: Any) -> List[str]:
+        if isinstance(node, dict):
+            return [x for k, v in node.items() for x in flat(f"{prefix}.{k}", v)]
+        value = "null" if node is None else str(node).lower() if isinstance(node, bool) else node
+        return [f"{prefix}={value}"]
+
+    return flat("method", raw.get("method") or {})
 
 
 def to_yaml(cfg: Config) -> str:

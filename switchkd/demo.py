@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from switchkd.config import load_config
+from switchkd.config import load_config, preset_method
 from switchkd.evaluate import score_examples
 from switchkd.models import load_model, load_tokenizer
 from switchkd.train import train
@@ -28,20 +28,10 @@ TEACHER = "tiny:gpt2,layers=4,dim=128,heads=4,seed=1"
 STUDENT = "tiny:gpt2,layers=2,dim=64,heads=4,seed=2"
 COMMON = ["data.train=synthetic", "data.dev=synthetic:dev", "data.max_prompt_length=128", "data.max_length=320",
           "eval.max_prompt_length=128", "eval.max_length=320", "train.log_every=10", "method.max_new_tokens=160"]
-#: method name -> overrides on top of COMMON (student, teacher, data and budget are shared)
-METHODS: Dict[str, List[str]] = {
-    "sft": ["method.name=sft", "method.kd_ratio=0.0"],
-    "kd": ["method.name=kd", "method.divergence=fkl"],
-    "seqkd": ["method.name=seqkd", "method.source=teacher", "method.kd_ratio=0.0", "method.do_sample=false"],
-    "imitkd": ["method.name=imitkd", "method.source=imitkd", "method.divergence=fkl"],
-    "gkd": ["method.name=gkd", "method.source=mixture", "method.divergence=jsd", "method.params.beta=0.5",
-            "method.student_ratio=0.5"],
-    "distillm": ["method.name=distillm", "method.source=distillm", "method.divergence=srkl", "method.params.alpha=0.1",
-                 "method.init_student_prob=0.0", "method.student_prob_step=0.1", "method.max_student_prob=1.0"],
-    "bild": ["method.name=bild", "method.divergence=bild", "method.params.k=8", "method.temperature=3.0"],
-    "switch": ["method.name=switch", "method.source=switch", "method.divergence=srkl", "method.params.alpha=0.1",
-               "method.tau0=0.1", "method.decay=0.1", "method.gate=jsd"],
-}
+#: method name -> the ``method`` section of its preset ``configs/tiny/<name>.yaml``, laid over COMMON
+#: (student, teacher, data and budget are the demo's, shared by all methods)
+METHODS: Dict[str, List[str]] = {name: preset_method(f"tiny/{name}")
+                                 for name in ("sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "bild", "switch")}
 
 
 @dataclass(frozen=True)
@@ -94,7 +84,7 @@ def prepare(b: Budget) -> tuple[Path, Path]:
 def train_method(method: str, teacher: Path, init: Path, out: Path, b: Budget, seed: int = 1,
                  extra: Sequence[str] = ()) -> Path:
     """Distil from ``init`` with ``method``; returns the final model directory."""
-    cfg = load_config(None, COMMON + METHODS[method] + [
+    cfg = load_config(None, COMMON + METHODS[method] + ["method.max_new_tokens=160", 
         f"model.name={init}", f"teacher.name={teacher}", f"data.synthetic_size={b.size}", f"data.seed={seed}",
         f"train.max_steps={b.student_steps}", f"train.batch_size={b.batch}", "train.lr=1e-3", f"train.seed={seed}",
         "train.warmup_steps=0", f"train.eval_every={b.eval_every}", f"eval.limit={b.dev}", f"output.dir={out}", "output.overwrite=true", *extra])

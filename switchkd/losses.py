@@ -22,8 +22,9 @@ TeacherTargets = Union[Tensor, TopK]  # teacher logits [N, V] or cached top-k ro
 
 
 def kd_weight(method: MethodConfig) -> float:
-    """Weight of the divergence term (0 for methods trained by CE alone)."""
-    return 0.0 if method.name in ("sft", "seqkd") or method.divergence == "ce" else method.kd_ratio
+    """Weight of the divergence term (0 for methods trained by CE alone: ``divergence=ce``).  The
+    method's ``name`` is a label and never changes behaviour."""
+    return 0.0 if method.divergence == "ce" else method.kd_ratio
 
 
 def token_loss(student_logits: Tensor, teacher_logits: Optional[TeacherTargets], labels: Tensor, method: MethodConfig) -> Tensor:

@@ -253,7 +253,7 @@ class Trainer:
         model = self.acc.unwrap_model(self.student).eval()
         method = self.cfg.method
         if ce or (self.teacher is None and kd_weight(method) > 0):  # a cached teacher covers train only: dev CE
-            method = replace(method, name="sft")
+            method = replace(method, kd_ratio=0.0)
         needs_teacher = kd_weight(method) > 0
         for i in range(0, len(self.dev_items), self.cfg.train.batch_size):
             b = collate(self.dev_items[i:i + self.cfg.train.batch_size], self.tok.pad_token_id)

@@ -34,7 +34,8 @@ def test_paper_scale_hyperparameters():
 
 
 def test_overrides_apply():
-    cfg = load_config(None, ["train.lr=1e-4", "method.params.beta=0.3", "method.divergence=jsd", "eval.seeds=[1,2]"])
+    cfg = load_config(None, ["train.lr=1e-4", "method.params.beta=0.3", "method.divergence=jsd", "eval.seeds=[1,2]",
+                             "teacher.name=tiny:gpt2"])
     assert cfg.train.lr == 1e-4 and cfg.method.params == {"beta": 0.3} and cfg.eval.seeds == [1, 2]
 
 
@@ -42,7 +43,6 @@ def test_overrides_apply():
     ("train.lrr=1", "unknown key 'train.lrr'"),
     ("nosection.x=1", "unknown key 'nosection'"),
     ("train.batch_size=abc", "train.batch_size"),
-    ("method.name=magic", "method.name='magic'; valid choices"),
     ("method.divergence=l2", "method.divergence='l2'"),
     ("train.scheduler=step", "valid choices: cosine, linear, constant"),
     ("method.params.gamma=1", "method.params.gamma is not a parameter"),
@@ -63,8 +63,25 @@ def test_unknown_key_in_file_names_file_and_valid_keys(tmp_path):
 
 
 def test_kd_without_teacher_is_rejected():
-    with pytest.raises(ConfigError, match="needs a teacher"):
-        load_config(None, ["method.name=kd"])
+    with pytest.raises(ConfigError, match="method.divergence=fkl .kd_ratio 1.0. needs a teacher"):
+        load_config(None, ["method.divergence=fkl"])
+    with pytest.raises(ConfigError, match="method.source=switch needs a teacher"):
+        load_config(None, ["method.source=switch"])
+
+
+def test_method_name_is_a_label_only():
+    """The name never changes behaviour: the loss comes from divergence and kd_ratio alone."""
+    from switchkd.losses import kd_weight
+
+    teacher = ["teacher.name=tiny:gpt2"]
+    labelled = load_config(None, teacher + ["method.name=sft", "method.kd_ratio=1", "method.divergence=fkl"])
+    assert kd_weight(labelled.method) == 1.0
+    assert load_config(None, teacher + ["method.name=my-experiment", "method.divergence=fkl"]).method.name == "my-experiment"
+    assert kd_weight(load_config(None, ["method.name=kd"]).method) == 0.0  # no divergence given: CE (SFT)
+    for preset in ("sft", "seqkd"):
+        assert kd_weight(load_config(Path(__file__).resolve().parents[1] / f"configs/tiny/{preset}.yaml").method) == 0.0
+    for preset in ("kd", "gkd", "distillm", "switch", "bild", "imitkd"):
+        assert kd_weight(load_config(Path(__file__).resolve().parents[1] / f"configs/tiny/{preset}.yaml").method) > 0
 
 
 def test_bad_yaml_is_reported(tmp_path):

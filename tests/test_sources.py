@@ -57,7 +57,7 @@ def test_gkd_with_lambda_zero_equals_word_level_kd(tmp_path):
 
 def _setup(extra=()):
     cfg = load_config(None, ["model.name=tiny:gpt2,layers=1,dim=32,heads=2", "teacher.name=tiny:llama,layers=2,dim=32,heads=4",
-                             "method.name=kd", "data.synthetic_size=8", "data.max_prompt_length=400", "data.max_length=600",
+                             "method.name=kd", "method.divergence=fkl", "data.synthetic_size=8", "data.max_prompt_length=400", "data.max_length=600",
                              *extra])
     student, teacher, tok, vocab = load_pair(cfg.model, cfg.teacher)
     examples = load_examples("synthetic", cfg.data, tok)

@@ -14,7 +14,7 @@ from switchkd.train import train
 
 BASE = ["model.name=tiny:gpt2,layers=1,dim=32,heads=2", "teacher.name=tiny:gpt2,layers=2,dim=48,heads=4,seed=3",
         "data.synthetic_size=16", "data.max_prompt_length=128", "data.max_length=320", "data.dev=null",
-        "train.max_steps=3", "train.batch_size=4", "method.name=kd"]
+        "train.max_steps=3", "train.batch_size=4", "method.name=kd", "method.divergence=fkl"]
 
 
 def test_rebuild_keeps_top_k_and_total_mass():

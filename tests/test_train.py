@@ -40,7 +40,7 @@ def _grads(cfg, groups):
     return loss, n, {k: p.grad.clone() for k, p in student.named_parameters()}
 
 
-@pytest.mark.parametrize("method", [["method.name=sft", "method.kd_ratio=0"], ["method.name=kd", "method.kd_ratio=0.5"],
+@pytest.mark.parametrize("method", [["method.name=sft", "method.kd_ratio=0"], ["method.name=kd", "method.divergence=fkl", "method.kd_ratio=0.5"],
                                     ["method.name=bild", "method.divergence=bild", "method.temperature=3"]])
 def test_one_batch_of_four_equals_four_of_one(method):
     cfg = load_config(None, TINY + method)
@@ -70,7 +70,7 @@ def test_tiny_presets_train(preset, tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     """A run checkpointed at step 3 and resumed from there ends with the same weights as one run."""
-    base = TINY + ["method.name=kd", "train.max_steps=6", "train.batch_size=4", "data.dev=null", "train.save_every=3",
+    base = TINY + ["method.name=kd", "method.divergence=fkl", "train.max_steps=6", "train.batch_size=4", "data.dev=null", "train.save_every=3",
                    f"output.dir={tmp_path}"]
     full = load_file(train(load_config(None, base)) / "model.safetensors")
     assert [c.name for c in (tmp_path / "checkpoints").iterdir()] == ["step-00000003"]
@@ -109,7 +109,7 @@ def test_two_processes_match_one(tmp_path):
 @pytest.mark.parametrize("method", [["method.name=sft", "method.kd_ratio=0"],
                                     ["method.name=kd", "method.kd_ratio=0.7", "method.divergence=srkl"],
                                     ["method.name=bild", "method.divergence=bild", "method.temperature=3"],
-                                    ["method.name=kd", "method.priming=confidence"]])
+                                    ["method.name=kd", "method.divergence=fkl", "method.priming=confidence"]])
 def test_chunked_loss_equals_full_loss_and_gradients(method):
     cfg = load_config(None, TINY + method)
 
