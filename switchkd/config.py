@@ -15,7 +15,6 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"  # the shipped presets (configs/<family>/<name>.yaml)
 
 

@@ -84,7 +84,7 @@ def prepare(b: Budget) -> tuple[Path, Path]:
 def train_method(method: str, teacher: Path, init: Path, out: Path, b: Budget, seed: int = 1,
                  extra: Sequence[str] = ()) -> Path:
     """Distil from ``init`` with ``method``; returns the final model directory."""
-    cfg = load_config(None, COMMON + METHODS[method] + ["method.max_new_tokens=160", 
+    cfg = load_config(None, COMMON + METHODS[method] + ["method.max_new_tokens=160",
         f"model.name={init}", f"teacher.name={teacher}", f"data.synthetic_size={b.size}", f"data.seed={seed}",
         f"train.max_steps={b.student_steps}", f"train.batch_size={b.batch}", "train.lr=1e-3", f"train.seed={seed}",
         "train.warmup_steps=0", f"train.eval_every={b.eval_every}", f"eval.limit={b.dev}", f"output.dir={out}", "output.overwrite=true", *extra])
