@@ -95,6 +95,9 @@ class MethodConfig:
     max_student_prob: float = 1.0
     student_prob_step: float = 0.1
     loss_eps: float = 0.1  # --loss-eps: p rises when the dev CE is >= reference + loss_eps
+    # the LM loss on pre-training text that DistiLLM and MiniLLM add (--lm-data-dir, --lm-coef)
+    lm_data: Optional[str] = None  # .txt (documents split by blank lines) or .jsonl/.json/.parquet with "text"
+    lm_weight: float = 1.0  # --lm-coef (official default 1): objective += lm_weight x mean CE on a text batch
     # response priming (teacher-only prompt prefix)
     priming: str = "none"  # none | teacher | ground_truth | confidence | custom text
     teacher_cache: Optional[str] = None  # a switchkd cache-teacher directory (dataset source only)

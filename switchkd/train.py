@@ -31,6 +31,7 @@ from switchkd import distributed
 from switchkd.config import Config, ConfigError, LoraConfig, to_yaml
 from switchkd.data import Tokenized, collate, load_examples, tokenize
 from switchkd.evaluate import generate_texts, rouge_l
+from switchkd.lmdata import LMStream, lm_loss
 from switchkd.losses import chunked_loss_sum, kd_weight, response_logits, response_tokens, token_loss
 from switchkd.models import load_model, load_pair, with_adapter
 from switchkd.sources import make_source, teacher_targets
@@ -91,16 +92,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
 
 
 def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, torch.Tensor]], cfg: Config,
-                   vocab: int, accelerator: Accelerator) -> tuple[float, int]:
+                   vocab: int, accelerator: Accelerator, lm: Optional[List[Dict[str, torch.Tensor]]] = None,
+                   stats: Optional[Dict[str, float]] = None) -> tuple[float, int]:
     """Back-propagate one optimizer step's micro-batches; returns ``(mean token loss, tokens)``.
 
     Gradients equal those of ``sum over all tokens / total tokens`` across micro-batches and
-    processes (DDP averages over processes, hence the ``num_processes`` factor).
+    processes (DDP averages over processes, hence the ``num_processes`` factor).  With ``lm`` (one
+    pre-training text batch per micro-batch) the objective gains ``method.lm_weight`` x the mean of
+    the micro-batches' LM cross-entropies (averaged over processes); ``stats["lm_loss"]`` gets it.
     """
     local = sum(response_tokens(b["labels"]) for b in group)
     total = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum"))
     scale = accelerator.num_processes / max(total, 1)
-    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_sum, lm_sum = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     needs_teacher = kd_weight(cfg.method) > 0
     # DeepSpeed would divide by its gradient_accumulation_steps again: the scale above is already exact
     extra = {"scale_wrt_gas": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
@@ -117,8 +121,15 @@ def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, t
                 loss = token_loss(s, t, target, cfg.method).sum()
             if extra:  # DeepSpeed steps its engine at every backward that accelerate marks as a boundary
                 accelerator.gradient_state._set_sync_gradients(i == len(group) - 1)
-            accelerator.backward(loss * scale, **extra)
+            objective = loss * scale
+            if lm is not None:
+                pt = lm_loss(student, lm[i])
+                objective = objective + cfg.method.lm_weight * pt / len(group)
+                lm_sum += pt.detach()
+            accelerator.backward(objective, **extra)
         loss_sum += loss.detach()
+    if lm is not None and stats is not None:
+        stats["lm_loss"] = float(accelerator.reduce(lm_sum, reduction="mean")) / len(group)
     return float(accelerator.reduce(loss_sum, reduction="sum")) / max(total, 1), total
 
 
@@ -163,6 +174,8 @@ class Trainer:
         self.source = make_source(cfg, self.student, self.teacher, self.tok, self.vocab, self.acc.unwrap_model,
                                   seed=cfg.train.seed * 1000 + self.acc.process_index)
         self.source.total_steps, self.source.sharded = self.total, self.sharded
+        self.lm = LMStream(cfg.method.lm_data, self.tok, cfg.data.max_length, cfg.train.seed, self.acc.process_index,
+                           self.acc.num_processes) if cfg.method.lm_data else None
         self.state = TrainState()
         if self.acc.is_main_process:
             try:
@@ -205,7 +218,9 @@ class Trainer:
             t0 = time.perf_counter()
             group = [self._with_cache(self.source(next(batches), self.state.step)) for _ in range(cfg.train.grad_accum)]
             self.student.train()
-            loss, n_tok = step_gradients(self.student, self.teacher, group, cfg, self.vocab, self.acc)
+            lm = [self.lm.next(cfg.train.batch_size, self.acc.device) for _ in group] if self.lm else None
+            extra: Dict[str, float] = {}
+            loss, n_tok = step_gradients(self.student, self.teacher, group, cfg, self.vocab, self.acc, lm, extra)
             norm = self.acc.clip_grad_norm_(self.student.parameters(), cfg.train.clip if cfg.train.clip > 0 else float("inf"))
             norm = float(norm) if norm is not None else 0.0  # DeepSpeed clips inside its step (None before it)
             if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -221,7 +236,7 @@ class Trainer:
             tokens = sum(int(b["attention_mask"].sum()) for b in group) * self.acc.num_processes
             step_s = time.perf_counter() - t0  # sequences (rollouts included) + losses + optimizer step
             rec = {"step": self.state.step, "epoch": self.state.epoch, "loss": loss, "lr": self.sched.get_last_lr()[0],
-                   "step_s": step_s, "tokens_per_s": tokens / step_s, "response_tokens": n_tok}
+                   "step_s": step_s, "tokens_per_s": tokens / step_s, "response_tokens": n_tok} | extra
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             last = self.state.step == self.total
@@ -318,7 +333,8 @@ class Trainer:
         tmp = root / f"step-{self.state.step:08d}.tmp"
         self.acc.save_state(str(tmp))
         if self.acc.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(asdict(self.state) | {"shape": self._shape()}))
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(self.state) | {"shape": self._shape(), "lm": (
+                self.lm.state_dict() if self.lm else None)}))
             torch.save(self.source.state_dict(), tmp / "source_state.pt")
             final = tmp.with_suffix("")
             shutil.rmtree(final, ignore_errors=True)
@@ -340,7 +356,7 @@ class Trainer:
         for ckpt in reversed(found):
             try:
                 state = json.loads((ckpt / "trainer_state.json").read_text())
-                shape = state.pop("shape", None)
+                shape, lm_state = state.pop("shape", None), state.pop("lm", None)
                 source_state = torch.load(ckpt / "source_state.pt", weights_only=False)
                 for rng_file in ckpt.glob("random_states_*.pkl"):  # accelerate would skip a bad one silently
                     torch.load(rng_file, weights_only=False)
@@ -358,6 +374,8 @@ class Trainer:
                 continue
             self.state = TrainState(**state)
             self.source.load_state_dict(source_state)
+            if self.lm is not None and lm_state is not None:
+                self.lm.load_state_dict(lm_state)
             if self.acc.is_main_process:
                 self._truncate_metrics(self.state.step)
                 print(f"resumed from {ckpt} at step {self.state.step}")
