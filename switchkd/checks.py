@@ -54,7 +54,7 @@ RULES: Dict[str, Rule] = {
                     "a number >= 0 (inf: the teacher never writes)"),
     "method.decay": COUNT0, "method.replay_size": COUNT, "method.replay_ratio": PROB,
     "method.init_student_prob": PROB, "method.max_student_prob": PROB, "method.student_prob_step": COUNT0,
-    "method.loss_eps": COUNT0, "method.lm_weight": COUNT0, "method.draft_k": COUNT, "method.max_draft_k": COUNT,
+    "method.loss_eps": COUNT0, "method.lm_weight": COUNT0, "method.instruction_weight": COUNT0, "method.draft_k": COUNT, "method.max_draft_k": COUNT,
     "eval.temperature": gt(0), "eval.top_p": in_range(0.0, 1.0, lo_open=True), "eval.top_k": COUNT0,
     "eval.max_length": ge(2), "eval.max_prompt_length": COUNT, "eval.max_new_tokens": optional(COUNT),
     "eval.batch_size": COUNT, "eval.limit": optional(COUNT),

@@ -95,6 +95,7 @@ class MethodConfig:
     max_student_prob: float = 1.0
     student_prob_step: float = 0.1
     loss_eps: float = 0.1  # --loss-eps: p rises when the dev CE is >= reference + loss_eps
+    instruction_weight: float = 0.0  # BiLD's instruction loss: + weight x forward KL (T = 1) on the prompt tokens
     # the LM loss on pre-training text that DistiLLM and MiniLLM add (--lm-data-dir, --lm-coef)
     lm_data: Optional[str] = None  # .txt (documents split by blank lines) or .jsonl/.json/.parquet with "text"
     lm_weight: float = 1.0  # --lm-coef (official default 1): objective += lm_weight x mean CE on a text batch
@@ -302,6 +303,13 @@ def validate(cfg: Config) -> None:
     if needs_teacher and cfg.teacher is None:
         why = f"method.divergence={m.divergence} (kd_ratio {m.kd_ratio})" if distils else f"method.source={m.source}"
         raise ConfigError(f"config error: {why} needs a teacher; set teacher.name")
+    if m.instruction_weight > 0:
+        why = ("needs a teacher forward (not method.teacher_cache)" if m.teacher_cache else
+               "needs the teacher to read the student's prompt (method.priming=none)" if m.priming != "none" else
+               "is not computed by the chunked head (train.loss_chunk=0)" if cfg.train.loss_chunk else
+               "needs a teacher (teacher.name)" if cfg.teacher is None else "")
+        if why:
+            raise ConfigError(f"config error: method.instruction_weight={m.instruction_weight} (BiLD's instruction loss) {why}")
     if str(m.compile).lower() not in ("auto", "true", "false"):
         raise ConfigError(f"config error: method.compile={m.compile!r}; valid choices: auto, true, false")
     lora = cfg.model.lora

@@ -73,6 +73,35 @@ def accepts_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def prompt_mask(batch: Dict[str, Tensor]) -> Tensor:
+    """``[B, T-1]``: next-token predictions whose target is a real prompt token (BiLD's instruction
+    positions: label -100, both the input and the target inside the attention mask)."""
+    m = batch["attention_mask"].bool()
+    return (batch["labels"][:, 1:] == -100) & m[:, 1:] & m[:, :-1]
+
+
+def instruction_logits(model: Any, batch: Dict[str, Tensor], vocab: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One full forward: ``(response logits [N, vocab], targets [N], prompt logits [M, vocab])`` with
+    the prompt positions of :func:`prompt_mask`."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    s, target = shifted(logits, batch["labels"], vocab)
+    return s, target, logits[:, :-1][prompt_mask(batch)][:, :vocab]
+
+
+def instruction_loss_sum(student: Any, teacher: Any, batch: Dict[str, Tensor], method: MethodConfig,
+                         vocab: int) -> tuple[Tensor, Tensor]:
+    """BiLD's objective terms for one micro-batch: ``(sum of token_loss over the response, sum of the
+    instruction loss)``, the instruction loss being forward KL(p_teacher || p_student) at temperature 1
+    over the prompt positions (fpcsong/BiLD ``trainers/custom_trainer.py``).  The teacher logits a
+    rollout kept (``teacher_selected``) serve the response; the prompt needs the teacher's forward."""
+    s, target, s_prompt = instruction_logits(student, batch, vocab)
+    with torch.no_grad():
+        t_resp, _, t_prompt = instruction_logits(teacher, batch, vocab)
+    t = batch.get("teacher_selected")
+    resp = token_loss(s, t if t is not None else t_resp, target, method).sum()
+    return resp, divergence("fkl", s_prompt, t_prompt, temperature=1.0).sum()
+
+
 def response_tokens(labels: Tensor) -> int:
     """Number of predicted response tokens in ``labels [B, T]``."""
     return int((labels[:, 1:] != -100).sum())

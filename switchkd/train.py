@@ -32,7 +32,15 @@ from switchkd.config import Config, ConfigError, LoraConfig, to_yaml
 from switchkd.data import Tokenized, collate, load_examples, tokenize
 from switchkd.evaluate import generate_texts, rouge_l
 from switchkd.lmdata import LMStream, lm_loss
-from switchkd.losses import chunked_loss_sum, kd_weight, response_logits, response_tokens, token_loss
+from switchkd.losses import (
+    chunked_loss_sum,
+    instruction_loss_sum,
+    kd_weight,
+    prompt_mask,
+    response_logits,
+    response_tokens,
+    token_loss,
+)
 from switchkd.models import load_model, load_pair, with_adapter
 from switchkd.sources import make_source, teacher_targets
 from switchkd.teacher_cache import TeacherCache
@@ -105,6 +113,11 @@ def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, t
     total = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum"))
     scale = accelerator.num_processes / max(total, 1)
     loss_sum, lm_sum = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    inst_w, inst_sum = cfg.method.instruction_weight, torch.zeros((), device=accelerator.device)
+    if inst_w > 0:  # BiLD's instruction loss: a mean over the step's prompt positions, like the response mean
+        n_prompt = sum(int(prompt_mask(b).sum()) for b in group)
+        n_prompt = int(accelerator.reduce(torch.tensor(n_prompt, device=accelerator.device), reduction="sum"))
+        inst_scale = accelerator.num_processes / max(n_prompt, 1)
     needs_teacher = kd_weight(cfg.method) > 0
     # DeepSpeed would divide by its gradient_accumulation_steps again: the scale above is already exact
     extra = {"scale_wrt_gas": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
@@ -115,19 +128,24 @@ def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, t
                 head = accelerator.unwrap_model(student).get_output_embeddings()
                 loss = chunked_loss_sum(student, head, b, teacher, b.get("teacher_selected"), cfg.method, vocab,
                                         cfg.train.loss_chunk)
+            elif inst_w > 0:
+                loss, inst = instruction_loss_sum(student, teacher, b, cfg.method, vocab)
+                inst_sum += inst.detach()
             else:
                 t = teacher_targets(teacher, b, vocab) if needs_teacher else None
                 s, target = response_logits(student, b["input_ids"], b["attention_mask"], b["labels"], vocab)
                 loss = token_loss(s, t, target, cfg.method).sum()
             if extra:  # DeepSpeed steps its engine at every backward that accelerate marks as a boundary
                 accelerator.gradient_state._set_sync_gradients(i == len(group) - 1)
-            objective = loss * scale
+            objective = loss * scale + (inst_w * inst * inst_scale if inst_w > 0 else 0.0)
             if lm is not None:
                 pt = lm_loss(student, lm[i])
                 objective = objective + cfg.method.lm_weight * pt / len(group)
                 lm_sum += pt.detach()
             accelerator.backward(objective, **extra)
         loss_sum += loss.detach()
+    if inst_w > 0 and stats is not None:
+        stats["instruction_loss"] = float(accelerator.reduce(inst_sum, reduction="sum")) / max(n_prompt, 1)
     if lm is not None and stats is not None:
         stats["lm_loss"] = float(accelerator.reduce(lm_sum, reduction="mean")) / len(group)
     return float(accelerator.reduce(loss_sum, reduction="sum")) / max(total, 1), total

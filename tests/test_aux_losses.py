@@ -1,4 +1,5 @@
-"""The LM loss on pre-training text (DistiLLM/MiniLLM's --lm-data-dir, --lm-coef)."""
+"""Auxiliary loss terms: the LM loss on pre-training text (DistiLLM/MiniLLM's --lm-data-dir, --lm-coef) and
+BiLD's instruction loss."""
 
 from __future__ import annotations
 
@@ -85,3 +86,37 @@ def test_training_logs_the_lm_loss(tmp_path):
     train(cfg)
     recs = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert all(r["lm_loss"] > 0 for r in recs) and len(recs) == 2
+
+
+def test_bild_instruction_loss_equals_the_official_formula():
+    """method.instruction_weight=1 with forward KL at T=1: gradients of the official BiLD trainer's
+    ``instruction_loss + vanilla_kl_loss`` (transcribed from fpcsong/BiLD, float64) on one row."""
+    cfg = load_config(None, ["model.name=tiny:gpt2,layers=1,dim=32,heads=2", "teacher.name=tiny:llama,layers=1,dim=32,heads=4",
+                             "method.divergence=fkl", "method.instruction_weight=1.0", "data.synthetic_size=8"])
+    student, teacher, tok, vocab = load_pair(cfg.model, cfg.teacher)
+    items, _ = tokenize(load_examples("synthetic", cfg.data, tok)[:1], tok, 128, 320)
+    b = collate(items, tok.pad_token_id)
+    stats = {}
+    step_gradients(student, teacher, [b], cfg, vocab, cpu_accelerator(), None, stats)
+    got = {k: p.grad.clone() for k, p in student.named_parameters()}
+    student.zero_grad()
+    student64, teacher64 = student.double(), teacher.double()
+    logits_s = student64(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[..., :vocab]
+    with torch.no_grad():
+        logits_t = teacher64(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[..., :vocab]
+    shift_labels = b["labels"][..., 1:]
+    ls, lt, am = logits_s[..., :-1, :], logits_t[..., :-1, :], b["attention_mask"][..., :-1].double()
+
+    def vanilla_kl(s, t):  # BiLD's vanilla_kl_loss at temperature 1
+        return torch.nn.functional.kl_div(s.log_softmax(-1), t.softmax(-1), reduction="none").sum(-1)
+
+    inst_mask = (am * (shift_labels < 0).double()).view(-1)
+    instruction = (vanilla_kl(ls, lt).view(-1) * inst_mask).sum() / inst_mask.sum()
+    resp_mask = (shift_labels > -1).double().view(-1)
+    (instruction + (vanilla_kl(ls, lt).view(-1) * resp_mask).sum() / resp_mask.sum()).backward()
+    for k, p in student64.named_parameters():
+        torch.testing.assert_close(got[k].double(), p.grad, rtol=1e-4, atol=1e-7)
+    assert stats["instruction_loss"] == pytest.approx(float(instruction.detach()), rel=1e-4)
+    with pytest.raises(ConfigError, match="instruction_weight.*priming"):
+        load_config(None, ["teacher.name=tiny:gpt2", "method.divergence=fkl", "method.instruction_weight=1",
+                           "method.priming=teacher"])
