@@ -117,9 +117,9 @@ def train_steps(args: argparse.Namespace, tok, teacher_dir: Path, student_dir: P
     data.write_text("".join(json.dumps({"instruction": x, "output": "unused"}) + "\n" for x in texts))
     prec = ["train.mixed_precision=bf16", "teacher.dtype=bfloat16"] if a.bf16 else []
     variants = {"switchkd gkd": ["method.name=gkd", "method.source=mixture", "method.divergence=jsd",
-                                 "method.student_ratio=1.0", *prec],
+                                 "method.mixture.student_ratio=1.0", *prec],
                 "switchkd switch (preset)": ["method.name=switch", "method.source=switch", "method.divergence=jsd",
-                                             "method.switch_ratio=1.0", *prec]}
+                                             "method.switch.ratio=1.0", *prec]}
     if not args.skip_trl:
         variants = {"trl DistillationTrainer": None} | variants
     med = {}

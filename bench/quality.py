@@ -51,9 +51,9 @@ def sweep_switch(teacher: Path, init: Path, b: Budget, out: Path) -> tuple[List[
         print(json.dumps({"sweep": extra, "dev_rougeL": rows[-1]["dev_rougeL"], "teacher_frac": rows[-1]["teacher_frac"]}))
         return rows[-1]["dev_rougeL"]
 
-    best = ["method.tau0=0.3", "method.decay=0.02", "method.divergence=srkl", "method.switch_ratio=1.0"]
-    stages = [("method.tau0", ["0.1", "0.3", "0.6"]), ("method.decay", ["0.02", "0.1"]),
-              ("method.divergence", ["srkl", "skl"]), ("method.switch_ratio", ["1.0", "0.5"])]
+    best = ["method.switch.tau0=0.3", "method.switch.decay=0.02", "method.divergence=srkl", "method.switch.ratio=1.0"]
+    stages = [("method.switch.tau0", ["0.1", "0.3", "0.6"]), ("method.switch.decay", ["0.02", "0.1"]),
+              ("method.divergence", ["srkl", "skl"]), ("method.switch.ratio", ["1.0", "0.5"])]
     scores: Dict[tuple, float] = {}
     for key, values in stages:
         results = {}
@@ -71,7 +71,7 @@ def synthetic(seeds: List[int], out: Path, do_sweep: bool) -> dict:
     b = Budget()
     teacher, init = prepare(b)
     best, sweep = (sweep_switch(teacher, init, b, out / "sweep") if do_sweep else
-                   (["method.tau0=0.1", "method.decay=0.1"], []))
+                   (["method.switch.tau0=0.1", "method.switch.decay=0.1"], []))
     results: Dict[str, List[dict]] = {"teacher": [score(teacher, b)], "init": [score(init, b)]}
     times: Dict[str, List[float]] = {}
     for seed in seeds:

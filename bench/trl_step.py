@@ -137,14 +137,14 @@ def main() -> None:
     data.write_text("".join(json.dumps({"instruction": t, "output": "unused"}) + "\n" for t in texts))
     variants = {"trl DistillationTrainer (on-policy, JSD beta 0.5)": lambda: trl_step(student, teacher, texts, args, out),
                 "switchkd gkd (student_ratio 1, JSD beta 0.5)": lambda: ours(
-                    student, teacher, data, ["method.name=gkd", "method.source=mixture", "method.student_ratio=1.0"], args, out),
+                    student, teacher, data, ["method.name=gkd", "method.source=mixture", "method.mixture.student_ratio=1.0"], args, out),
                 "switchkd switch (preset gate, JSD beta 0.5 loss)": lambda: ours(
-                    student, teacher, data, ["method.name=switch", "method.source=switch", "method.switch_ratio=1.0"], args, out)}
+                    student, teacher, data, ["method.name=switch", "method.source=switch", "method.switch.ratio=1.0"], args, out)}
     for share, tau in tau_for_shares(student, teacher, texts, args).items():
         variants[f"switchkd switch (const tau0 {tau:.4f}, target share {share})"] = (
             lambda tau=tau: ours(student, teacher, data, ["method.name=switch", "method.source=switch",
-                                                          "method.switch_ratio=1.0", "method.schedule=const",
-                                                          f"method.tau0={tau}"], args, out))
+                                                          "method.switch.ratio=1.0", "method.switch.schedule=const",
+                                                          f"method.switch.tau0={tau}"], args, out))
     med = {}
     for name, fn in variants.items():
         res = fn()

@@ -47,14 +47,14 @@ RULES: Dict[str, Rule] = {
     "train.save_every": COUNT0, "train.log_every": COUNT,
     "data.max_prompt_length": COUNT, "data.max_length": ge(2), "data.limit": optional(COUNT),
     "data.synthetic_size": COUNT, "data.seed": COUNT0,
-    "method.temperature": gt(0), "method.kd_ratio": PROB, "method.student_ratio": PROB,
-    "method.switch_ratio": PROB, "method.max_new_tokens": COUNT, "method.gen_temperature": gt(0),
+    "method.temperature": gt(0), "method.kd_ratio": PROB, "method.mixture.student_ratio": PROB,
+    "method.switch.ratio": PROB, "method.max_new_tokens": COUNT, "method.gen_temperature": gt(0),
     "method.top_k": COUNT0, "method.top_p": in_range(0.0, 1.0, lo_open=True),
-    "method.tau0": ((lambda v: isinstance(v, (int, float)) and v >= 0 and not math.isnan(v)),
+    "method.switch.tau0": ((lambda v: isinstance(v, (int, float)) and v >= 0 and not math.isnan(v)),
                     "a number >= 0 (inf: the teacher never writes)"),
-    "method.decay": COUNT0, "method.replay_size": COUNT, "method.replay_ratio": PROB,
-    "method.init_student_prob": PROB, "method.max_student_prob": PROB, "method.student_prob_step": COUNT0,
-    "method.loss_eps": COUNT0, "method.lm_weight": COUNT0, "method.instruction_weight": COUNT0, "method.draft_k": COUNT, "method.max_draft_k": COUNT,
+    "method.switch.decay": COUNT0, "method.distillm.replay_size": COUNT, "method.distillm.replay_ratio": PROB,
+    "method.distillm.init_student_prob": PROB, "method.distillm.max_student_prob": PROB, "method.distillm.student_prob_step": COUNT0,
+    "method.distillm.loss_eps": COUNT0, "method.lm_weight": COUNT0, "method.instruction_weight": COUNT0, "method.switch.draft_k": COUNT, "method.switch.max_draft_k": COUNT,
     "eval.temperature": gt(0), "eval.top_p": in_range(0.0, 1.0, lo_open=True), "eval.top_k": COUNT0,
     "eval.max_length": ge(2), "eval.max_prompt_length": COUNT, "eval.max_new_tokens": optional(COUNT),
     "eval.batch_size": COUNT, "eval.limit": optional(COUNT),
@@ -96,9 +96,10 @@ def check(cfg: Any, error: Callable[[str], Exception]) -> None:
             raise error(f"config error: method.params.{key}={value!r}; expected {text}{' (an integer)' if key == 'k' else ''}")
     if cfg.method.divergence == "bild" and cfg.method.params.get("k", 8) < 3:
         raise error(f"config error: method.params.k={cfg.method.params['k']!r}; BiLD needs k >= 3")
-    if cfg.method.max_draft_k < cfg.method.draft_k:
-        raise error(f"config error: method.max_draft_k={cfg.method.max_draft_k} is smaller than method.draft_k="
-                    f"{cfg.method.draft_k}")
+    sw = cfg.method.switch
+    if sw.max_draft_k < sw.draft_k:
+        raise error(f"config error: method.switch.max_draft_k={sw.max_draft_k} is smaller than method.switch.draft_k="
+                    f"{sw.draft_k}")
     bad_loggers = [x for x in cfg.train.loggers if x not in LOGGERS]
     if bad_loggers:
         raise error(f"config error: train.loggers has {bad_loggers[0]!r}; valid: {', '.join(LOGGERS)}")

@@ -35,7 +35,7 @@ def _calibrate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--target {args.target}: expected a teacher share in (0, 1)")
     tau0, share = calibrate_config(load_config(preset_path(args.config), args.overrides), args.target, args.limit,
                                    args.batch_size)
-    print(f"method.tau0={tau0:.6g}  (measured teacher share {share:.3f}, target {args.target})")
+    print(f"method.switch.tau0={tau0:.6g}  (measured teacher share {share:.3f}, target {args.target})")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("presets", help="list the shipped presets (usable as switchkd train NAME)")
     pr.set_defaults(func=_presets)
 
-    cal = sub.add_parser("calibrate", help="SWITCH: find method.tau0 for a target teacher-written share on dev prompts")
+    cal = sub.add_parser("calibrate", help="SWITCH: find method.switch.tau0 for a target teacher-written share on dev prompts")
     cal.add_argument("config", help="YAML file or preset name, e.g. tiny/switch")
     cal.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     cal.add_argument("--target", type=float, required=True, help="teacher-written share, e.g. 0.53")

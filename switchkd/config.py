@@ -61,33 +61,31 @@ class DataConfig:
 
 
 @dataclass
-class MethodConfig:
-    """Which sequences we train on x which per-token loss."""
+class SwitchConfig:
+    """SWITCH (``source: switch``): the teacher writes where gate(p, q) > tau_t, tau_t = tau0 * exp(-decay * t)."""
 
-    name: str = "sft"  # a label only (logs, reports): behaviour comes from source, divergence and their parameters
-    source: str = "dataset"  # dataset | teacher | student | imitkd | mixture | distillm | switch
-    divergence: str = "ce"  # a divergence from the registry; "ce" = cross-entropy on the sequences alone
-    params: Dict[str, float] = field(default_factory=dict)  # divergence parameters
-    temperature: float = 1.0
-    kd_ratio: float = 1.0  # loss = kd_ratio * divergence + (1 - kd_ratio) * CE
-    # on-policy sources (issue 3)
-    student_ratio: float = 0.5  # GKD lambda: probability a batch is student-generated
-    seq_kd: bool = False  # GKD (TRL's seq_kd): the other batches are teacher samples instead of the dataset
-    switch_ratio: float = 1.0  # SWITCH: probability a batch is SWITCH-generated, else dataset
-    max_new_tokens: int = 128
-    do_sample: bool = True
-    gen_temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    tau0: float = 0.1  # chosen on the synthetic dev split (docs/results.md)
+    tau0: float = 0.1  # chosen on the synthetic dev split (docs/results.md); see switchkd calibrate
     decay: float = 0.1
     schedule: str = "exp"  # exp | linear | const
     gate: str = "jsd"  # jsd | fkl | rkl | tvd
-    speculative: bool = True  # SWITCH rollouts by draft-and-verify (same tokens as lockstep in fp32 greedy)
+    ratio: float = 1.0  # probability a batch is SWITCH-generated, else the dataset's
+    speculative: bool = True  # rollouts by draft-and-verify (same tokens as lockstep in fp32 greedy)
     draft_k: int = 4  # first draft length; later ones from the measured rejection rate
     max_draft_k: int = 16
-    compile: str = "auto"  # static KV caches + compiled decode step: auto (on CUDA) | true | false
-    # DistiLLM adaptive off-policy sampling (official finetune.py's rules and defaults)
+
+
+@dataclass
+class MixtureConfig:
+    """GKD (``source: mixture``)."""
+
+    student_ratio: float = 0.5  # lambda: probability a batch is student-generated
+    seq_kd: bool = False  # TRL's seq_kd: the other batches are teacher samples instead of the dataset
+
+
+@dataclass
+class DistillmConfig:
+    """DistiLLM's adaptive off-policy sampling (``source: distillm``; official finetune.py's rules and defaults)."""
+
     replay_size: int = 1000  # --capacity
     replay_schedule: str = "decreasing"  # --replay-ratio: fresh-sample share decreasing | constant | increasing
     replay_ratio: float = 0.5  # the fresh-sample share under replay_schedule=constant
@@ -95,6 +93,28 @@ class MethodConfig:
     max_student_prob: float = 1.0
     student_prob_step: float = 0.1
     loss_eps: float = 0.1  # --loss-eps: p rises when the dev CE is >= reference + loss_eps
+
+
+@dataclass
+class MethodConfig:
+    """Which sequences we train on x which per-token loss; per-source settings in their own sections."""
+
+    name: str = "sft"  # a label only (logs, reports): behaviour comes from source, divergence and their parameters
+    source: str = "dataset"  # dataset | teacher | student | imitkd | mixture | distillm | switch
+    divergence: str = "ce"  # a divergence from the registry; "ce" = cross-entropy on the sequences alone
+    params: Dict[str, float] = field(default_factory=dict)  # divergence parameters
+    temperature: float = 1.0
+    kd_ratio: float = 1.0  # loss = kd_ratio * divergence + (1 - kd_ratio) * CE
+    # rollouts (every source that decodes)
+    max_new_tokens: int = 128
+    do_sample: bool = True
+    gen_temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    compile: str = "auto"  # static KV caches + compiled decode step: auto (on CUDA) | true | false
+    switch: SwitchConfig = field(default_factory=SwitchConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    distillm: DistillmConfig = field(default_factory=DistillmConfig)
     instruction_weight: float = 0.0  # BiLD's instruction loss: + weight x forward KL (T = 1) on the prompt tokens
     # the LM loss on pre-training text that DistiLLM and MiniLLM add (--lm-data-dir, --lm-coef)
     lm_data: Optional[str] = None  # .txt (documents split by blank lines) or .jsonl/.json/.parquet with "text"
@@ -102,6 +122,14 @@ class MethodConfig:
     # response priming (teacher-only prompt prefix)
     priming: str = "none"  # none | teacher | ground_truth | confidence | custom text
     teacher_cache: Optional[str] = None  # a switchkd cache-teacher directory (dataset source only)
+
+
+#: earlier flat ``method.*`` keys -> their place in the per-source sections (still read, with a warning)
+MOVED = {"tau0": "switch.tau0", "decay": "switch.decay", "schedule": "switch.schedule", "gate": "switch.gate",
+         "switch_ratio": "switch.ratio", "speculative": "switch.speculative", "draft_k": "switch.draft_k",
+         "max_draft_k": "switch.max_draft_k", "student_ratio": "mixture.student_ratio", "seq_kd": "mixture.seq_kd",
+         **{k: f"distillm.{k}" for k in ("replay_size", "replay_schedule", "replay_ratio", "init_student_prob",
+                                        "max_student_prob", "student_prob_step", "loss_eps")}}
 
 
 @dataclass
@@ -172,9 +200,9 @@ CHOICES: Dict[str, Sequence[str]] = {
     "teacher.dtype": ("float32", "bfloat16", "float16"),
     "data.format": ("auto", "minillm", "dolly", "messages"),
     "method.source": ("dataset", "teacher", "student", "imitkd", "mixture", "distillm", "switch"),
-    "method.schedule": ("exp", "linear", "const"),
-    "method.gate": ("jsd", "fkl", "rkl", "tvd"),
-    "method.replay_schedule": ("decreasing", "constant", "increasing"),
+    "method.switch.schedule": ("exp", "linear", "const"),
+    "method.switch.gate": ("jsd", "fkl", "rkl", "tvd"),
+    "method.distillm.replay_schedule": ("decreasing", "constant", "increasing"),
     "train.scheduler": ("cosine", "linear", "constant"),
     "eval.metric": ("rougeL", "accuracy"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
@@ -202,6 +230,34 @@ def _check_unknown(raw: Dict[str, Any], schema: Any, where: str, prefix: str = "
         sub_type = sub if dataclasses.is_dataclass(sub) else _dataclass_type(names[key])
         if sub_type is not None and isinstance(value, dict):
             _check_unknown(value, sub_type, where, full + ".")
+
+
+def _warn_moved(where: str, old: str) -> None:
+    import sys
+
+    print(f"switchkd: warning: {where}: method.{old} is now method.{MOVED[old]}", file=sys.stderr)
+
+
+def _moved_in_file(raw: Dict[str, Any], where: str) -> None:
+    """Move earlier flat ``method`` keys of a config file into their sections (with a warning)."""
+    method = raw.get("method")
+    if not isinstance(method, dict):
+        return
+    for old in [k for k in method if k in MOVED]:
+        section, key = MOVED[old].split(".")
+        if not isinstance(method.setdefault(section, {}), dict):
+            return  # a malformed section: reported by the type checks
+        method[section].setdefault(key, method.pop(old))
+        _warn_moved(where, old)
+
+
+def _moved_override(item: str) -> str:
+    """``method.tau0=x`` -> ``method.switch.tau0=x`` (with a warning)."""
+    key, _, value = item.partition("=")
+    if key.startswith("method.") and key[len("method."):] in MOVED:
+        _warn_moved(f"override '{item}'", key[len("method."):])
+        return f"method.{MOVED[key[len('method.'):]]}={value}"
+    return item
 
 
 def _check_raw(raw: Dict[str, Any], where: str) -> None:
@@ -236,12 +292,14 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        _moved_in_file(raw, str(path))
         _check_unknown(raw, Config(), str(path))
         _check_raw(raw, str(path))
         layers.append((str(path), OmegaConf.create(raw)))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected dotted.key=value")
+        item = _moved_override(item)
         try:
             raw = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
         except Exception as exc:  # e.g. an unbalanced bracket in the value
@@ -269,8 +327,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 def validate(cfg: Config) -> None:
     """Check choice-valued fields and cross-field rules; raise :class:`ConfigError`."""
     for dotted, choices in CHOICES.items():
-        section, key = dotted.split(".")
-        node = getattr(cfg, section)
+        *path, key = dotted.split(".")
+        node: Any = cfg
+        for part in path:
+            node = getattr(node, part) if node is not None else None
         if node is None:
             continue
         value = getattr(node, key)
@@ -298,7 +358,7 @@ def validate(cfg: Config) -> None:
     if m.teacher_cache and m.source != "dataset":
         raise ConfigError("config error: method.teacher_cache works with method.source=dataset only")
     distils = m.divergence != "ce" and m.kd_ratio > 0
-    needs_teacher = (distils or m.source in ("teacher", "switch") or (m.source == "mixture" and m.seq_kd)) \
+    needs_teacher = (distils or m.source in ("teacher", "switch") or (m.source == "mixture" and m.mixture.seq_kd)) \
         and not m.teacher_cache
     if needs_teacher and cfg.teacher is None:
         why = f"method.divergence={m.divergence} (kd_ratio {m.kd_ratio})" if distils else f"method.source={m.source}"

@@ -183,14 +183,14 @@ class ImitkdSource(DatasetSource):
 
 
 class MixtureSource(DatasetSource):
-    """GKD: each batch is student-generated with probability ``method.student_ratio`` (lambda), else the
-    dataset's, or with ``method.seq_kd`` (TRL's option) the teacher's sampled responses, fresh each time
+    """GKD: each batch is student-generated with probability ``method.mixture.student_ratio`` (lambda), else the
+    dataset's, or with ``method.mixture.seq_kd`` (TRL's option) the teacher's sampled responses, fresh each time
     (the student is in eval mode while it generates: no dropout, as TRL's ``disable_dropout``)."""
 
     def __call__(self, batch: Batch, step: int) -> Batch:
-        if self.shared.random() < self.cfg.method.student_ratio:
+        if self.shared.random() < self.cfg.method.mixture.student_ratio:
             return self._rollout(batch, "student")[0]
-        if self.cfg.method.seq_kd:
+        if self.cfg.method.mixture.seq_kd:
             return self._rollout(batch, "teacher")[0]
         return batch
 
@@ -214,14 +214,14 @@ class DistillmSource(DatasetSource):
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self.p = self.cfg.method.init_student_prob
-        self.buffer: deque = deque(maxlen=self.cfg.method.replay_size)
+        self.p = self.cfg.method.distillm.init_student_prob
+        self.buffer: deque = deque(maxlen=self.cfg.method.distillm.replay_size)
         self.reference: Optional[float] = None
         self.counts = {"dataset": 0, "fresh": 0, "replay": 0}
 
     def decide(self, u: float, step: int) -> str:
         """``dataset``, ``fresh`` or ``replay`` for a draw ``u`` at optimizer step ``step`` (0-based)."""
-        m, frac = self.cfg.method, min(1.0, (step + 1) / max(self.total_steps, 1))
+        m, frac = self.cfg.method.distillm, min(1.0, (step + 1) / max(self.total_steps, 1))
         s = {"decreasing": self.p * (1 - frac), "constant": self.p * m.replay_ratio,
              "increasing": self.p * frac}[m.replay_schedule]
         if u < s or (u < self.p and len(self.buffer) < m.replay_size):
@@ -251,7 +251,7 @@ class DistillmSource(DatasetSource):
 
     def on_validation(self, dev_loss: float) -> None:
         """The first call sets the reference (the evaluation before training); later ones may raise p."""
-        m = self.cfg.method
+        m = self.cfg.method.distillm
         if self.reference is None:
             self.reference = dev_loss
         elif dev_loss >= self.reference + m.loss_eps:
@@ -275,7 +275,7 @@ class DistillmSource(DatasetSource):
 
 
 class SwitchSource(DatasetSource):
-    """SWITCH sequences (with probability ``method.switch_ratio``, else dataset batches).
+    """SWITCH sequences (with probability ``method.switch.ratio``, else dataset batches).
 
     The teacher logits of the rollout become the loss targets; diagnostics: the share of
     teacher-written tokens overall and by position bucket, and the mean gate by position.
@@ -290,7 +290,7 @@ class SwitchSource(DatasetSource):
         self.n, self.teacher_n, self.gate_sum = torch.zeros(k), torch.zeros(k), torch.zeros(k)
 
     def __call__(self, batch: Batch, step: int) -> Batch:
-        if self.shared.random() >= self.cfg.method.switch_ratio:
+        if self.shared.random() >= self.cfg.method.switch.ratio:
             return batch
         new, out = self._rollout(batch, "switch", keep_teacher=True)
         pos = torch.arange(out.response_mask.shape[1], device=out.response_mask.device).expand_as(out.response_mask)

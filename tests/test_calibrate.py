@@ -34,7 +34,7 @@ def test_calibrate_cli_and_presets(capsys):
     assert main(["calibrate", "tiny/switch", "method.max_new_tokens=16", "data.synthetic_size=16", "--target", "0.5",
                  "--limit", "4", "--batch-size", "4"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("method.tau0=") and "measured teacher share" in line
+    assert line.startswith("method.switch.tau0=") and "measured teacher share" in line
     share = float(line.split("measured teacher share ")[1].split(",")[0])
     assert 0.2 < share < 0.8
     assert main(["calibrate", "tiny/switch", "--target", "1.5"]) == 2

@@ -89,3 +89,26 @@ def test_bad_yaml_is_reported(tmp_path):
     p.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
         load_config(p)
+
+
+def test_per_source_sections_and_earlier_flat_keys(tmp_path, capsys):
+    """SWITCH, GKD and DistiLLM settings live in method.switch/mixture/distillm, range-checked there;
+    the earlier flat keys are still read (moved, with a one-line warning)."""
+    t = ["teacher.name=tiny:gpt2"]
+    cfg = load_config(None, t + ["method.source=switch", "method.switch.tau0=0.3", "method.mixture.student_ratio=0.2",
+                                 "method.distillm.loss_eps=0.5"])
+    assert (cfg.method.switch.tau0, cfg.method.mixture.student_ratio, cfg.method.distillm.loss_eps) == (0.3, 0.2, 0.5)
+    for bad, key in (("method.switch.tau0=-1", "method.switch.tau0"), ("method.switch.ratio=2", "method.switch.ratio"),
+                     ("method.mixture.student_ratio=1.5", "method.mixture.student_ratio"),
+                     ("method.distillm.replay_schedule=sometimes", "method.distillm.replay_schedule")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, t + [bad])
+    old = load_config(None, t + ["method.tau0=0.25", "method.switch_ratio=0.5"])
+    assert old.method.switch.tau0 == 0.25 and old.method.switch.ratio == 0.5
+    assert "method.tau0 is now method.switch.tau0" in capsys.readouterr().err
+    p = tmp_path / "old.yaml"
+    p.write_text("teacher: {name: 'tiny:gpt2'}\nmethod: {source: distillm, replay_size: 8, student_ratio: 0.3}\n"
+                 "data: {dev: 'synthetic:dev'}\n")
+    cfg = load_config(p)
+    assert cfg.method.distillm.replay_size == 8 and cfg.method.mixture.student_ratio == 0.3
+    assert "old.yaml: method.replay_size is now method.distillm.replay_size" in capsys.readouterr().err

@@ -37,7 +37,7 @@ def _steps(out: Path) -> list:
 
 @pytest.mark.parametrize("preset,extra", [("tiny/kd", ("train.grad_accum=2",)), ("tiny/switch", ()),
                                           ("tiny/distillm", ("train.grad_accum=2",
-                                                                                   "method.init_student_prob=0.5"))])
+                                                                                   "method.distillm.init_student_prob=0.5"))])
 def test_kill_9_and_resume_gives_the_uninterrupted_weights(preset, extra, tmp_path):
     full = subprocess.run(_cmd(preset, tmp_path / "full", extra), env=ENV, capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr[-2000:]

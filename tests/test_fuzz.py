@@ -30,11 +30,11 @@ LISTED = [  # (override, the key the message must name)
     ("train.loggers=[foo]", "train.loggers"), ("method.temperature=nan", "method.temperature"),
     ("method.temperature=0", "method.temperature"), ("method.temperature=-1", "method.temperature"),
     ("method.max_new_tokens=0", "method.max_new_tokens"), ("method.max_new_tokens=-1", "method.max_new_tokens"),
-    ("method.tau0=nan", "method.tau0"), ("method.tau0=-inf", "method.tau0"), ("method.decay=-1", "method.decay"),
+    ("method.switch.tau0=nan", "method.switch.tau0"), ("method.switch.tau0=-inf", "method.switch.tau0"), ("method.switch.decay=-1", "method.switch.decay"),
     ("method.gen_temperature=0", "method.gen_temperature"), ("method.gen_temperature=-1", "method.gen_temperature"),
     ("method.top_p=0", "method.top_p"), ("method.top_p=1.5", "method.top_p"), ("method.top_k=-1", "method.top_k"),
-    ("method.replay_size=0", "method.replay_size"), ("method.student_prob_step=-1", "method.student_prob_step"),
-    ("method.params.k=0", "method.params.k"), ("train.lr=[1", "train.lr"), ("method.draft_k=0", "method.draft_k"),
+    ("method.distillm.replay_size=0", "method.distillm.replay_size"), ("method.distillm.student_prob_step=-1", "method.distillm.student_prob_step"),
+    ("method.params.k=0", "method.params.k"), ("train.lr=[1", "train.lr"), ("method.switch.draft_k=0", "method.switch.draft_k"),
 ]
 PRESET_SPECIFIC = [  # (preset, override, key)
     (ROOT / "configs/tiny/distillm.yaml", "method.params.alpha=5", "method.params.alpha"),
@@ -71,9 +71,9 @@ def test_bad_divergence_parameters(preset, override, key, capsys, tmp_path):
 NUMERIC = {  # key -> generator of invalid values
     "train.lr": ["0", "-1e-3", "inf", "-inf", "nan"], "train.batch_size": ["0", "-3"], "train.grad_accum": ["0"],
     "train.epochs": ["0", "-1"], "train.clip": ["-0.5", "inf"], "train.weight_decay": ["-0.1", "nan"],
-    "method.kd_ratio": ["-0.1", "1.5", "nan"], "method.student_ratio": ["2", "-1"], "method.switch_ratio": ["1.01"],
-    "method.replay_ratio": ["-0.5"], "method.init_student_prob": ["3"], "method.max_student_prob": ["-2"],
-    "method.loss_eps": ["-0.1", "nan"], "method.top_p": ["-1", "0", "2"], "method.max_draft_k": ["0"],
+    "method.kd_ratio": ["-0.1", "1.5", "nan"], "method.mixture.student_ratio": ["2", "-1"], "method.switch.ratio": ["1.01"],
+    "method.distillm.replay_ratio": ["-0.5"], "method.distillm.init_student_prob": ["3"], "method.distillm.max_student_prob": ["-2"],
+    "method.distillm.loss_eps": ["-0.1", "nan"], "method.top_p": ["-1", "0", "2"], "method.switch.max_draft_k": ["0"],
     "data.max_prompt_length": ["0", "-5"], "data.max_length": ["0", "1"], "data.synthetic_size": ["0"],
     "eval.temperature": ["0", "-1"], "eval.top_p": ["0"], "eval.top_k": ["-2"], "eval.max_length": ["0"],
     "model.lora.r": ["-1"], "model.lora.alpha": ["0"], "model.lora.dropout": ["1", "-0.1"],

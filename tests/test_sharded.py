@@ -38,7 +38,7 @@ def _launch(config: str, args: list, out: Path, launch: str = "") -> subprocess.
 
 # SWITCH: greedy (sampling draws differ between one batch of 4 and two of 2), a threshold that gives a
 # teacher/student mixture on these random models, and dev evaluation with keep_best (collective generation)
-SWITCH = ["method.do_sample=false", "method.schedule=const", "method.tau0=0.0087", "train.eval_every=2",
+SWITCH = ["method.do_sample=false", "method.switch.schedule=const", "method.switch.tau0=0.0087", "train.eval_every=2",
           "eval.limit=4", "eval.max_new_tokens=8"]
 
 
@@ -138,7 +138,7 @@ def test_per_batch_choices_agree_across_processes(preset):
     from switchkd.config import load_config
     from switchkd.sources import make_source
 
-    cfg = load_config(str(ROOT / f"configs/tiny/{preset}.yaml"), ["method.student_ratio=0.5", "method.switch_ratio=0.5"])
+    cfg = load_config(str(ROOT / f"configs/tiny/{preset}.yaml"), ["method.mixture.student_ratio=0.5", "method.switch.ratio=0.5"])
     a, b = (make_source(cfg, None, None, None, 0, seed=cfg.train.seed * 1000 + rank) for rank in (0, 1))
     assert [a.shared.random() for _ in range(20)] == [b.shared.random() for _ in range(20)]
     assert a.rng.random() != b.rng.random()

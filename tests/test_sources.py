@@ -47,7 +47,7 @@ def test_gkd_with_lambda_zero_equals_word_level_kd(tmp_path):
     base = ["model.name=tiny:gpt2,layers=1,dim=32,heads=2", "teacher.name=tiny:gpt2,layers=2,dim=32,heads=2,seed=5",
             "method.divergence=jsd", "method.params.beta=0.3", "data.dev=null", "train.max_steps=3",
             "train.batch_size=4", "data.synthetic_size=24", "data.max_prompt_length=128", "data.max_length=320"]
-    gkd = train(load_config(None, base + ["method.name=gkd", "method.source=mixture", "method.student_ratio=0.0",
+    gkd = train(load_config(None, base + ["method.name=gkd", "method.source=mixture", "method.mixture.student_ratio=0.0",
                                           f"output.dir={tmp_path / 'g'}"]))
     kd = train(load_config(None, base + ["method.name=kd", "method.source=dataset", f"output.dir={tmp_path / 'k'}"]))
     a, b = load_file(gkd / "model.safetensors"), load_file(kd / "model.safetensors")
@@ -97,7 +97,7 @@ def test_priming_text_reaches_only_the_teacher():
 
 def test_switch_rollout_logits_equal_a_teacher_forward():
     """The loss targets kept from a SWITCH rollout equal a second teacher forward over the sequences."""
-    cfg, student, teacher, tok, vocab, examples = _setup(["method.source=switch", "method.tau0=0.01",
+    cfg, student, teacher, tok, vocab, examples = _setup(["method.source=switch", "method.switch.tau0=0.01",
                                                           "method.max_new_tokens=16", "method.priming=teacher"])
     items, _ = tokenize(examples[:4], tok, 400, 600, "teacher")
     source = make_source(cfg, student, teacher, tok, vocab)
@@ -149,9 +149,9 @@ def _official_choice(p, u, global_step, total_iters, buffer_len, capacity, sched
 def test_distillm_schedule_follows_the_official_rules():
     cfg, student, teacher, tok, vocab, examples = _setup(["method.name=distillm", "method.source=distillm", "data.dev=synthetic:dev",
                                                           "method.divergence=srkl", "method.max_new_tokens=8",
-                                                          "method.replay_size=8"])
+                                                          "method.distillm.replay_size=8"])
     src = DistillmSource(cfg, student, teacher, tok, vocab)
-    assert (src.p, cfg.method.loss_eps, cfg.method.max_student_prob) == (0.0, 0.1, 1.0)  # official defaults
+    assert (src.p, cfg.method.distillm.loss_eps, cfg.method.distillm.max_student_prob) == (0.0, 0.1, 1.0)  # official defaults
     # p: the first evaluation (before training) is the reference; p rises only >= loss_eps above it
     noisy_fall = [3.0, 2.98, 3.01, 2.95, 2.97, 2.90, 2.92, 2.85]
     for loss in noisy_fall:
@@ -242,8 +242,8 @@ def test_gkd_seq_kd_uses_teacher_samples_off_policy():
     from switchkd.sources import MixtureSource
 
     cfg, student, teacher, tok, vocab, examples = _setup(["method.name=gkd", "method.source=mixture",
-                                                          "method.divergence=jsd", "method.student_ratio=0.0",
-                                                          "method.seq_kd=true", "method.max_new_tokens=6",
+                                                          "method.divergence=jsd", "method.mixture.student_ratio=0.0",
+                                                          "method.mixture.seq_kd=true", "method.max_new_tokens=6",
                                                           "method.do_sample=false"])
     items, _ = tokenize(examples[:4], tok, 400, 600)
     batch = collate(items, tok.pad_token_id)
