@@ -320,6 +320,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except (OmegaConfBaseException, TypeError, ValueError) as exc:
         raise ConfigError(f"config error: {_one_line(exc) if isinstance(exc, OmegaConfBaseException) else exc}") from None
+    if str(cfg.train.mixed_precision).lower() == "false":  # YAML reads a bare `no` as a boolean
+        cfg.train.mixed_precision = "no"
     validate(cfg)
     return cfg
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,23 @@ def test_eval_cli_accuracy_on_gsm8k(shared, tmp_path, capsys):
     scores = json.loads((tmp_path / "ev/scores.json").read_text())["results"]["test"]
     assert scores["metric"] == "accuracy" and scores["accuracy"] == 0.0 and scores["n"] == 3  # a random model
     assert any(line.startswith("| dataset | n | accuracy |") for line in capsys.readouterr().out.splitlines())
+
+
+def test_gsm8k_priming_preset_runs_at_tiny_scale(shared, tmp_path):
+    """The GPU preset configs/gsm8k/seqkd_ground_truth.yaml, with tiny models over the real GSM8K files:
+    ground-truth-primed teacher rationales, a LoRA student, merged, then accuracy on test rows."""
+    from switchkd.cli import main
+
+    preset = Path(__file__).resolve().parents[1] / "configs/gsm8k/seqkd_ground_truth.yaml"
+    out = tmp_path / "run"
+    rc = main(["train", str(preset), "model.name=tiny:llama,layers=1,dim=32,heads=4", "model.dtype=float32",
+               "teacher.name=tiny:llama,layers=1,dim=32,heads=4,seed=3", "teacher.dtype=float32", "model.lora.r=4",
+               f"data.train={shared / 'data/gsm8k/train.jsonl'}", "data.limit=8", "data.template=alpaca",
+               "data.max_prompt_length=400", "data.max_length=480", "method.max_new_tokens=8", "train.max_steps=2",
+               "train.batch_size=4", "train.warmup_steps=0", "train.mixed_precision=no", f"output.dir={out}"])
+    assert rc == 0 and (out / "final/adapter/adapter_config.json").is_file()
+    rc = main(["eval", "--model", str(out / "final"), "--data", str(shared / "data/gsm8k/test.jsonl"), "--limit", "2",
+               "--greedy", "--max-new-tokens", "4", "--metric", "accuracy", "--field", "instruction=question",
+               "--field", "output=answer", "--output", str(tmp_path / "ev")])
+    assert rc == 0
+    assert json.loads((tmp_path / "ev/scores.json").read_text())["results"]["test"]["n"] == 2
