@@ -109,10 +109,10 @@ def check(cfg: Any, error: Callable[[str], Exception]) -> None:
     if cfg.eval.max_prompt_length >= cfg.eval.max_length:
         raise error("config error: eval.max_prompt_length must be smaller than eval.max_length")
     _check_fields(cfg.data.fields, error)
-    _check_placeholders("data.template", cfg.data.template, TEMPLATE_FIELDS, ("alpaca", "none"), error)
-    if cfg.data.template not in ("alpaca", "none") and "instruction" not in set(_placeholders(cfg.data.template)):
+    _check_placeholders("data.template", cfg.data.template, TEMPLATE_FIELDS, ("alpaca", "none", "chat"), error)
+    if cfg.data.template not in ("alpaca", "none", "chat") and "instruction" not in set(_placeholders(cfg.data.template)):
         raise error(f"config error: data.template={cfg.data.template!r}: a custom template needs {{instruction}} "
-                    "(or use alpaca or none)")
+                    "(or use alpaca, chat or none)")
     _check_placeholders("method.priming", cfg.method.priming, PRIMING_FIELDS,
                         ("none", "teacher", "ground_truth", "confidence"), error)
     for section in ("model", "teacher"):

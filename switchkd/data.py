@@ -133,7 +133,8 @@ def detect_format(row: Dict[str, Any], where: str) -> str:
 
 
 def render_prompt(template: str, instruction: str, inp: str) -> str:
-    """Apply a named template (``alpaca``, ``none``) or a custom ``{instruction}``/``{input}`` string."""
+    """Apply a named template (``alpaca``, ``none``) or a custom ``{instruction}``/``{input}`` string
+    (``chat``, which needs the tokenizer, is applied in :func:`to_example`)."""
     if template == "alpaca":
         return (ALPACA_INPUT if inp else ALPACA).format(instruction=instruction, input=inp)
     if template == "none":
@@ -172,6 +173,13 @@ def to_example(row: Dict[str, Any], fmt: str, cfg: DataConfig, tokenizer: Any, w
         raise ConfigError(f"{where}: the reference answer must be a string or a non-empty list of strings")
     if cfg.template == "alpaca" and isinstance(row.get("prompt"), str):
         prompt = row["prompt"]
+    elif cfg.template == "chat":  # one user turn through the tokenizer's chat template
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"{where}: data.template=chat needs a tokenizer with a chat template; this one has none "
+                              "(use data.template=alpaca or none)")
+        user = instruction + ("\n\n" + inp if inp else "")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                               add_generation_prompt=True)
     else:
         prompt = render_prompt(cfg.template, instruction, inp)
     return Example(prompt=prompt, references=refs, instruction=instruction, meta=meta)

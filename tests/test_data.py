@@ -107,3 +107,20 @@ def test_synthetic_splits_are_disjoint_and_deterministic():
     assert not train & {e.instruction for e in test}
     assert [e.references for e in make_split("test", 100)] == [e.references for e in test]
     assert max(len(e.references[0]) for e in test) >= 100 and min(len(e.references[0]) for e in test) <= 10
+
+
+def test_chat_template_for_instruction_records(tmp_path):
+    """data.template=chat renders instruction (+ input) as one user turn through the tokenizer's chat
+    template; a tokenizer without one is a one-line error naming the file."""
+    from switchkd.config import ConfigError, DataConfig
+    from switchkd.data import load_examples
+    from switchkd.models import tiny_tokenizer
+
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"instruction": "Add 2 and 3.", "input": "Be brief.", "output": "5"}) + "\n")
+    tok = tiny_tokenizer()
+    with pytest.raises(ConfigError, match="d.jsonl.*data.template=chat needs a tokenizer with a chat template"):
+        load_examples(str(f), DataConfig(template="chat"), tok)
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    ex = load_examples(str(f), DataConfig(template="chat"), tok)[0]
+    assert ex.prompt == "<user>Add 2 and 3.\n\nBe brief.<assistant>" and ex.references == ["5"]
