@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint bench bench-quality bench-crispr bench-gpu clean
+.PHONY: demo test lint bench bench-quality bench-crispr bench-gpu bench-priming clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench-quality: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/gpu.py
+
+bench-priming: $(STAMP)
+	$(BIN)/python bench/priming.py
 
 bench-crispr: $(STAMP)
 	$(BIN)/python bench/crispr.py

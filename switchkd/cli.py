@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="generate and score ROUGE-L on a data file or a MiniLLM-style directory")
     e.add_argument("--model", required=True, help="model directory or hub id")
-    e.add_argument("--data", required=True, help="JSONL file, a directory with the five MiniLLM sets, or synthetic:test")
+    e.add_argument("--data", required=True, help="JSONL file, a directory with the five MiniLLM sets, or a built-in suite: synthetic:test, arith:test")
     e.add_argument("--output", help="where scores.json and predictions.jsonl go (default MODEL/eval)")
     e.add_argument("--limit", type=positive, help="first N examples of each set")
     e.add_argument("--seeds", type=int, nargs="+", help="sampling seeds (default 10 20 30 40 50)")

@@ -191,9 +191,12 @@ def _remap(row: Dict[str, Any], fields: Dict[str, str]) -> Dict[str, Any]:
 
 
 def load_examples(source: str, cfg: DataConfig, tokenizer: Any, limit: Optional[int] = None) -> List[Example]:
-    """Read ``source`` (or the built-in ``synthetic[:split]`` suite) into examples."""
-    if source.startswith("synthetic"):
-        from switchkd.synthetic import make_split
+    """Read ``source`` (or a built-in suite: ``synthetic[:split]``, ``arith[:split]``) into examples."""
+    if source.split(":")[0] in ("synthetic", "arith"):
+        if source.startswith("arith"):
+            from switchkd.arith import make_split
+        else:
+            from switchkd.synthetic import make_split
 
         split = source.partition(":")[2] or "train"
         n = cfg.synthetic_size if split == "train" else max(cfg.synthetic_size // 10, 50)

@@ -95,7 +95,7 @@ def score_examples(model: Any, tokenizer: Any, examples: Sequence[Example], cfg:
 def resolve_suite(data: str) -> Dict[str, str]:
     """``{name: file}`` for a file (one set) or a MiniLLM-style directory (the five sets)."""
     path = Path(data)
-    if data.startswith("synthetic"):
+    if data.split(":")[0] in ("synthetic", "arith"):  # the built-in suites
         return {data: data}
     if path.is_dir():
         found = {}

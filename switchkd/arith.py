@@ -1,0 +1,65 @@
+"""The built-in multi-step arithmetic suite with worked rationales (``data.train=arith``,
+``arith:dev``, ``arith:test``): the reasoning task of the response-priming experiment.
+
+A problem chains two or three operations on small numbers ("Start with 7. Add 5. Multiply by 2.");
+the reference is a worked rationale, one equation per step, ending in GSM8K's answer line
+("7 + 5 = 12. 12 * 2 = 24. #### 24"), so ``eval.metric=accuracy`` scores the final number.
+Deterministic by seed; splits are disjoint (fixed by a hash of the problem).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import List, Tuple
+
+from switchkd.data import Example
+
+TEMPLATE = "Q: {instruction}\nA: "
+SPLITS = {"train": range(2, 10), "dev": range(1, 2), "test": range(0, 1)}
+
+
+def problem(r: random.Random) -> Tuple[str, str, int]:
+    """``(question, worked rationale, answer)`` for one random problem."""
+    x = r.randint(1, 9)
+    words, steps = [f"Start with {x}."], []
+    for _ in range(r.randint(2, 3)):
+        op = r.choice(("add", "sub", "mul") if x <= 30 else ("add", "sub"))
+        if op == "add":
+            y = r.randint(1, 9)
+            words.append(f"Add {y}.")
+            steps.append(f"{x} + {y} = {x + y}.")
+            x += y
+        elif op == "sub" and x > 1:
+            y = r.randint(1, min(9, x - 1))
+            words.append(f"Subtract {y}.")
+            steps.append(f"{x} - {y} = {x - y}.")
+            x -= y
+        else:
+            y = r.randint(2, 3)
+            words.append(f"Multiply by {y}.")
+            steps.append(f"{x} * {y} = {x * y}.")
+            x *= y
+    return " ".join(words), " ".join(steps + [f"#### {x}"]), x
+
+
+def split_of(question: str) -> str:
+    """The split a question belongs to (80/10/10 by hash)."""
+    h = int(hashlib.sha1(question.encode()).hexdigest(), 16) % 10
+    return next(name for name, r in SPLITS.items() if h in r)
+
+
+def make_split(split: str, n: int, seed: int = 0) -> List[Example]:
+    """``n`` examples of ``split`` (train | dev | test)."""
+    if split not in SPLITS:
+        from switchkd.config import ConfigError
+
+        raise ConfigError(f"arith:{split}: the arithmetic suite's split must be one of {', '.join(SPLITS)}")
+    r, out, tries = random.Random(f"arith-{seed}-{split}"), [], 0
+    while len(out) < n and tries < 200 * n:
+        tries += 1
+        question, rationale, _ = problem(r)
+        if split_of(question) == split:
+            out.append(Example(prompt=TEMPLATE.format(instruction=question), references=[rationale],
+                               instruction=question, meta={"topic": "arith"}))
+    return out
