@@ -81,24 +81,27 @@ def main() -> None:
     p.add_argument("--test", type=int, default=200)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--methods", nargs="+", default=["seqkd", "kd"])
+    p.add_argument("--primings", nargs="+", default=list(PRIMINGS), choices=PRIMINGS)
+    p.add_argument("--teacher-batch", type=int, default=32)
     p.add_argument("--smoke", action="store_true", help="tiny shapes and a few steps: checks the pipeline only")
     a = p.parse_args()
     if a.smoke:
         a.teacher, a.student = "tiny:gpt2,layers=1,dim=32,heads=2,seed=1", "tiny:gpt2,layers=1,dim=32,heads=2,seed=2"
         a.teacher_steps, a.student_steps, a.train_size, a.test, a.seeds = 2, 2, 40, 4, [1, 2]
+        a.teacher_batch = 8
     out, t0 = Path(a.out), time.time()
     out.mkdir(parents=True, exist_ok=True)
     teacher_data(out / "teacher_train.jsonl", a.train_size)
     teacher = train(load_config(None, common(a) + [
         f"model.name={a.teacher}", f"data.train={out / 'teacher_train.jsonl'}", f"train.max_steps={a.teacher_steps}",
-        "train.batch_size=32", "train.lr=2.5e-3", f"output.dir={out / 'teacher'}"]))
+        f"train.batch_size={a.teacher_batch}", "train.lr=2.5e-3", f"output.dir={out / 'teacher'}"]))
     results = {"teacher_accuracy": {s: accuracy_of(teacher, a, s) for s in PRIMINGS}, "students": {}}
     print("teacher accuracy by priming:", results["teacher_accuracy"], flush=True)
     overrides = {"seqkd": ["method.source=teacher", "method.divergence=ce", "method.do_sample=false",
                            "method.max_new_tokens=60"],
                  "kd": ["method.source=dataset", "method.divergence=fkl", "method.kd_ratio=1.0"]}
     for method in a.methods:
-        for strategy in PRIMINGS:
+        for strategy in a.primings:
             accs = []
             for seed in a.seeds:
                 run = out / f"{method}-{strategy}-{seed}"

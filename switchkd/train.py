@@ -42,6 +42,7 @@ from switchkd.losses import (
     token_loss,
 )
 from switchkd.models import load_model, load_pair, with_adapter
+from switchkd.rundir import check_output_dir, truncate_metrics
 from switchkd.sources import make_source, teacher_targets
 from switchkd.teacher_cache import TeacherCache
 
@@ -59,26 +60,6 @@ logging.getLogger("accelerate.utils.other").addFilter(_TiedWeights())
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or gradient); the message is one line."""
-
-
-RUN_FILES = ("metrics.jsonl", "config.yaml", "final", "best", "checkpoints")
-
-
-def check_output_dir(cfg: Config) -> None:
-    """Refuse an ``output.dir`` that already holds a run unless resuming it or ``output.overwrite``;
-    with ``output.overwrite`` remove only the run's own files (never anything else in the directory)."""
-    out = Path(cfg.output.dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output.dir={out}: exists and is not a directory")
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if not found or cfg.train.resume:
-        return
-    if not cfg.output.overwrite:
-        raise ConfigError(f"output.dir={out}: already holds a run ({', '.join(found)}); set train.resume=true to "
-                          "continue it or output.overwrite=true to replace it")
-    for name in found:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 @dataclass
@@ -395,24 +376,12 @@ class Trainer:
             if self.lm is not None and lm_state is not None:
                 self.lm.load_state_dict(lm_state)
             if self.acc.is_main_process:
-                self._truncate_metrics(self.state.step)
+                truncate_metrics(self.out, self.state.step)
                 print(f"resumed from {ckpt} at step {self.state.step}")
             return
         if self.acc.is_main_process:
-            self._truncate_metrics(0)  # the steps logged before the kill are trained again
+            truncate_metrics(self.out, 0)  # the steps logged before the kill are trained again
             print(f"train.resume: no readable checkpoint in {self.out / 'checkpoints'}; starting from scratch")
-
-    def _truncate_metrics(self, step: int) -> None:
-        path = self.out / "metrics.jsonl"
-        if path.is_file():
-            keep = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        keep.append(line + "\n")
-                except ValueError:
-                    continue  # a line cut by the kill
-            path.write_text("".join(keep), encoding="utf-8")
 
     def _finish(self) -> Path:
         """Write ``final/``: the best dev checkpoint when kept, else the last weights."""
