@@ -331,6 +331,7 @@ class Trainer:
         root = self.out / "checkpoints"
         tmp = root / f"step-{self.state.step:08d}.tmp"
         self.acc.save_state(str(tmp))
+        self.acc.wait_for_everyone()  # every process's files (RNG states, FSDP shards) are written before the rename
         if self.acc.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(self.state) | {"shape": self._shape(), "lm": (
                 self.lm.state_dict() if self.lm else None)}))
