@@ -9,14 +9,13 @@ Deterministic by seed; splits are disjoint (fixed by a hash of the problem).
 
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import List, Tuple
 
 from switchkd.data import Example
+from switchkd.synthetic import SPLITS, split_of  # noqa: F401  (the same 80/10/10 hash split)
 
 TEMPLATE = "Q: {instruction}\nA: "
-SPLITS = {"train": range(2, 10), "dev": range(1, 2), "test": range(0, 1)}
 
 
 def problem(r: random.Random) -> Tuple[str, str, int]:
@@ -41,12 +40,6 @@ def problem(r: random.Random) -> Tuple[str, str, int]:
             steps.append(f"{x} * {y} = {x * y}.")
             x *= y
     return " ".join(words), " ".join(steps + [f"#### {x}"]), x
-
-
-def split_of(question: str) -> str:
-    """The split a question belongs to (80/10/10 by hash)."""
-    h = int(hashlib.sha1(question.encode()).hexdigest(), 16) % 10
-    return next(name for name, r in SPLITS.items() if h in r)
 
 
 def make_split(split: str, n: int, seed: int = 0) -> List[Example]:
