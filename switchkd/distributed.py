@@ -62,11 +62,6 @@ def check(acc: Accelerator, cfg: Config) -> None:
     if k == "fsdp" and acc.state.fsdp_plugin.fsdp_version != 2:
         raise ConfigError("FSDP: fsdp_version 1 is not supported; set fsdp_version: 2 in the accelerate config "
                           "(configs/accelerate/fsdp.yaml)")
-    if cfg.train.loss_chunk > 0:
-        raise ConfigError(f"train.loss_chunk={cfg.train.loss_chunk}: the chunked LM head is not supported with "
-                          f"{'FSDP' if k == 'fsdp' else 'DeepSpeed ZeRO-3'}; set train.loss_chunk=0")
-    if cfg.model.lora.r and k == "zero3":
-        raise ConfigError("model.lora with DeepSpeed ZeRO-3 is not supported; use FSDP or DDP for LoRA students")
 
 
 def prepare_teacher(teacher: Optional[torch.nn.Module], acc: Accelerator) -> Optional[Any]:
@@ -81,8 +76,9 @@ def prepare_teacher(teacher: Optional[torch.nn.Module], acc: Accelerator) -> Opt
         for layer in _layers(teacher):  # one all-gather per block, as accelerate wraps the student
             fully_shard(layer, reshard_after_forward=plugin.reshard_after_forward,
                         mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
-        fully_shard(teacher, reshard_after_forward=plugin.reshard_after_forward,
-                    mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
+        # the root (embeddings, final norm, LM head) keeps its weights gathered after a forward, as
+        # accelerate does for the student: the chunked loss applies the LM head after the forward
+        fully_shard(teacher, mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
         return teacher.eval()
     if k == "zero3":
         return _deepspeed_inference(teacher, acc)
@@ -136,6 +132,16 @@ def all_ranks(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def max_over_ranks(n: int, device: torch.device) -> int:
+    """``n`` max-reduced over all ranks (itself when not distributed)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def unwrap(model: Any) -> Any:

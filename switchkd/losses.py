@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from switchkd.config import MethodConfig
+from switchkd.distributed import is_sharded, max_over_ranks
 from switchkd.divergences import TopK, ce, divergence
 
 TeacherTargets = Union[Tensor, TopK]  # teacher logits [N, V] or cached top-k rows
@@ -119,7 +120,8 @@ def chunked_loss_sum(student: Any, head: torch.nn.Module, batch: Dict[str, Tenso
     ``chunk`` response tokens at a time under activation checkpointing, so the loss's peak memory stays
     near ``chunk x V`` instead of several ``[B, T, V]`` tensors.
 
-    ``head`` is the student's (unwrapped) output embedding; the teacher side is chunked the same way
+    ``head`` is the student's (unwrapped) output embedding; under FSDP2/ZeRO-3 the head is sharded and
+    every call is collective, so all ranks run the same number of chunks.  The teacher side is chunked the same way
     unless its logits were already computed (``teacher_selected``: ``[N, V]`` or a cached ``TopK``).  Raises ``ValueError`` when
     the model's logits are not ``head(last hidden state)`` (soft-capping, scaling), checked on the
     last position.
@@ -145,7 +147,13 @@ def chunked_loss_sum(student: Any, head: torch.nn.Module, batch: Dict[str, Tenso
         return token_loss(head(h_c)[:, :vocab], t_logits, y_c, method).sum()
 
     total = h.new_zeros((), dtype=torch.float32)
-    for i in range(0, h.shape[0], chunk):
+    n = -(-h.shape[0] // chunk)
+    # a sharded head all-gathers its weight at every call (and again in backward): every rank runs as
+    # many chunks as the rank with the most response tokens, the extra ones on one row weighted 0
+    steps = max_over_ranks(n, h.device) if is_sharded(student) else n
+    for j in range(steps):
+        i = j * chunk if j < n else 0
         t_c = t_src[i:i + chunk] if t_src is not None else None
-        total = total + checkpoint(piece, h[i:i + chunk], t_c, tgt[i:i + chunk], use_reentrant=False)
+        part = checkpoint(piece, h[i:i + chunk], t_c, tgt[i:i + chunk], use_reentrant=False)
+        total = total + (part if j < n else 0.0 * part)
     return total

@@ -74,10 +74,12 @@ class TrainState:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and norm weights (1-D parameters)."""
+    """AdamW groups: no weight decay on biases and norm weights (1-D parameters); empty groups (a LoRA
+    student has no trainable 1-D parameters) are left out, as DeepSpeed would drop them."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, torch.Tensor]], cfg: Config,

@@ -42,27 +42,34 @@ SWITCH = ["method.do_sample=false", "method.switch.schedule=const", "method.swit
           "eval.limit=4", "eval.max_new_tokens=8"]
 
 
-@pytest.mark.parametrize("launch,preset,extra", [
-    ("fsdp", "kd", ["data.dev=null"]),
-    ("fsdp", "switch", SWITCH),
-    ("deepspeed_zero3", "switch", SWITCH + ["train.grad_accum=2"]),
+# the chunked LM head (2-process runs only): ranks with different response lengths run the same
+# number of collective head calls; the 1-process run without chunks gives the reference weights
+CHUNK = ["train.loss_chunk=5"]
+
+
+@pytest.mark.parametrize("launch,preset,extra,chunk", [
+    ("fsdp", "kd", ["data.dev=null"], CHUNK),
+    ("fsdp", "switch", SWITCH, []),
+    ("deepspeed_zero3", "switch", SWITCH + ["train.grad_accum=2"], CHUNK),
+    ("deepspeed_zero3", "switch", SWITCH + ["model.lora.r=4", "output.merge=true"], []),
 ])
-def test_sharded_two_processes_match_one(tmp_path, launch, preset, extra):
+def test_sharded_two_processes_match_one(tmp_path, launch, preset, extra, chunk):
     """FSDP2 / DeepSpeed ZeRO-3 over 2 CPU processes (student and teacher sharded), batch 2 each ==
-    1 process, batch 4."""
+    1 process, batch 4; with the chunked LM head where ``chunk`` says so."""
     config = str(ROOT / f"configs/tiny/{preset}.yaml")
     common = ["train.max_steps=3", "data.synthetic_size=32", "train.log_every=1", "method.max_new_tokens=24"] + extra
     one = _launch(config, common + ["train.batch_size=4"], tmp_path / "one")
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _launch(config, common + ["train.batch_size=2"], tmp_path / "two", launch)
+    two = _launch(config, common + chunk + ["train.batch_size=2"], tmp_path / "two", launch)
     assert two.returncode == 0, two.stderr[-2000:]
     kind = "FSDP" if launch == "fsdp" else "DEEPSPEED"
     assert f"distributed: 2 processes, {kind}, student sharded, teacher sharded" in two.stdout
-    a = load_file(tmp_path / "one/final/model.safetensors")
-    b = load_file(tmp_path / "two/final/model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    files = ["model.safetensors"] + (["adapter/adapter_model.safetensors"] if "output.merge=true" in extra else [])
+    for name in files:  # a LoRA student: the merged model and the adapter
+        a, b = load_file(tmp_path / "one/final" / name), load_file(tmp_path / "two/final" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     if preset == "switch":
         import json
 
