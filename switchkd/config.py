@@ -96,11 +96,25 @@ class DistillmConfig:
 
 
 @dataclass
+class MinillmConfig:
+    """MiniLLM (``source: minillm``; microsoft/LMOps minillm's rules, its GPT-2 scripts' settings)."""
+
+    teacher_mix: float = 0.2  # --teacher-mixed-alpha: sample from alpha p_teacher + (1 - alpha) q_student
+    gamma: float = 0.95  # --gamma: discount of the reward-to-go
+    length_norm: str = "count"  # count (LMOps --length-norm) | discounted (TRL) | none
+    whiten: bool = True  # LMOps whitens the advantages over the batch
+    reward_scale: float = 0.5  # --reward-scaling: rewards divided by it
+    reward_clip: float = 100.0  # --cliprange-reward
+    clip: float = 0.2  # --cliprange (PPO ratio clipping)
+    ppo_epochs: int = 4  # --ppo-epochs: each rollout batch is trained on this many times
+
+
+@dataclass
 class MethodConfig:
     """Which sequences we train on x which per-token loss; per-source settings in their own sections."""
 
     name: str = "sft"  # a label only (logs, reports): behaviour comes from source, divergence and their parameters
-    source: str = "dataset"  # dataset | teacher | student | imitkd | mixture | distillm | switch
+    source: str = "dataset"  # dataset | teacher | student | imitkd | mixture | distillm | switch | minillm
     divergence: str = "ce"  # a divergence from the registry; "ce" = cross-entropy on the sequences alone
     params: Dict[str, float] = field(default_factory=dict)  # divergence parameters
     temperature: float = 1.0
@@ -115,6 +129,7 @@ class MethodConfig:
     switch: SwitchConfig = field(default_factory=SwitchConfig)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     distillm: DistillmConfig = field(default_factory=DistillmConfig)
+    minillm: MinillmConfig = field(default_factory=MinillmConfig)
     instruction_weight: float = 0.0  # BiLD's instruction loss: + weight x forward KL (T = 1) on the prompt tokens
     # the LM loss on pre-training text that DistiLLM and MiniLLM add (--lm-data-dir, --lm-coef)
     lm_data: Optional[str] = None  # .txt (documents split by blank lines) or .jsonl/.json/.parquet with "text"
@@ -199,7 +214,8 @@ CHOICES: Dict[str, Sequence[str]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "teacher.dtype": ("float32", "bfloat16", "float16"),
     "data.format": ("auto", "minillm", "dolly", "messages"),
-    "method.source": ("dataset", "teacher", "student", "imitkd", "mixture", "distillm", "switch"),
+    "method.source": ("dataset", "teacher", "student", "imitkd", "mixture", "distillm", "switch", "minillm"),
+    "method.minillm.length_norm": ("count", "discounted", "none"),
     "method.switch.schedule": ("exp", "linear", "const"),
     "method.switch.gate": ("jsd", "fkl", "rkl", "tvd"),
     "method.distillm.replay_schedule": ("decreasing", "constant", "increasing"),
@@ -357,10 +373,13 @@ def validate(cfg: Config) -> None:
     if m.source == "distillm" and not cfg.data.dev:
         raise ConfigError("config error: method.source=distillm needs data.dev: its student-data probability rises "
                           "only when the dev loss does (set data.dev, and train.eval_every)")
+    if m.source == "minillm" and (m.instruction_weight > 0 or m.priming != "none"):
+        raise ConfigError("config error: method.source=minillm works with method.instruction_weight=0 and "
+                          "method.priming=none (its rewards need the teacher on the student's own prompt)")
     if m.teacher_cache and m.source != "dataset":
         raise ConfigError("config error: method.teacher_cache works with method.source=dataset only")
     distils = m.divergence != "ce" and m.kd_ratio > 0
-    needs_teacher = (distils or m.source in ("teacher", "switch") or (m.source == "mixture" and m.mixture.seq_kd)) \
+    needs_teacher = (distils or m.source in ("teacher", "switch", "minillm") or (m.source == "mixture" and m.mixture.seq_kd)) \
         and not m.teacher_cache
     if needs_teacher and cfg.teacher is None:
         why = f"method.divergence={m.divergence} (kd_ratio {m.kd_ratio})" if distils else f"method.source={m.source}"

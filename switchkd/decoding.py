@@ -39,7 +39,8 @@ GATES: Dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 @dataclass
 class RolloutConfig:
-    """How to decode. ``source``: ``student``, ``teacher`` or ``switch``."""
+    """How to decode. ``source``: ``student``, ``teacher``, ``switch`` or ``mixed`` (MiniLLM's
+    teacher-mixed sampling: each token from ``teacher_mix`` p + (1 - ``teacher_mix``) q)."""
 
     source: str = "student"
     max_new_tokens: int = 64
@@ -56,6 +57,7 @@ class RolloutConfig:
     pad_token_id: Optional[int] = None  # default: the model config's, else EOS
     vocab_size: Optional[int] = None  # true vocabulary (logits beyond it are ignored)
     keep_teacher_logits: bool = False  # return the teacher's next-token logits per step
+    teacher_mix: float = 0.2  # mixed only: the teacher's weight alpha in the sampling mixture
     speculative: bool = True  # switch only: student drafts, teacher verifies a block per forward
     draft_k: int = 4  # first draft length; then chosen from the recent rejection rate (speculative.next_k)
     max_draft_k: int = 16
@@ -117,6 +119,14 @@ def switch_gate(q_logits: Tensor, p_logits: Tensor, t: Union[int, Tensor], cfg: 
     d = gate_fn(q_logits, p_logits)
     tau = threshold(t, cfg) if isinstance(t, int) else thresholds(t, cfg).to(d.dtype)
     return d, d > tau
+
+
+def mix_logits(q_logits: Tensor, p_logits: Tensor, alpha: float) -> Tensor:
+    """Log-probabilities ``[..., V]`` of the mixture ``alpha * softmax(p) + (1 - alpha) * softmax(q)``."""
+    q, p = torch.log_softmax(q_logits.float(), -1), torch.log_softmax(p_logits.float(), -1)
+    if alpha <= 0.0 or alpha >= 1.0:
+        return p if alpha >= 1.0 else q
+    return torch.logaddexp(q + math.log1p(-alpha), p + math.log(alpha))
 
 
 def chooser(cfg: RolloutConfig, generator: Optional[torch.Generator]) -> Callable[[Tensor], Tensor]:

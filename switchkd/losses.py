@@ -28,8 +28,30 @@ def kd_weight(method: MethodConfig) -> float:
     return 0.0 if method.divergence == "ce" else method.kd_ratio
 
 
-def token_loss(student_logits: Tensor, teacher_logits: Optional[TeacherTargets], labels: Tensor, method: MethodConfig) -> Tensor:
-    """Per-token loss ``[N]`` from logits ``[N, V]`` and target ids ``[N]``."""
+#: per-response-token batch fields ``[N]`` of a MiniLLM rollout (:mod:`switchkd.minillm`)
+PG_KEYS = ("pg_advantage", "pg_old_logprob", "pg_weight")
+
+
+def pg_fields(batch: Dict[str, Any]) -> Optional[Dict[str, Tensor]]:
+    """The batch's policy-gradient fields (``PG_KEYS``), or None when it has none."""
+    return {k: batch[k] for k in PG_KEYS} if PG_KEYS[0] in batch else None
+
+
+def policy_loss(student_logits: Tensor, labels: Tensor, pg: Dict[str, Tensor], clip: float) -> Tensor:
+    """MiniLLM's clipped policy-gradient term per token ``[N]`` (LMOps ``_pg_loss``, per token):
+    ``max(-A r, -A clamp(r, 1 - clip, 1 + clip))`` with ``r = exp(log q(y) - log q_old(y)) * w``
+    from logits ``[N, V]``, sampled ids ``labels [N]`` and ``pg``'s advantage, old log-prob and
+    importance weight ``[N]``."""
+    logp = torch.log_softmax(student_logits.float(), -1).gather(-1, labels[:, None]).squeeze(-1)
+    ratio = torch.exp(logp - pg["pg_old_logprob"]) * pg["pg_weight"]
+    adv = pg["pg_advantage"]
+    return torch.max(-adv * ratio, -adv * ratio.clamp(1.0 - clip, 1.0 + clip))
+
+
+def token_loss(student_logits: Tensor, teacher_logits: Optional[TeacherTargets], labels: Tensor, method: MethodConfig,
+               pg: Optional[Dict[str, Tensor]] = None) -> Tensor:
+    """Per-token loss ``[N]`` from logits ``[N, V]`` and target ids ``[N]`` (+ MiniLLM's policy term
+    when ``pg`` holds its per-token fields)."""
     w = kd_weight(method)
     out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     if w > 0:
@@ -40,6 +62,8 @@ def token_loss(student_logits: Tensor, teacher_logits: Optional[TeacherTargets],
                                    **params)
     if w < 1:
         out = out + (1 - w) * ce(student_logits, labels=labels)
+    if pg is not None:
+        out = out + policy_loss(student_logits, labels, pg, method.minillm.clip)
     return out
 
 
@@ -99,7 +123,7 @@ def instruction_loss_sum(student: Any, teacher: Any, batch: Dict[str, Tensor], m
     with torch.no_grad():
         t_resp, _, t_prompt = instruction_logits(teacher, batch, vocab)
     t = batch.get("teacher_selected")
-    resp = token_loss(s, t if t is not None else t_resp, target, method).sum()
+    resp = token_loss(s, t if t is not None else t_resp, target, method, pg_fields(batch)).sum()
     return resp, divergence("fkl", s_prompt, t_prompt, temperature=1.0).sum()
 
 
@@ -140,11 +164,13 @@ def chunked_loss_sum(student: Any, head: torch.nn.Module, batch: Dict[str, Tenso
                                         batch.get("teacher_attention_mask", batch["attention_mask"]))
         t_src, t_head = t_hidden[:, :-1][t_labels != -100], teacher.get_output_embeddings()
 
-    def piece(h_c: Tensor, t_c: Optional[TeacherTargets], y_c: Tensor) -> Tensor:
+    pg = pg_fields(batch)
+
+    def piece(h_c: Tensor, t_c: Optional[TeacherTargets], y_c: Tensor, pg_c: Optional[Dict[str, Tensor]]) -> Tensor:
         t_logits = t_c if t_head is None else t_head(t_c).detach()
         if isinstance(t_logits, Tensor):  # a cached TopK is already over the vocabulary
             t_logits = t_logits[:, :vocab]
-        return token_loss(head(h_c)[:, :vocab], t_logits, y_c, method).sum()
+        return token_loss(head(h_c)[:, :vocab], t_logits, y_c, method, pg_c).sum()
 
     total = h.new_zeros((), dtype=torch.float32)
     n = -(-h.shape[0] // chunk)
@@ -154,6 +180,7 @@ def chunked_loss_sum(student: Any, head: torch.nn.Module, batch: Dict[str, Tenso
     for j in range(steps):
         i = j * chunk if j < n else 0
         t_c = t_src[i:i + chunk] if t_src is not None else None
-        part = checkpoint(piece, h[i:i + chunk], t_c, tgt[i:i + chunk], use_reentrant=False)
+        pg_c = {k: v[i:i + chunk] for k, v in pg.items()} if pg is not None else None
+        part = checkpoint(piece, h[i:i + chunk], t_c, tgt[i:i + chunk], pg_c, use_reentrant=False)
         total = total + (part if j < n else 0.0 * part)
     return total

@@ -1,6 +1,7 @@
 """The rollout engine: one batched, KV-cached decoding loop for student, teacher, or both.
 
-``source="switch"`` is SWITCH (Koo et al., NAACL Findings 2025): at response position
+``source="mixed"`` samples each token from MiniLLM's teacher-mixed distribution
+alpha p_t + (1 - alpha) q_t (``teacher_mix``).  ``source="switch"`` is SWITCH (Koo et al., NAACL Findings 2025): at response position
 t (0 = first generated token) both models see the same prefix; with p_t the teacher's
 and q_t the student's next-token distribution, d_t = gate(p_t, q_t) is compared with
 tau_t (``exp``: tau0 * exp(-decay * t); ``linear``: tau0 * max(0, 1 - decay * t);
@@ -29,6 +30,7 @@ from switchkd.decoding import (  # noqa: F401  (re-exported: the public names of
     Stepper,
     chooser,
     head_rows,
+    mix_logits,
     setup,
     switch_gate,
     threshold,
@@ -49,7 +51,8 @@ def from_method(method: Any, source: str, max_new_tokens: int, tokenizer: Any, v
                          temperature=m.gen_temperature, top_k=m.top_k, top_p=m.top_p, tau0=sw.tau0, decay=sw.decay,
                          schedule=sw.schedule, gate=sw.gate, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, vocab_size=vocab, keep_teacher_logits=keep_teacher_logits,
-                         speculative=sw.speculative, draft_k=sw.draft_k, max_draft_k=sw.max_draft_k, compile=m.compile)
+                         speculative=sw.speculative, draft_k=sw.draft_k, max_draft_k=sw.max_draft_k, compile=m.compile,
+                         teacher_mix=m.minillm.teacher_mix)
 
 
 @torch.no_grad()
@@ -69,9 +72,9 @@ def rollout(
     With a sharded model (FSDP2, ZeRO-3) the loop is rank-synchronised, eager and lockstep
     (``speculative`` and ``compile`` are not used): every rank steps until all ranks are done.
     """
-    if cfg.source not in ("student", "teacher", "switch"):
-        raise ValueError(f"source must be student, teacher or switch, got {cfg.source!r}")
-    use_s, use_t = cfg.source in ("student", "switch"), cfg.source in ("teacher", "switch")
+    if cfg.source not in ("student", "teacher", "switch", "mixed"):
+        raise ValueError(f"source must be student, teacher, switch or mixed, got {cfg.source!r}")
+    use_s, use_t = cfg.source != "teacher", cfg.source != "student"
     ref = student if use_s else teacher
     if ref is None or (use_t and teacher is None):
         raise ValueError(f"source={cfg.source!r} needs the {'teacher' if use_t else 'student'} model")
@@ -96,6 +99,8 @@ def rollout(
             tok, by_t = choose(s.logits), torch.zeros_like(rec.done)
         elif cfg.source == "teacher":
             tok, by_t = choose(tt.logits), torch.ones_like(rec.done)
+        elif cfg.source == "mixed":  # MiniLLM: sampled from the mixture (from_teacher stays False)
+            tok, by_t = choose(mix_logits(s.logits, tt.logits, cfg.teacher_mix)), torch.zeros_like(rec.done)
         else:
             d, by_t = switch_gate(s.logits, tt.logits, t, cfg, gate_fn)
             tok = torch.where(by_t, choose(tt.logits), choose(s.logits))

@@ -322,4 +322,8 @@ SOURCES = {"dataset": DatasetSource, "teacher": TeacherSource, "student": Studen
 def make_source(cfg: Config, student: Any, teacher: Optional[Any], tokenizer: Any, vocab: int,
                 unwrap: Callable[[Any], Any] = lambda m: m, seed: int = 0) -> DatasetSource:
     """The source named by ``cfg.method.source``."""
+    if cfg.method.source == "minillm":
+        from switchkd.minillm import MinillmSource  # it builds on this module's DatasetSource
+
+        return MinillmSource(cfg, student, teacher, tokenizer, vocab, unwrap, seed)
     return SOURCES[cfg.method.source](cfg, student, teacher, tokenizer, vocab, unwrap, seed)

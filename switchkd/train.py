@@ -36,6 +36,7 @@ from switchkd.losses import (
     chunked_loss_sum,
     instruction_loss_sum,
     kd_weight,
+    pg_fields,
     prompt_mask,
     response_logits,
     response_tokens,
@@ -117,7 +118,7 @@ def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, t
             else:
                 t = teacher_targets(teacher, b, vocab) if needs_teacher else None
                 s, target = response_logits(student, b["input_ids"], b["attention_mask"], b["labels"], vocab)
-                loss = token_loss(s, t, target, cfg.method).sum()
+                loss = token_loss(s, t, target, cfg.method, pg_fields(b)).sum()
             if extra:  # DeepSpeed steps its engine at every backward that accelerate marks as a boundary
                 accelerator.gradient_state._set_sync_gradients(i == len(group) - 1)
             objective = loss * scale + (inst_w * inst * inst_scale if inst_w > 0 else 0.0)

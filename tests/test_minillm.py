@@ -1,0 +1,180 @@
+"""MiniLLM: rewards, advantages, the clipped policy term and the single-step term against TRL 1.0's
+MiniLLM trainer and the official LMOps code (transcribed in ``oracle_minillm.py``); the teacher-mixed
+sampler's distribution; the source's fields and PPO-epoch reuse on tiny models; the preset trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from oracle_minillm import (
+    lmops_get_advantages_and_returns,
+    lmops_pg_loss,
+    lmops_reg_loss,
+    lmops_rewards_and_weight,
+    trl_compute_advantage,
+    trl_grpo_clipped_loss,
+    trl_single_step_decomposition_loss,
+)
+
+from switchkd.config import MethodConfig, load_config
+from switchkd.divergences import divergence
+from switchkd.minillm import advantages, importance_weight, rewards
+from switchkd.losses import policy_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+B, T, V = 3, 7, 11
+
+
+def _batch(seed: int, lengths=(7, 7, 7)):
+    g = torch.Generator().manual_seed(seed)
+    s_logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    t_logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+    lp = lambda z: torch.log_softmax(z, -1).gather(-1, y[..., None]).squeeze(-1)  # noqa: E731
+    return s_logits, t_logits, y, mask, lp(s_logits), lp(t_logits)
+
+
+@pytest.mark.parametrize("gamma,norm", [(0.0, True), (0.0, False), (0.9, True)])
+def test_advantages_equal_trl(gamma, norm):
+    """TRL's _compute_advantage (full-length rows: TRL pads lengths with 1e-4 past a row's end).  With
+    gamma > 0 and no length normalisation TRL discounts from position 0 (sum_i gamma^i R_i, not its
+    docstring's gamma^(i-t)); ours follows the docstring and LMOps (checked by brute force below)."""
+    _, _, _, mask, s_lp, t_lp = _batch(0)
+    want = trl_compute_advantage(s_lp, t_lp, mask, gamma=gamma, length_normalization=norm)
+    got = advantages(rewards(t_lp, s_lp, mask), mask, gamma, "discounted" if norm else "none")
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    if gamma == 0.0:  # with padding too (TRL's gamma = 0 branch is the plain reward)
+        _, _, _, mask, s_lp, t_lp = _batch(1, (7, 4, 1))
+        got = advantages(rewards(t_lp, s_lp, mask), mask, 0.0, "discounted" if norm else "none")
+        torch.testing.assert_close(got.double(), trl_compute_advantage(s_lp, t_lp, mask) * mask, rtol=1e-6, atol=1e-6)
+
+
+def test_reward_to_go_by_brute_force():
+    _, _, _, mask, s_lp, t_lp = _batch(5, (7, 4, 2))
+    r = rewards(t_lp, s_lp, mask)
+    for norm in ("none", "count", "discounted"):
+        got = advantages(r, mask, 0.8, norm)
+        for b in range(B):
+            n = int(mask[b].sum())
+            for t in range(n):
+                num = sum(0.8 ** (i - t) * float(r[b, i]) for i in range(t, n))
+                den = {"none": 1.0, "count": n - t, "discounted": sum(0.8 ** (i - t) for i in range(t, n))}[norm]
+                assert abs(float(got[b, t]) - num / den) < 1e-5
+            assert (got[b, n:] == 0).all()
+
+
+def test_single_step_and_policy_terms_equal_trl_in_value_and_gradient():
+    s_logits, t_logits, y, mask, s_lp, t_lp = _batch(2, (7, 5, 2))
+    adv = trl_compute_advantage(s_lp, t_lp, mask, gamma=0.9) * mask
+    old = s_lp + 0.3 * torch.randn(B, T, generator=torch.Generator().manual_seed(3), dtype=torch.float64)  # ratio != 1
+
+    a = s_logits.clone().requires_grad_(True)
+    lp = torch.log_softmax(a, -1)
+    trl = trl_single_step_decomposition_loss(lp, torch.log_softmax(t_logits, -1), mask) + \
+        trl_grpo_clipped_loss(lp.gather(-1, y[..., None]).squeeze(-1), old, adv, mask)
+    trl.backward()
+
+    b = s_logits.clone().requires_grad_(True)
+    pg = {"pg_advantage": adv[mask], "pg_old_logprob": old[mask], "pg_weight": torch.ones_like(old[mask])}
+    ours = (divergence("rkl", b[mask], t_logits[mask]) + policy_loss(b[mask], y[mask], pg, 0.2)).sum() / mask.sum()
+    ours.backward()
+    torch.testing.assert_close(ours.double(), trl, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
+    assert (torch.exp(s_lp - old)[mask] - 1).abs().max() > 0.2  # the clip was active somewhere
+
+
+def test_rewards_advantages_weights_and_losses_equal_lmops():
+    """LMOps' rules with its script's settings (gamma 0.95, length-norm, whitening, reward scaling 0.5,
+    clip 100, teacher-mixed alpha 0.2, cliprange 0.2), rows of different lengths."""
+    s_logits, t_logits, y, mask, s_lp, t_lp = _batch(4, (7, 3, 5))
+    want_r, want_w = lmops_rewards_and_weight(t_lp, s_lp, mask, 0.2, 0.5, 100.0)
+    r = rewards(t_lp, s_lp, mask, 0.5, 100.0)
+    torch.testing.assert_close(r, want_r)
+    w = importance_weight(s_lp, t_lp, 0.2)
+    torch.testing.assert_close(w[mask], want_w[mask])
+    adv = advantages(r, mask, 0.95, "count", whitened=True)
+    want_adv = lmops_get_advantages_and_returns(want_r, T, mask, 0.95)
+    torch.testing.assert_close(adv.double(), want_adv.double(), rtol=1e-5, atol=1e-6)
+
+    old = s_lp - 0.25  # a later PPO epoch: the policy moved
+    pg = {"pg_advantage": adv[mask].double(), "pg_old_logprob": old[mask], "pg_weight": w[mask]}
+    got = policy_loss(s_logits[mask], y[mask], pg, 0.2).sum() / mask.sum()
+    torch.testing.assert_close(got.double(), lmops_pg_loss(s_lp, old, want_adv.double(), mask.double(), want_w))
+    reg = divergence("rkl", s_logits[mask], t_logits[mask]).sum() / mask.sum()
+    torch.testing.assert_close(reg.double(), lmops_reg_loss(s_logits, t_logits, mask.double()).double(),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_mixed_sampling_draws_from_the_teacher_mixture():
+    from switchkd.data import left_pad
+    from switchkd.decoding import mix_logits
+    from switchkd.rollout import RolloutConfig, rollout
+
+    from test_rollout import _pair
+
+    student, teacher, tok, _, _ = _pair("gpt2")
+    with torch.no_grad():  # peaky, different distributions
+        student.lm_head.weight.mul_(20)
+        teacher.lm_head.weight = torch.nn.Parameter(torch.randn(teacher.lm_head.weight.shape,
+                                                                generator=torch.Generator().manual_seed(0)))  # untied
+    ids, mask = left_pad([tok("Q: hi\nA: ", add_special_tokens=False)["input_ids"]] * 4000, tok.pad_token_id)
+    cfg = RolloutConfig(source="mixed", max_new_tokens=1, teacher_mix=0.3, seed=5, vocab_size=len(tok))
+    out = rollout(student, teacher, ids, mask, cfg)
+    with torch.no_grad():
+        q, p = student(ids[:1], attention_mask=mask[:1]).logits[0, -1], teacher(ids[:1], attention_mask=mask[:1]).logits[0, -1]
+    want = mix_logits(q[:len(tok)], p[:len(tok)], 0.3).exp()
+    freq = torch.bincount(out.sequences[:, -1], minlength=len(tok)).float() / ids.shape[0]
+    assert 0.5 * (freq - want).abs().sum() < 0.05
+    assert 0.5 * (torch.softmax(q[:len(tok)], -1) - want).abs().sum() > 0.15  # the mixture is not the student's
+
+
+def test_source_fields_are_recomputed_and_reused_for_ppo_epochs(tmp_path):
+    from switchkd.data import build_batch
+    from switchkd.models import load_pair
+    from switchkd.sources import make_source
+
+    cfg = load_config(ROOT / "configs/tiny/minillm.yaml", ["method.max_new_tokens=12", "method.minillm.ppo_epochs=2",
+                                                          f"output.dir={tmp_path}"])
+    student, teacher, tok, vocab = load_pair(cfg.model, cfg.teacher)
+    prompts = [tok("Q: add 1 2\nA: ")["input_ids"], tok("Q: hello there\nA: ")["input_ids"]]
+    batch = build_batch(prompts, [[5, 6], [7]], tok.pad_token_id, [0, 1])
+    src = make_source(cfg, student, teacher, tok, vocab, seed=3)
+    a, b, c = src(batch, 0), src(batch, 1), src(batch, 2)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pg_advantage"], b["pg_advantage"])
+    assert not torch.equal(a["input_ids"], c["input_ids"])  # a fresh rollout after ppo_epochs uses
+    # the fields, recomputed from plain forwards of both models over the rolled-out batch
+    m = a["labels"][:, 1:] != -100
+    with torch.no_grad():
+        y = a["labels"][:, 1:][m]
+        s_lp = torch.log_softmax(student(a["input_ids"], attention_mask=a["attention_mask"]).logits[:, :-1][m][:, :vocab], -1)
+        t_lp = torch.log_softmax(teacher(a["input_ids"], attention_mask=a["attention_mask"]).logits[:, :-1][m][:, :vocab], -1)
+    s_lp, t_lp = s_lp.gather(-1, y[:, None]).squeeze(-1), t_lp.gather(-1, y[:, None]).squeeze(-1)
+    torch.testing.assert_close(a["pg_old_logprob"], s_lp, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a["pg_weight"], importance_weight(s_lp, t_lp, 0.2), rtol=1e-4, atol=1e-5)
+    n = m.sum(1)
+    resp = torch.arange(int(n.max()))[None, :] < n[:, None]
+    spread = lambda v: torch.zeros(resp.shape).masked_scatter(resp, v)  # noqa: E731
+    want = advantages(rewards(spread(t_lp), spread(s_lp), resp, 0.5, 100.0), resp, 0.95, "count", True)[resp]
+    torch.testing.assert_close(a["pg_advantage"], want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a["teacher_selected"][:, :vocab].log_softmax(-1).gather(-1, y[:, None]).squeeze(-1), t_lp,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_minillm_preset_trains_and_validates(tmp_path):
+    from switchkd.config import ConfigError
+    from switchkd.train import train
+
+    cfg = load_config(ROOT / "configs/tiny/minillm.yaml", [f"output.dir={tmp_path}", "train.max_steps=3", "data.synthetic_size=48",
+                                                           "eval.limit=4", "eval.max_new_tokens=8", "method.max_new_tokens=16",
+                                                           "train.loss_chunk=7"])
+    train(cfg)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert "minillm/reward" in lines[0] and '"dev_rougeL"' in lines[-1]
+    assert MethodConfig().minillm.teacher_mix == 0.2
+    for bad, key in [("method.minillm.clip=2", "method.minillm.clip"), ("method.minillm.length_norm=x", "length_norm"),
+                     ("method.minillm.ppo_epochs=0", "ppo_epochs"), ("method.priming=teacher", "priming")]:
+        with pytest.raises(ConfigError, match=key):
+            load_config(ROOT / "configs/tiny/minillm.yaml", [bad])
