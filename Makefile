@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint bench bench-quality bench-crispr bench-gpu bench-priming clean
+.PHONY: demo demo-teacher test lint bench bench-quality bench-crispr bench-gpu bench-priming clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/switchkd demo
+
+demo-teacher: $(STAMP)
+	$(BIN)/python scripts/build_demo_teacher.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

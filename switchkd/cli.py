@@ -122,7 +122,12 @@ def _debias(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from switchkd.demo import run_demo
 
-    run_demo(out_dir=args.output, quick=args.quick)
+    try:
+        run_demo(out_dir=args.output, quick=args.quick, methods=args.methods.split(",") if args.methods else None,
+                 workers=args.workers)
+    except ValueError as e:
+        print(f"switchkd: error: demo --methods: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def positive(text: str) -> int:
@@ -229,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the built-in end-to-end demo on the synthetic suite")
     d.add_argument("--output", default="runs/demo")
     d.add_argument("--quick", action="store_true", help="a much smaller run (for tests)")
+    d.add_argument("--methods", help="comma-separated methods (default sft,kd,gkd,switch; any of the tiny presets)")
+    d.add_argument("--workers", type=int, choices=range(1, 65), metavar="N",
+                   help="worker processes (default: 2 when the CPU has 2 cores or more)")
     d.set_defaults(func=_demo)
     return p
 

@@ -1,23 +1,33 @@
-"""``switchkd demo``: every method on the built-in synthetic suite, from one student initialisation.
+"""``switchkd demo``: distillation on the built-in synthetic suite in a few CPU minutes.
 
-1. A tiny teacher is trained by SFT on the synthetic train split (cached in ``$SWITCHKD_CACHE``).
-2. A student a few times smaller is warm-started by a short SFT run (cached): the shared
-   initialisation, so on-policy methods start from a student that already ends its answers.
-3. Each method continues from it for the same number of steps; each student and the teacher
-   are scored on the test split (sampled, several seeds): ROUGE-L overall and by length.
-4. ``report.md`` with the table and PNG plots is written to the output directory.
+1. The teacher ships with the package (``switchkd/demo_models/teacher``: a 4-layer, 128-wide GPT-2
+   trained by SFT on the synthetic suite; ``scripts/build_demo_teacher.py`` rebuilds it; its SHA-256
+   is checked before use).
+2. The student is the teacher with half its decoder blocks dropped (blocks 0 and 3 kept, the
+   DistilBERT initialisation; :func:`switchkd.models.drop_layers`): the shared initialisation ``init``.
+3. Each method (default ``sft``, ``kd``, ``gkd``, ``switch``) continues from it for the same number of
+   steps; the students, ``init`` and the teacher are scored on the test split (sampled, two seeds).
+   Tasks run in two worker processes (one thread each) on a multi-core CPU.
+4. ``report.md``: the table (± the standard deviation over sampling seeds), one "closes X% of the gap"
+   line per method, ROUGE-L by length and SWITCH's teacher-token profile (PNG).
+
+The benchmarks (``bench/quality.py``) use :func:`prepare`: the same teacher and a warm-started student
+of a smaller shape.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from switchkd.config import load_config, preset_method
 from switchkd.evaluate import score_examples
@@ -31,28 +41,44 @@ COMMON = ["data.train=synthetic", "data.dev=synthetic:dev", "data.max_prompt_len
 #: method name -> the ``method`` section of its preset ``configs/tiny/<name>.yaml``, laid over COMMON
 #: (student, teacher, data and budget are the demo's, shared by all methods)
 METHODS: Dict[str, List[str]] = {name: preset_method(f"tiny/{name}")
-                                 for name in ("sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "bild", "switch")}
+                                 for name in ("sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "bild", "switch",
+                                              "minillm")}
+DEFAULT_METHODS = ("sft", "kd", "gkd", "switch")  # the demo's; --methods picks others
+SHIPPED = Path(__file__).resolve().parent / "demo_models" / "teacher"
+KEEP = (0, 3)  # the teacher's blocks the demo student keeps
 
 
 @dataclass(frozen=True)
 class Budget:
     size: int = 4000  # synthetic train examples
     teacher_steps: int = 800
-    init_steps: int = 400  # shared student warm start
+    init_steps: int = 400  # benchmarks: the warm-started student's SFT steps
     student_steps: int = 60
     batch: int = 16
     test: int = 112
     seeds: tuple = (10, 20)
     eval_every: int = 20
     dev: int = 40  # dev prompts for keep-best during training
+    lr: float = 1e-3
 
 
+DEMO = Budget(student_steps=50, test=96, eval_every=0)  # no dev evaluation while training
 QUICK = Budget(size=200, teacher_steps=30, init_steps=10, student_steps=4, batch=8, test=14, seeds=(10,), eval_every=2,
                dev=4)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SWITCHKD_CACHE", Path.home() / ".cache" / "switchkd"))
+
+
+def shipped_teacher() -> Path:
+    """The packaged demo teacher, after checking its weights against ``SHA256``."""
+    want = (SHIPPED / "SHA256").read_text().split()[0] if (SHIPPED / "SHA256").is_file() else None
+    weights = SHIPPED / "model.safetensors"
+    if want is None or not weights.is_file() or hashlib.sha256(weights.read_bytes()).hexdigest() != want:
+        raise RuntimeError(f"{SHIPPED}: the demo teacher is missing or its checksum differs; rebuild it with "
+                           "python scripts/build_demo_teacher.py")
+    return SHIPPED
 
 
 def _cached_sft(name: str, spec: str, steps: int, lr: float, b: Budget) -> Path:
@@ -75,19 +101,43 @@ def _cached_sft(name: str, spec: str, steps: int, lr: float, b: Budget) -> Path:
     return path
 
 
+def teacher_for(b: Budget) -> Path:
+    """The shipped teacher when ``b`` asks for its recipe (800 steps, 4,000 examples, batch 16), else
+    one trained and cached."""
+    if (b.teacher_steps, b.size, b.batch) == (800, 4000, 16):
+        return shipped_teacher()
+    return _cached_sft("teacher", TEACHER, b.teacher_steps, 2.5e-3, b)
+
+
 def prepare(b: Budget) -> tuple[Path, Path]:
-    """The cached teacher and the cached shared student initialisation."""
-    return (_cached_sft("teacher", TEACHER, b.teacher_steps, 2.5e-3, b),
-            _cached_sft("student-init", STUDENT, b.init_steps, 2e-3, b))
+    """Benchmarks: the teacher and a warm-started ``STUDENT`` (SFT, cached) as the shared initialisation."""
+    return teacher_for(b), _cached_sft("student-init", STUDENT, b.init_steps, 2e-3, b)
+
+
+def layer_dropped_init(teacher: Path) -> Path:
+    """The demo student: the teacher's blocks ``KEEP`` (cached by the teacher's checksum)."""
+    from switchkd.models import drop_layers
+
+    digest = hashlib.sha1((teacher / "model.safetensors").read_bytes()).hexdigest()[:10]
+    path = cache_dir() / f"demo-init-{'-'.join(map(str, KEEP))}-{digest}"
+    if not (path / "config.json").is_file():
+        tmp = Path(str(path) + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        drop_layers(str(teacher), KEEP, tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    return path
 
 
 def train_method(method: str, teacher: Path, init: Path, out: Path, b: Budget, seed: int = 1,
                  extra: Sequence[str] = ()) -> Path:
     """Distil from ``init`` with ``method``; returns the final model directory."""
+    every = max(b.eval_every, 10) if METHODS[method] and "method.source=distillm" in METHODS[method] else b.eval_every
     cfg = load_config(None, COMMON + METHODS[method] + ["method.max_new_tokens=160",
         f"model.name={init}", f"teacher.name={teacher}", f"data.synthetic_size={b.size}", f"data.seed={seed}",
-        f"train.max_steps={b.student_steps}", f"train.batch_size={b.batch}", "train.lr=1e-3", f"train.seed={seed}",
-        "train.warmup_steps=0", f"train.eval_every={b.eval_every}", f"eval.limit={b.dev}", f"output.dir={out}", "output.overwrite=true", *extra])
+        f"train.max_steps={b.student_steps}", f"train.batch_size={b.batch}", f"train.lr={b.lr}", f"train.seed={seed}",
+        "train.warmup_steps=0", f"train.eval_every={every}", f"eval.limit={b.dev}", f"output.dir={out}",
+        "output.overwrite=true", *extra])
     return train(cfg)
 
 
@@ -100,6 +150,35 @@ def score(model_dir: Path, b: Budget, split: str = "test", seeds: Optional[Seque
     from switchkd.synthetic import make_split
 
     return score_examples(model, tok, make_split(split, b.test), ecfg, name=f"synthetic:{split}")[0]
+
+
+def _task(kind: str, name: str, teacher: Path, init: Path, out: Path, b: Budget, threads: int) -> tuple[str, dict, float]:
+    """One demo task in a worker: score a model (``kind="score"``) or train and score a method;
+    its output goes to ``out/logs/<name>.log``."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.time()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    with open(out / "logs" / f"{name}.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        model = {"teacher": teacher, "init": init}.get(name) if kind == "score" else \
+            train_method(name, teacher, init, out / name, b)
+        result = score(model, b)
+    return name, result, time.time() - t0
+
+
+def gap_lines(results: Dict[str, dict]) -> List[str]:
+    """One line per method: ROUGE-L ± sd over seeds and the share of the init-to-teacher gap it closes."""
+    t, i = results["teacher"]["rougeL"], results["init"]["rougeL"]
+    lines = [f"teacher {t:.1f}, init (the student before distillation) {i:.1f}: gap {t - i:.1f} ROUGE-L"]
+    for name, r in results.items():
+        if name not in ("teacher", "init"):
+            share = 100 * (r["rougeL"] - i) / (t - i) if t != i else float("nan")
+            lines.append(f"{name}: {r['rougeL']:.1f} ± {r.get('rougeL_std', 0.0):.1f} — closes {share:.0f}% of the gap")
+    noise = max(r.get("rougeL_std", 0.0) for r in results.values())
+    lines.append(f"sampling noise: the largest standard deviation over seeds is {noise:.1f} ROUGE-L")
+    return lines
 
 
 def write_report(out: Path, results: Dict[str, List[dict]], switch_metrics: Optional[Path], header: str) -> Path:
@@ -122,23 +201,46 @@ def write_report(out: Path, results: Dict[str, List[dict]], switch_metrics: Opti
     return path
 
 
-def run_demo(out_dir: str = "runs/demo", quick: bool = False, methods: Optional[Sequence[str]] = None) -> Dict[str, dict]:
+def run_demo(out_dir: str = "runs/demo", quick: bool = False, methods: Optional[Sequence[str]] = None,
+             workers: Optional[int] = None) -> Dict[str, dict]:
     """Run the whole demo; returns ``{name: scores}`` and writes ``report.md`` in ``out_dir``."""
-    t0, b, out = time.time(), (QUICK if quick else Budget()), Path(out_dir)
-    teacher, init = prepare(b)
-    names = list(methods or METHODS)
-    results: Dict[str, List[dict]] = {"teacher": [score(teacher, b)], "init": [score(init, b)]}
-    for name in names:
-        print(f"== {name}")
-        results[name] = [score(train_method(name, teacher, init, out / name, b), b)]
+    t0, b, out = time.time(), (QUICK if quick else DEMO), Path(out_dir)
+    names = list(methods or DEFAULT_METHODS)
+    bad = [m for m in names if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown demo method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    teacher = shipped_teacher()
+    init = layer_dropped_init(teacher)
+    cores = os.cpu_count() or 1
+    workers = workers or min(2, cores)
+    tasks = [("method", m) for m in sorted(names, key=lambda m: m not in ("switch", "gkd", "minillm", "imitkd"))]
+    tasks += [("score", "teacher"), ("score", "init")]
+    print(f"demo: teacher {SHIPPED.name} (shipped), student = its blocks {list(KEEP)}; methods {', '.join(names)}; "
+          f"{b.student_steps} steps each, {workers} worker process(es); logs in {out / 'logs'}")
+    results: Dict[str, dict] = {}
+    if workers == 1:
+        done = (_task(k, n, teacher, init, out, b, 0) for k, n in tasks)
+    else:
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+        futures = [pool.submit(_task, k, n, teacher, init, out, b, max(1, cores // workers)) for k, n in tasks]
+        done = (f.result() for f in futures)
+    for name, result, seconds in done:
+        results[name] = result
+        print(f"  {name}: ROUGE-L {result['rougeL']:.1f} ({seconds:.0f} s)", flush=True)
+    if workers > 1:
+        pool.shutdown()
+    ordered = {k: results[k] for k in ["teacher", "init", *names]}
+    lines = gap_lines(ordered)
     header = (f"# switchkd demo\n\nSynthetic suite, test split ({b.test} prompts), sampled at temperature 1 with "
-              f"seeds {list(b.seeds)}; ± is the standard deviation over seeds. Teacher `{TEACHER}` "
-              f"({b.teacher_steps} SFT steps); students `{STUDENT}` warm-started by {b.init_steps} SFT steps "
-              f"(`init`), then {b.student_steps} steps of each method (batch {b.batch}). Run time "
-              f"{time.time() - t0:.0f} s.")
-    report = write_report(out, results, out / "switch/metrics.jsonl" if "switch" in names else None, header)
+              f"seeds {list(b.seeds)}; ± in the table is the standard deviation over those seeds. Teacher: the shipped "
+              f"`{TEACHER}` (800 SFT steps); student (`init`): the teacher's blocks {list(KEEP)} of 4 (half its "
+              f"layers), then {b.student_steps} steps of each method (batch {b.batch}, lr {b.lr}). "
+              f"Run time {time.time() - t0:.0f} s.\n\n" + "\n".join(f"- {x}" for x in lines))
+    report = write_report(out, {k: [v] for k, v in ordered.items()}, out / "switch/metrics.jsonl" if "switch" in names else None,
+                          header)
     from switchkd.report import method_table
 
-    print(method_table(results))
+    print(method_table({k: [v] for k, v in ordered.items()}))
+    print("\n".join(lines))
     print(f"demo finished in {time.time() - t0:.0f} s; report: {report}")
-    return {k: v[0] for k, v in results.items()}
+    return ordered

@@ -8,10 +8,11 @@ Tiny models use transformers' byte-level ByT5 tokenizer, which needs no files.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from transformers import (
@@ -215,3 +216,36 @@ def load_pair(
         vocab = check_compatible(tok, t_tok)
         teacher = load_model(teacher_cfg, t_tok, trainable=False)
     return student, teacher, tok, vocab
+
+
+def drop_layers(src: str, keep: Sequence[int], dst: Path) -> Path:
+    """A smaller student initialised from a model: only its decoder blocks ``keep`` (in that order),
+    everything else (embeddings, final norm, LM head) copied (DistilBERT's initialisation).  Works for
+    the GPT-2 (``.h.N.``) and Llama-style (``.layers.N.``) layouts; saves model and tokenizer to ``dst``."""
+    import re
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = AutoModelForCausalLM.from_pretrained(src)
+    n = teacher.config.num_hidden_layers
+    if not keep or any(not 0 <= i < n for i in keep):
+        raise ValueError(f"keep={list(keep)}: layers must be in 0..{n - 1}")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(keep)
+    student = AutoModelForCausalLM.from_config(config)
+    pattern, state = re.compile(r"\.(h|layers)\.(\d+)\."), {}
+    for key, value in teacher.state_dict().items():
+        m = pattern.search(key)
+        if m is None:
+            state[key] = value
+        elif int(m.group(2)) in keep:
+            state[key[:m.start()] + f".{m.group(1)}.{list(keep).index(int(m.group(2)))}." + key[m.end():]] = value
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in student._tied_weights_keys] if isinstance(
+        getattr(student, "_tied_weights_keys", None), (list, set, dict)) else missing
+    if missing or unexpected:
+        raise ValueError(f"drop_layers: unmatched weights {sorted(missing)[:3]} {sorted(unexpected)[:3]}")
+    student.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+

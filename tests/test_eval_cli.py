@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,12 +116,50 @@ def test_eval_missing_data_file(tiny_model_dir, tmp_path):
 
 
 def test_demo_quick_runs(tmp_path, monkeypatch):
+    """The demo's whole path at a tiny budget, in two worker processes: shipped teacher (checksum),
+    layer-dropped student, the default methods, the report with the gap lines and plots."""
     monkeypatch.setenv("SWITCHKD_CACHE", str(tmp_path / "cache"))
     from switchkd.demo import run_demo
 
-    results = run_demo(str(tmp_path / "demo"), quick=True)
-    assert set(results) == {"teacher", "init", "sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "bild", "switch"}
+    results = run_demo(str(tmp_path / "demo"), quick=True, workers=2)
+    assert list(results) == ["teacher", "init", "sft", "kd", "gkd", "switch"]
+    assert results["teacher"]["rougeL"] > 30 > results["init"]["rougeL"]  # the shipped teacher is trained
     report = (tmp_path / "demo/report.md").read_text()
-    assert "| switch | 1 |" in report and "| teacher | 1 |" in report
+    assert "| switch | 1 |" in report and "| teacher | 1 |" in report and "of the gap" in report
     assert (tmp_path / "demo/rouge_by_length.png").is_file() and (tmp_path / "demo/switch_profile.png").is_file()
-    assert "SWITCH during training" in report
+    assert "SWITCH during training" in report and (tmp_path / "demo/logs/switch.log").is_file()
+
+
+def test_demo_refuses_a_changed_teacher_and_unknown_methods(tmp_path, monkeypatch):
+    import switchkd.demo as demo
+
+    bad = tmp_path / "teacher"
+    shutil.copytree(demo.SHIPPED, bad)
+    (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:-8] + b"\0" * 8)
+    monkeypatch.setattr(demo, "SHIPPED", bad)
+    with pytest.raises(RuntimeError, match="checksum"):
+        demo.shipped_teacher()
+    r = _cli("demo", "--methods", "sft,nope", "--output", str(tmp_path / "d"))
+    assert r.returncode == 2 and "unknown demo method 'nope'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("spec", ["tiny:gpt2,layers=3,dim=32,heads=2", "tiny:llama,layers=3,dim=32,heads=4,seed=7"])
+def test_drop_layers_keeps_the_chosen_blocks(tmp_path, spec):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from switchkd.config import ModelConfig
+    from switchkd.models import drop_layers, load_model, load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name=spec))
+    big = load_model(ModelConfig(name=spec), tok, trainable=False)
+    big.save_pretrained(tmp_path / "big")
+    tok.save_pretrained(tmp_path / "big")
+    small = AutoModelForCausalLM.from_pretrained(drop_layers(str(tmp_path / "big"), (0, 2), tmp_path / "small"))
+    assert small.config.num_hidden_layers == 2
+    a, b = big.state_dict(), small.state_dict()
+    for k, v in b.items():
+        src = k.replace(".1.", ".2.") if (".h.1." in k or ".layers.1." in k) else k
+        assert torch.equal(v, a[src]), k
+    with pytest.raises(ValueError, match="layers must be in 0..2"):
+        drop_layers(str(tmp_path / "big"), (0, 3), tmp_path / "bad")
