@@ -126,8 +126,7 @@ def _demo(args: argparse.Namespace) -> None:
         run_demo(out_dir=args.output, quick=args.quick, methods=args.methods.split(",") if args.methods else None,
                  workers=args.workers)
     except ValueError as e:
-        print(f"switchkd: error: demo --methods: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise ConfigError(f"demo --methods: {e}") from None
 
 
 def positive(text: str) -> int:

@@ -27,9 +27,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
-from switchkd.config import load_config, preset_method
+from switchkd.config import ConfigError, load_config, preset_method
 from switchkd.evaluate import score_examples
 from switchkd.models import load_model, load_tokenizer
 from switchkd.train import train
@@ -76,7 +76,7 @@ def shipped_teacher() -> Path:
     want = (SHIPPED / "SHA256").read_text().split()[0] if (SHIPPED / "SHA256").is_file() else None
     weights = SHIPPED / "model.safetensors"
     if want is None or not weights.is_file() or hashlib.sha256(weights.read_bytes()).hexdigest() != want:
-        raise RuntimeError(f"{SHIPPED}: the demo teacher is missing or its checksum differs; rebuild it with "
+        raise ConfigError(f"{SHIPPED}: the demo teacher is missing or its checksum differs; rebuild it with "
                            "python scripts/build_demo_teacher.py")
     return SHIPPED
 
@@ -152,18 +152,20 @@ def score(model_dir: Path, b: Budget, split: str = "test", seeds: Optional[Seque
     return score_examples(model, tok, make_split(split, b.test), ecfg, name=f"synthetic:{split}")[0]
 
 
-def _task(kind: str, name: str, teacher: Path, init: Path, out: Path, b: Budget, threads: int) -> tuple[str, dict, float]:
-    """One demo task in a worker: score a model (``kind="score"``) or train and score a method;
-    its output goes to ``out/logs/<name>.log``."""
+def _task(kind: str, name: str, teacher: Path, init: Path, out: Path, b: Budget, threads: int, seed: int = 1,
+          extra: Sequence[str] = (), tag: str = "") -> tuple[str, dict, float]:
+    """One task in a worker: score a model (``kind="score"``) or train (``seed``, ``extra`` overrides)
+    and score a method; its output goes to ``out/logs/<name><tag>.log``.  The benchmarks use it too."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    with open(out / "logs" / f"{name}.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    with open(out / "logs" / f"{name}{tag}.log", "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
         model = {"teacher": teacher, "init": init}.get(name) if kind == "score" else \
-            train_method(name, teacher, init, out / name, b)
+            train_method(name, teacher, init, out / f"{name}{tag}", b, seed=seed, extra=extra)
         result = score(model, b)
     return name, result, time.time() - t0
 

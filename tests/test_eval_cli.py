@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from switchkd.cli import main
-from switchkd.config import EvalConfig, ModelConfig
+from switchkd.config import ConfigError, EvalConfig, ModelConfig
 from switchkd.evaluate import bucket_name, generate_texts, rouge_l
 from switchkd.models import load_model, load_tokenizer
 
@@ -130,17 +130,18 @@ def test_demo_quick_runs(tmp_path, monkeypatch):
     assert "SWITCH during training" in report and (tmp_path / "demo/logs/switch.log").is_file()
 
 
-def test_demo_refuses_a_changed_teacher_and_unknown_methods(tmp_path, monkeypatch):
+def test_demo_refuses_a_changed_teacher_and_unknown_methods(tmp_path, monkeypatch, capsys):
     import switchkd.demo as demo
 
     bad = tmp_path / "teacher"
     shutil.copytree(demo.SHIPPED, bad)
     (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:-8] + b"\0" * 8)
     monkeypatch.setattr(demo, "SHIPPED", bad)
-    with pytest.raises(RuntimeError, match="checksum"):
+    with pytest.raises(ConfigError, match="checksum"):
         demo.shipped_teacher()
-    r = _cli("demo", "--methods", "sft,nope", "--output", str(tmp_path / "d"))
-    assert r.returncode == 2 and "unknown demo method 'nope'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert main(["demo", "--methods", "sft,nope", "--output", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown demo method 'nope'" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("spec", ["tiny:gpt2,layers=3,dim=32,heads=2", "tiny:llama,layers=3,dim=32,heads=4,seed=7"])

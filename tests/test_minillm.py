@@ -20,8 +20,8 @@ from oracle_minillm import (
 
 from switchkd.config import MethodConfig, load_config
 from switchkd.divergences import divergence
-from switchkd.minillm import advantages, importance_weight, rewards
 from switchkd.losses import policy_loss
+from switchkd.minillm import advantages, importance_weight, rewards
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T, V = 3, 7, 11
@@ -109,11 +109,11 @@ def test_rewards_advantages_weights_and_losses_equal_lmops():
 
 
 def test_mixed_sampling_draws_from_the_teacher_mixture():
+    from test_rollout import _pair
+
     from switchkd.data import left_pad
     from switchkd.decoding import mix_logits
     from switchkd.rollout import RolloutConfig, rollout
-
-    from test_rollout import _pair
 
     student, teacher, tok, _, _ = _pair("gpt2")
     with torch.no_grad():  # peaky, different distributions

@@ -1,0 +1,146 @@
+"""Does SWITCH beat the baselines, most on long responses?  (``make bench-long``)
+
+Setting: the built-in synthetic suite (answers of 1 to 180 bytes, long ones made of many steps where an
+early error compounds), the demo's teacher and a half-depth student initialised from it
+(:func:`switchkd.demo.layer_dropped_init`).  SWITCH's decay is the paper's 1/10 and its tau0 is
+calibrated on the *dev* prompts (:func:`switchkd.calibrate.calibrate_config`) to the paper's teacher
+share (53% by default); nothing is chosen on test.  Every method (SFT, KD, GKD, SWITCH by default)
+trains the same number of optimizer steps on the same batch size from the same initialisation, for
+each training seed, and is scored on the test split (sampled, the demo's two sampling seeds), overall
+and by reference length.  Writes ``results.json`` and ``report.md`` (mean ± 95% CI over training
+seeds) and prints a plain verdict.  Finished runs are reused (delete the output directory to redo).
+
+``--device cuda``: a larger teacher (8 layers, 256 wide, trained here by SFT for 3,000 steps and
+cached), a student of its even blocks, 300 steps per method; meant to finish within 20 minutes on one
+GPU.  ``--smoke``: the whole path at the demo's quick budget (a minute or two on 2 CPU cores).
+
+    python bench/long_response.py [--seeds 1 2 3] [--steps 50] [--target 0.53] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from multiprocessing import get_context
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from switchkd import demo  # noqa: E402
+from switchkd.calibrate import calibrate_config  # noqa: E402
+from switchkd.config import load_config  # noqa: E402
+from switchkd.evaluate import ci95  # noqa: E402
+
+
+def setting(device: str, smoke: bool) -> tuple[Path, Path, demo.Budget]:
+    """``(teacher, student init, budget)`` for the device."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("bench/long_response.py: --device cuda needs a CUDA GPU")
+        big = demo.Budget(size=8000, teacher_steps=3000, batch=32, student_steps=300, test=112)
+        spec = "tiny:gpt2,layers=8,dim=256,heads=8,seed=1"
+        teacher = demo._cached_sft("teacher-large", spec, big.teacher_steps, 1e-3, big)
+        from switchkd.models import drop_layers
+
+        init = demo.cache_dir() / f"long-init-{teacher.name}"
+        if not (init / "config.json").is_file():
+            drop_layers(str(teacher), (0, 2, 4, 6), init)
+        return teacher, init, replace(big, eval_every=0)
+    teacher = demo.shipped_teacher()
+    b = replace(demo.DEMO, test=112)
+    if smoke:
+        b = replace(demo.QUICK, eval_every=0)
+    return teacher, demo.layer_dropped_init(teacher), b
+
+
+def verdict(results: dict, methods: list) -> list:
+    """Plain sentences: SWITCH against each baseline overall and on the longest bucket (95% CIs)."""
+    if "switch" not in results:
+        return []
+    def stats(runs: list, key: str | None) -> tuple[float, float]:
+        vals = [r["rougeL"] if key is None else r["by_length"][key]["rougeL"] for r in runs
+                if key is None or key in r["by_length"]]
+        return statistics.fmean(vals), (ci95(vals) if len(vals) > 1 else float("nan"))
+    buckets = sorted({b for r in results["switch"] for b in r["by_length"]},
+                     key=lambda b: int(b.lstrip(">").split("-")[0]))
+    lines = []
+    for key, label in ((None, "overall"), (buckets[-1], f"longest references ({buckets[-1]} words)")):
+        s, sc = stats(results["switch"], key)
+        for m in methods:
+            if m == "switch":
+                continue
+            o, oc = stats(results[m], key)
+            apart = abs(s - o) > (sc + oc) if sc == sc and oc == oc else False
+            word = "beats" if s > o else "trails"
+            lines.append(f"{label}: SWITCH {s:.1f} ± {sc:.1f} {word} {m} {o:.1f} ± {oc:.1f}"
+                         f" ({'CIs apart' if apart else 'CIs overlap: not decided'})")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 50; cuda 300)")
+    ap.add_argument("--methods", default="sft,kd,gkd,switch")
+    ap.add_argument("--target", type=float, default=0.53, help="SWITCH teacher share to calibrate tau0 to (dev)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default="runs/bench-long")
+    args = ap.parse_args()
+    t0, out, methods = time.time(), Path(args.out), args.methods.split(",")
+    teacher, init, b = setting(args.device, args.smoke)
+    if args.steps:
+        b = replace(b, student_steps=args.steps)
+    out.mkdir(parents=True, exist_ok=True)
+    cal = load_config(None, demo.COMMON + demo.METHODS["switch"] + [f"model.name={init}", f"teacher.name={teacher}"])
+    tau0, share = calibrate_config(cal, args.target, limit=8 if args.smoke else 32)
+    print(f"SWITCH tau0 {tau0:.5g} (decay 0.1) gives a teacher share of {share:.2f} on dev (target {args.target})")
+    extra = [f"method.switch.tau0={tau0}"]
+    workers = args.workers or (1 if args.device == "cuda" else min(2, os.cpu_count() or 1))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    cache = out / "results.json"
+    results = json.loads(cache.read_text()) if cache.is_file() else {}
+    if results.get("_setting") != [str(teacher), b.student_steps, tau0]:
+        results = {"_setting": [str(teacher), b.student_steps, tau0]}
+    todo = [("score", n, 0) for n in ("teacher", "init") if n not in results]
+    todo += [("method", m, s) for s in args.seeds for m in methods if f"{m}@{s}" not in results]
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
+    run = (lambda *a: pool.submit(demo._task, *a)) if pool else (lambda *a: demo._task(*a))
+    futures = [(k, n, s, run(k, n, teacher, init, out, b, threads if pool else 0, s or 1, extra if n == "switch" else (),
+                             f"@{s}" if s else "")) for k, n, s in todo]
+    for kind, name, seed, fut in futures:
+        _, result, seconds = fut.result() if pool else fut
+        results[name if kind == "score" else f"{name}@{seed}"] = result
+        cache.write_text(json.dumps(results))
+        print(f"  {name}{'' if kind == 'score' else f' seed {seed}'}: ROUGE-L {result['rougeL']:.1f} ({seconds:.0f} s)",
+              flush=True)
+    if pool:
+        pool.shutdown()
+    grouped = {"teacher": [results["teacher"]], "init": [results["init"]]}
+    grouped |= {m: [results[f"{m}@{s}"] for s in args.seeds] for m in methods}
+    lines = verdict(grouped, methods)
+    header = (f"# SWITCH long-response benchmark\n\nTeacher `{teacher}`, student = its layer-dropped copy `{init.name}`; "
+              f"{b.student_steps} steps per method (batch {b.batch}, lr {b.lr}), training seeds {args.seeds}; "
+              f"SWITCH tau0 {tau0:.5g}, decay 0.1 (dev teacher share {share:.2f}); test split, {b.test} prompts, "
+              f"sampling seeds {list(b.seeds)}; ± = 95% CI over training seeds. Run time {time.time() - t0:.0f} s.\n\n"
+              + "\n".join(f"- {x}" for x in lines))
+    report = demo.write_report(out, grouped, out / "switch@1/metrics.jsonl", header)
+    from switchkd.report import method_table
+
+    print(method_table(grouped))
+    print("\n".join(lines))
+    print(f"report: {report}")
+
+
+if __name__ == "__main__":
+    main()
