@@ -65,9 +65,9 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 
 def verdict(results: dict, methods: list) -> list:
-    """Plain sentences: SWITCH against each baseline overall and on the longest length bucket that holds
-    at least 10 test prompts (Student-t 95% CIs over training seeds; the report's table uses the normal
-    approximation, which is 2.2x narrower at 3 seeds)."""
+    """Plain sentences: SWITCH against each baseline overall and in every length bucket holding at least
+    10 test prompts (Student-t 95% CIs over training seeds, differences paired by seed; the report's table
+    uses the normal approximation, which is 2.2x narrower at 3 seeds)."""
     if "switch" not in results:
         return []
     def values(runs: list, key: str | None) -> list:
@@ -83,8 +83,7 @@ def verdict(results: dict, methods: list) -> list:
     sizes = {b: v["n"] for b, v in results["switch"][0]["by_length"].items()}
     buckets = sorted((b for b in sizes if sizes[b] >= 10), key=lambda b: int(b.lstrip(">").split("-")[0]))
     lines = []
-    for key, label in ((None, "overall"), (buckets[-1], f"longest bucket with >= 10 prompts ({buckets[-1]} words, "
-                                                        f"{sizes[buckets[-1]]} prompts)")):
+    for key, label in [(None, "overall")] + [(b, f"{b} words ({sizes[b]} prompts)") for b in buckets]:
         s, sc = stats(results["switch"], key)
         for m in methods:
             if m == "switch":
@@ -105,6 +104,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.53, help="SWITCH teacher share to calibrate tau0 to (dev)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--test", type=int, default=None, help="test prompts (default 112); finished models are rescored")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default="runs/bench-long")
     args = ap.parse_args()
@@ -112,6 +112,8 @@ def main() -> None:
     teacher, init, b = setting(args.device, args.smoke)
     if args.steps:
         b = replace(b, student_steps=args.steps)
+    if args.test:
+        b = replace(b, test=args.test)
     out.mkdir(parents=True, exist_ok=True)
     cal = load_config(None, demo.COMMON + demo.METHODS["switch"] + [f"model.name={init}", f"teacher.name={teacher}"])
     tau0, share = calibrate_config(cal, args.target, limit=8 if args.smoke else 32)
@@ -121,14 +123,14 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 1) // workers)
     cache = out / "results.json"
     results = json.loads(cache.read_text()) if cache.is_file() else {}
-    if results.get("_setting") != [str(teacher), b.student_steps, tau0]:
-        results = {"_setting": [str(teacher), b.student_steps, tau0]}
+    if results.get("_setting") != [str(teacher), b.student_steps, tau0, b.test]:
+        results = {"_setting": [str(teacher), b.student_steps, tau0, b.test]}
     todo = [("score", n, 0) for n in ("teacher", "init") if n not in results]
     todo += [("method", m, s) for s in args.seeds for m in methods if f"{m}@{s}" not in results]
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
     run = (lambda *a: pool.submit(demo._task, *a)) if pool else (lambda *a: demo._task(*a))
     futures = [(k, n, s, run(k, n, teacher, init, out, b, threads if pool else 0, s or 1, extra if n == "switch" else (),
-                             f"@{s}" if s else "")) for k, n, s in todo]
+                             f"@{s}" if s else "", True)) for k, n, s in todo]
     for kind, name, seed, fut in futures:
         _, result, seconds = fut.result() if pool else fut
         results[name if kind == "score" else f"{name}@{seed}"] = result

@@ -153,9 +153,10 @@ def score(model_dir: Path, b: Budget, split: str = "test", seeds: Optional[Seque
 
 
 def _task(kind: str, name: str, teacher: Path, init: Path, out: Path, b: Budget, threads: int, seed: int = 1,
-          extra: Sequence[str] = (), tag: str = "") -> tuple[str, dict, float]:
+          extra: Sequence[str] = (), tag: str = "", reuse: bool = False) -> tuple[str, dict, float]:
     """One task in a worker: score a model (``kind="score"``) or train (``seed``, ``extra`` overrides)
-    and score a method; its output goes to ``out/logs/<name><tag>.log``.  The benchmarks use it too."""
+    and score a method (``reuse``: a finished ``final/`` is scored again, not retrained); its output goes
+    to ``out/logs/<name><tag>.log``.  The benchmarks use it too."""
     import torch
 
     if threads:
@@ -164,8 +165,10 @@ def _task(kind: str, name: str, teacher: Path, init: Path, out: Path, b: Budget,
     (out / "logs").mkdir(parents=True, exist_ok=True)
     with open(out / "logs" / f"{name}{tag}.log", "w") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
-        model = {"teacher": teacher, "init": init}.get(name) if kind == "score" else \
-            train_method(name, teacher, init, out / f"{name}{tag}", b, seed=seed, extra=extra)
+        done = out / f"{name}{tag}" / "final"
+        model = {"teacher": teacher, "init": init}.get(name) if kind == "score" else done if reuse and \
+            (done / "config.json").is_file() else train_method(name, teacher, init, out / f"{name}{tag}", b, seed=seed,
+                                                               extra=extra)
         result = score(model, b)
     return name, result, time.time() - t0
 
