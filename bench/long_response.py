@@ -25,9 +25,7 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
-from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,25 +118,19 @@ def main() -> None:
     print(f"SWITCH tau0 {tau0:.5g} (decay 0.1) gives a teacher share of {share:.2f} on dev (target {args.target})")
     extra = [f"method.switch.tau0={tau0}"]
     workers = args.workers or (1 if args.device == "cuda" else min(2, os.cpu_count() or 1))
-    threads = max(1, (os.cpu_count() or 1) // workers)
     cache = out / "results.json"
     results = json.loads(cache.read_text()) if cache.is_file() else {}
     if results.get("_setting") != [str(teacher), b.student_steps, tau0, b.test]:
         results = {"_setting": [str(teacher), b.student_steps, tau0, b.test]}
     todo = [("score", n, 0) for n in ("teacher", "init") if n not in results]
     todo += [("method", m, s) for s in args.seeds for m in methods if f"{m}@{s}" not in results]
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
-    run = (lambda *a: pool.submit(demo._task, *a)) if pool else (lambda *a: demo._task(*a))
-    futures = [(k, n, s, run(k, n, teacher, init, out, b, threads if pool else 0, s or 1, extra if n == "switch" else (),
-                             f"@{s}" if s else "", True)) for k, n, s in todo]
-    for kind, name, seed, fut in futures:
-        _, result, seconds = fut.result() if pool else fut
+    calls = [dict(kind=k, name=n, teacher=teacher, init=init, out=out, b=b, seed=s or 1,
+                  extra=extra if n == "switch" else (), tag=f"@{s}" if s else "", reuse=True) for k, n, s in todo]
+    for (kind, name, seed), (_, result, seconds) in zip(todo, demo.run_tasks(calls, workers)):
         results[name if kind == "score" else f"{name}@{seed}"] = result
         cache.write_text(json.dumps(results))
         print(f"  {name}{'' if kind == 'score' else f' seed {seed}'}: ROUGE-L {result['rougeL']:.1f} ({seconds:.0f} s)",
               flush=True)
-    if pool:
-        pool.shutdown()
     grouped = {"teacher": [results["teacher"]], "init": [results["init"]]}
     grouped |= {m: [results[f"{m}@{s}"] for s in args.seeds] for m in methods}
     lines = verdict(grouped, methods)

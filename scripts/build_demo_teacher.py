@@ -20,16 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from switchkd.config import load_config  # noqa: E402
-from switchkd.demo import COMMON, SHIPPED, TEACHER  # noqa: E402
+from switchkd.demo import SHIPPED, TEACHER, Budget, sft_overrides  # noqa: E402
 from switchkd.train import train  # noqa: E402
-
-RECIPE = ["method.name=sft", "method.kd_ratio=0.0", "data.synthetic_size=4000", "train.max_steps=800",
-          "train.batch_size=16", "train.lr=2.5e-3", "train.warmup_steps=30", "train.keep_best=false", "data.dev=null"]
 
 
 def main(dst: Path = SHIPPED) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        final = train(load_config(None, COMMON + [f"model.name={TEACHER}", *RECIPE, f"output.dir={tmp}/run"]))
+        final = train(load_config(None, sft_overrides(TEACHER, 800, 2.5e-3, Budget()) + [f"output.dir={tmp}/run"]))
         staged = Path(tmp) / "teacher"
         staged.mkdir()
         for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json",

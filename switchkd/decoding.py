@@ -70,7 +70,8 @@ class RolloutConfig:
 class RolloutOutput:
     """``sequences [B, P + N]`` (pad after EOS), ``response_mask``/``from_teacher`` ``[B, N]``,
     ``gate [B, N]`` (NaN where not computed), ``teacher_logits [B, N, V]`` when kept;
-    ``forwards``: decode forwards per model (``student``, ``teacher``; prefill not counted)."""
+    ``forwards``: decode forwards per model (``student``, ``teacher``; prefill not counted);
+    ``logprobs [B, N]``: the student's log-probability of each token (``mixed`` rollouts only)."""
 
     sequences: Tensor
     response_mask: Tensor
@@ -78,6 +79,7 @@ class RolloutOutput:
     gate: Tensor
     teacher_logits: Optional[Tensor] = None
     forwards: Dict[str, int] = field(default_factory=dict)
+    logprobs: Optional[Tensor] = None
 
 
 def use_compile(cfg: RolloutConfig, device: torch.device) -> bool:
@@ -121,12 +123,16 @@ def switch_gate(q_logits: Tensor, p_logits: Tensor, t: Union[int, Tensor], cfg: 
     return d, d > tau
 
 
-def mix_logits(q_logits: Tensor, p_logits: Tensor, alpha: float) -> Tensor:
-    """Log-probabilities ``[..., V]`` of the mixture ``alpha * softmax(p) + (1 - alpha) * softmax(q)``."""
-    q, p = torch.log_softmax(q_logits.float(), -1), torch.log_softmax(p_logits.float(), -1)
+def mix_logprobs(q: Tensor, p: Tensor, alpha: float) -> Tensor:
+    """``log(alpha * exp(p) + (1 - alpha) * exp(q))`` from log-probabilities ``q``, ``p`` (any shape)."""
     if alpha <= 0.0 or alpha >= 1.0:
         return p if alpha >= 1.0 else q
     return torch.logaddexp(q + math.log1p(-alpha), p + math.log(alpha))
+
+
+def mix_logits(q_logits: Tensor, p_logits: Tensor, alpha: float) -> Tensor:
+    """Log-probabilities ``[..., V]`` of the mixture ``alpha * softmax(p) + (1 - alpha) * softmax(q)``."""
+    return mix_logprobs(torch.log_softmax(q_logits.float(), -1), torch.log_softmax(p_logits.float(), -1), alpha)
 
 
 def chooser(cfg: RolloutConfig, generator: Optional[torch.Generator]) -> Callable[[Tensor], Tensor]:
@@ -241,8 +247,10 @@ class Stepper:
 class Record:
     """The rollout's output buffers ``[B, N]`` (plus a trash column N for writes that do not count)."""
 
-    def __init__(self, B: int, N: int, vocab: int, pad: int, device: torch.device, keep_logits: bool) -> None:
+    def __init__(self, B: int, N: int, vocab: int, pad: int, device: torch.device, keep_logits: bool,
+                 keep_logprobs: bool = False) -> None:
         self.N, self.pad = N, pad
+        self.logprob = torch.full((B, N + 1), float("nan"), device=device) if keep_logprobs else None
         self.tokens = torch.full((B, N + 1), pad, dtype=torch.long, device=device)
         self.resp = torch.zeros((B, N + 1), dtype=torch.bool, device=device)
         self.from_t = torch.zeros_like(self.resp)
@@ -251,8 +259,10 @@ class Record:
         self.done = torch.zeros(B, dtype=torch.bool, device=device)
 
     def write(self, cols: Tensor, tok: Tensor, by_t: Tensor, gate: Optional[Tensor] = None,
-              teacher_logits: Optional[Tensor] = None) -> None:
+              teacher_logits: Optional[Tensor] = None, logprob: Optional[Tensor] = None) -> None:
         """Write ``[B, n]`` decided tokens at response columns ``cols [B, n]`` (``N`` = discard)."""
+        if self.logprob is not None and logprob is not None:
+            self.logprob.scatter_(1, cols, logprob)
         self.tokens.scatter_(1, cols, tok)
         self.resp.scatter_(1, cols, torch.ones_like(by_t))
         self.from_t.scatter_(1, cols, by_t)
@@ -266,4 +276,5 @@ class Record:
         self.tokens[:, :N][~self.resp[:, :N]] = self.pad
         kept = self.kept[:, :N] if self.kept is not None else None
         return RolloutOutput(torch.cat([input_ids, self.tokens[:, :N]], dim=1), self.resp[:, :N],
-                             self.from_t[:, :N], self.gate[:, :N], kept, forwards)
+                             self.from_t[:, :N], self.gate[:, :N], kept, forwards,
+                             self.logprob[:, :N] if self.logprob is not None else None)

@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from switchkd.config import ConfigError, load_config, preset_method
 from switchkd.evaluate import score_examples
@@ -81,6 +81,14 @@ def shipped_teacher() -> Path:
     return SHIPPED
 
 
+def sft_overrides(spec: str, steps: int, lr: float, b: Budget) -> List[str]:
+    """The config of an SFT run of ``spec`` on the synthetic suite (the demo teacher's recipe with
+    ``TEACHER``, 800 steps, lr 2.5e-3 and the default budget; ``scripts/build_demo_teacher.py``)."""
+    return COMMON + [f"model.name={spec}", "method.name=sft", "method.kd_ratio=0.0", f"data.synthetic_size={b.size}",
+                     f"train.max_steps={steps}", f"train.batch_size={b.batch}", f"train.lr={lr}", "train.warmup_steps=30",
+                     "train.keep_best=false", "data.dev=null"]
+
+
 def _cached_sft(name: str, spec: str, steps: int, lr: float, b: Budget) -> Path:
     """Train ``spec`` by SFT on the synthetic suite once; later calls reuse the cached directory."""
     key = hashlib.sha1(json.dumps([spec, steps, lr, asdict(b)["size"], b.batch, COMMON]).encode()).hexdigest()[:10]
@@ -90,11 +98,7 @@ def _cached_sft(name: str, spec: str, steps: int, lr: float, b: Budget) -> Path:
         return path
     print(f"{name}: training ({steps} steps; cached afterwards)")
     run = Path(str(path) + ".run")
-    cfg = load_config(None, COMMON + [
-        f"model.name={spec}", "method.name=sft", "method.kd_ratio=0.0", f"data.synthetic_size={b.size}",
-        f"train.max_steps={steps}", f"train.batch_size={b.batch}", f"train.lr={lr}", "train.warmup_steps=30",
-        "train.keep_best=false", "data.dev=null", f"output.dir={run}", "output.overwrite=true"])
-    final = train(cfg)
+    final = train(load_config(None, sft_overrides(spec, steps, lr, b) + [f"output.dir={run}", "output.overwrite=true"]))
     shutil.rmtree(path, ignore_errors=True)
     shutil.copytree(final, path)
     shutil.rmtree(run, ignore_errors=True)
@@ -132,7 +136,7 @@ def layer_dropped_init(teacher: Path) -> Path:
 def train_method(method: str, teacher: Path, init: Path, out: Path, b: Budget, seed: int = 1,
                  extra: Sequence[str] = ()) -> Path:
     """Distil from ``init`` with ``method``; returns the final model directory."""
-    every = max(b.eval_every, 10) if METHODS[method] and "method.source=distillm" in METHODS[method] else b.eval_every
+    every = max(b.eval_every, 10) if "method.source=distillm" in METHODS[method] else b.eval_every
     cfg = load_config(None, COMMON + METHODS[method] + ["method.max_new_tokens=160",
         f"model.name={init}", f"teacher.name={teacher}", f"data.synthetic_size={b.size}", f"data.seed={seed}",
         f"train.max_steps={b.student_steps}", f"train.batch_size={b.batch}", f"train.lr={b.lr}", f"train.seed={seed}",
@@ -165,12 +169,29 @@ def _task(kind: str, name: str, teacher: Path, init: Path, out: Path, b: Budget,
     (out / "logs").mkdir(parents=True, exist_ok=True)
     with open(out / "logs" / f"{name}{tag}.log", "w") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
-        done = out / f"{name}{tag}" / "final"
-        model = {"teacher": teacher, "init": init}.get(name) if kind == "score" else done if reuse and \
-            (done / "config.json").is_file() else train_method(name, teacher, init, out / f"{name}{tag}", b, seed=seed,
-                                                               extra=extra)
+        run = out / f"{name}{tag}"
+        if kind == "score":
+            model = {"teacher": teacher, "init": init}[name]
+        elif reuse and (run / "final" / "config.json").is_file():
+            model = run / "final"
+        else:
+            model = train_method(name, teacher, init, run, b, seed=seed, extra=extra)
         result = score(model, b)
     return name, result, time.time() - t0
+
+
+def run_tasks(calls: List[Dict[str, Any]], workers: int) -> Iterator[tuple[str, dict, float]]:
+    """:func:`_task` for each dict of its keyword arguments (all but ``threads``), results in the order
+    given: in this process (``workers=1``) or in ``workers`` spawned processes of ``cores // workers``
+    threads each (small models are bound by Python overhead, so processes beat threads)."""
+    if workers == 1:
+        for call in calls:
+            yield _task(**call, threads=0)
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        for future in [pool.submit(_task, **call, threads=threads) for call in calls]:
+            yield future.result()
 
 
 def gap_lines(results: Dict[str, dict]) -> List[str]:
@@ -216,24 +237,16 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, methods: Optional[
         raise ValueError(f"unknown demo method {bad[0]!r}; choose from {', '.join(METHODS)}")
     teacher = shipped_teacher()
     init = layer_dropped_init(teacher)
-    cores = os.cpu_count() or 1
-    workers = workers or min(2, cores)
+    workers = workers or min(2, os.cpu_count() or 1)
     tasks = [("method", m) for m in sorted(names, key=lambda m: m not in ("switch", "gkd", "minillm", "imitkd"))]
     tasks += [("score", "teacher"), ("score", "init")]
     print(f"demo: teacher {SHIPPED.name} (shipped), student = its blocks {list(KEEP)}; methods {', '.join(names)}; "
           f"{b.student_steps} steps each, {workers} worker process(es); logs in {out / 'logs'}")
     results: Dict[str, dict] = {}
-    if workers == 1:
-        done = (_task(k, n, teacher, init, out, b, 0) for k, n in tasks)
-    else:
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
-        futures = [pool.submit(_task, k, n, teacher, init, out, b, max(1, cores // workers)) for k, n in tasks]
-        done = (f.result() for f in futures)
-    for name, result, seconds in done:
+    calls = [dict(kind=k, name=n, teacher=teacher, init=init, out=out, b=b) for k, n in tasks]
+    for name, result, seconds in run_tasks(calls, workers):
         results[name] = result
         print(f"  {name}: ROUGE-L {result['rougeL']:.1f} ({seconds:.0f} s)", flush=True)
-    if workers > 1:
-        pool.shutdown()
     ordered = {k: results[k] for k in ["teacher", "init", *names]}
     lines = gap_lines(ordered)
     header = (f"# switchkd demo\n\nSynthetic suite, test split ({b.test} prompts), sampled at temperature 1 with "

@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor
 
-from switchkd.losses import response_logits
+from switchkd.decoding import mix_logprobs
 from switchkd.sources import Batch, DatasetSource
 
 
@@ -59,23 +59,20 @@ def advantages(r: Tensor, mask: Tensor, gamma: float, length_norm: str = "count"
     """Reward-to-go ``[B, T]`` from rewards ``r [B, T]`` (0 off ``mask``), normalised by the remaining
     length (``count`` | ``discounted`` | ``none``) and optionally whitened; detached."""
     r, m = r.double(), mask.double()
-    out, acc, lens, acc_len = torch.zeros_like(r), torch.zeros_like(r[:, 0]), torch.zeros_like(r), torch.zeros_like(r[:, 0])
-    for t in reversed(range(r.shape[1])):
-        acc = r[:, t] + gamma * acc
-        acc_len = m[:, t] + (gamma if length_norm == "discounted" else 1.0) * acc_len
-        out[:, t], lens[:, t] = acc, acc_len
+    gap = torch.arange(r.shape[1], device=r.device, dtype=r.dtype)
+    gap = gap[:, None] - gap[None, :]  # [i, t] = i - t
+    discount = torch.where(gap >= 0, torch.pow(gamma, gap.clamp(min=0)), 0.0)  # [i, t] = gamma^(i-t), i >= t
+    out = r @ discount  # sum_{i >= t} gamma^(i-t) r_i
     if length_norm != "none":
+        lens = m @ (discount if length_norm == "discounted" else (gap >= 0).to(r.dtype))
         out = out / lens.masked_fill(lens == 0, 1.0)
-    out = out.to(r.dtype) * m
+    out = out * m
     return (whiten(out) if whitened else out).float().detach()
 
 
 def importance_weight(student_lp: Tensor, teacher_lp: Tensor, alpha: float) -> Tensor:
     """``q(y) / (alpha p(y) + (1 - alpha) q(y))`` from the sampled tokens' log-probabilities (any shape)."""
-    if alpha <= 0.0:
-        return torch.ones_like(student_lp)
-    mix = teacher_lp if alpha >= 1.0 else torch.logaddexp(student_lp + math.log1p(-alpha), teacher_lp + math.log(alpha))
-    return torch.exp(student_lp - mix)
+    return torch.exp(student_lp - mix_logprobs(student_lp, teacher_lp, alpha))
 
 
 def _spread(values: Tensor, mask: Tensor) -> Tensor:
@@ -99,22 +96,17 @@ class MinillmSource(DatasetSource):
         if self.held is not None and self.uses < m.ppo_epochs:
             self.uses += 1
             return {k: (v.to(batch["input_ids"].device) if isinstance(v, Tensor) else v) for k, v in self.held.items()}
-        new, _ = self._rollout(batch, "mixed", keep_teacher=True)
-        new.update(self.fields(new))
+        new, out = self._rollout(batch, "mixed", keep_teacher=True)
+        new.update(self.fields(new, out.logprobs[out.response_mask]))
         self.held, self.uses = new, 1
         return new
 
     @torch.no_grad()
-    def fields(self, batch: Batch) -> Dict[str, Tensor]:
-        """``pg_advantage``, ``pg_old_logprob``, ``pg_weight`` ``[N]`` for a rolled-out batch."""
+    def fields(self, batch: Batch, s_lp: Tensor) -> Dict[str, Tensor]:
+        """``pg_advantage``, ``pg_old_logprob``, ``pg_weight`` ``[N]`` for a rolled-out batch, from the
+        student's log-probabilities of its tokens as the rollout drew them ``s_lp [N]`` (eval mode)."""
         m = self.cfg.method.minillm
-        student = self.unwrap(self.student)
-        was_training = student.training
-        student.eval()
-        s_logits, y = response_logits(self.student, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                      self.vocab)
-        student.train(was_training)
-        s_lp = torch.log_softmax(s_logits.float(), -1).gather(-1, y[:, None]).squeeze(-1)
+        y = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
         t_lp = torch.log_softmax(batch["teacher_selected"].float(), -1).gather(-1, y[:, None]).squeeze(-1)
         n = (batch["labels"][:, 1:] != -100).sum(1)  # each row's response tokens, left-aligned in [B, R]:
         mask = torch.arange(int(n.max()), device=n.device)[None, :] < n[:, None]  # LMOps' generation block

@@ -241,8 +241,7 @@ def drop_layers(src: str, keep: Sequence[int], dst: Path) -> Path:
         elif int(m.group(2)) in keep:
             state[key[:m.start()] + f".{m.group(1)}.{list(keep).index(int(m.group(2)))}." + key[m.end():]] = value
     missing, unexpected = student.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in student._tied_weights_keys] if isinstance(
-        getattr(student, "_tied_weights_keys", None), (list, set, dict)) else missing
+    missing = [k for k in missing if k not in (getattr(student, "_tied_weights_keys", None) or ())]  # tied copies
     if missing or unexpected:
         raise ValueError(f"drop_layers: unmatched weights {sorted(missing)[:3]} {sorted(unexpected)[:3]}")
     student.save_pretrained(dst)

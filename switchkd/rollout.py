@@ -31,6 +31,7 @@ from switchkd.decoding import (  # noqa: F401  (re-exported: the public names of
     chooser,
     head_rows,
     mix_logits,
+    mix_logprobs,
     setup,
     switch_gate,
     threshold,
@@ -90,24 +91,26 @@ def rollout(
     kw = dict(static=static, capacity=N, compiled=static)
     s = Stepper(student, input_ids, attention_mask, vocab, **kw) if use_s else None
     tt = Stepper(teacher, t_ids, t_mask, vocab, **kw) if use_t else None
-    rec = Record(B, N, vocab, pad, device, cfg.keep_teacher_logits and use_t)
+    rec = Record(B, N, vocab, pad, device, cfg.keep_teacher_logits and use_t, cfg.source == "mixed")
     sync = cfg.sync_every or (1 if device.type == "cpu" else 8)
     t = 0
     while True:
-        d = None
+        d = lp = None
         if cfg.source == "student":
             tok, by_t = choose(s.logits), torch.zeros_like(rec.done)
         elif cfg.source == "teacher":
             tok, by_t = choose(tt.logits), torch.ones_like(rec.done)
         elif cfg.source == "mixed":  # MiniLLM: sampled from the mixture (from_teacher stays False)
-            tok, by_t = choose(mix_logits(s.logits, tt.logits, cfg.teacher_mix)), torch.zeros_like(rec.done)
+            q = torch.log_softmax(s.logits, -1)
+            tok, by_t = choose(mix_logprobs(q, torch.log_softmax(tt.logits, -1), cfg.teacher_mix)), torch.zeros_like(rec.done)
+            lp = q.gather(-1, tok[:, None])  # the student's log-probability of the token: MiniLLM's q_old
         else:
             d, by_t = switch_gate(s.logits, tt.logits, t, cfg, gate_fn)
             tok = torch.where(by_t, choose(tt.logits), choose(s.logits))
         live = ~rec.done
         cols = torch.where(live, t, N)[:, None]
         rec.write(cols, tok[:, None], (by_t & live)[:, None], None if d is None else d[:, None],
-                  tt.logits[:, None] if rec.kept is not None else None)
+                  tt.logits[:, None] if rec.kept is not None else None, lp)
         rec.done |= torch.isin(tok, eos_ids) & live
         if synced:  # ranks step together until every rank is done; a rank past its end decodes into the trash column
             rec.done |= t >= N - 1
