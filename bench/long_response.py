@@ -10,11 +10,13 @@ each training seed, and is scored on the test split (sampled, the demo's two sam
 and by reference length.  Writes ``results.json`` and ``report.md`` (mean ± 95% CI over training
 seeds) and prints a plain verdict.  Finished runs are reused (delete the output directory to redo).
 
-``--device cuda``: a larger teacher (8 layers, 256 wide, trained here by SFT for 3,000 steps and
-cached), a student of its even blocks, 300 steps per method; meant to finish within 20 minutes on one
-GPU.  ``--smoke``: the whole path at the demo's quick budget (a minute or two on 2 CPU cores).
+``--device cuda`` (``--setting large``): a larger teacher (8 layers, 256 wide, trained here by SFT for
+3,000 steps and cached), a student of its even blocks, 300 steps per method; meant to finish within 20
+minutes on one GPU.  ``--smoke``: the whole path at a few steps (a minute or two on 2 CPU cores);
+``--setting large --smoke`` runs the GPU setting's code on the CPU.
 
     python bench/long_response.py [--seeds 1 2 3] [--steps 50] [--target 0.53] [--device cpu|cuda]
+                                 [--setting demo|large] [--smoke]
 """
 
 from __future__ import annotations
@@ -35,17 +37,22 @@ from switchkd import demo  # noqa: E402
 from switchkd.calibrate import calibrate_config  # noqa: E402
 from switchkd.config import load_config  # noqa: E402
 
+LARGE = "tiny:gpt2,layers=8,dim=256,heads=8,seed=1"  # the GPU setting's teacher
 
-def setting(device: str, smoke: bool) -> tuple[Path, Path, demo.Budget]:
-    """``(teacher, student init, budget)`` for the device."""
+
+def setting(device: str, large: bool, smoke: bool) -> tuple[Path, Path, demo.Budget]:
+    """``(teacher, student init, budget)``: the demo's models, or (``large``, the GPU setting) a larger
+    teacher trained here and cached, with a student of its even blocks."""
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise SystemExit("bench/long_response.py: --device cuda needs a CUDA GPU")
+    if large:
         big = demo.Budget(size=8000, teacher_steps=3000, batch=32, student_steps=300, test=112)
-        spec = "tiny:gpt2,layers=8,dim=256,heads=8,seed=1"
-        teacher = demo._cached_sft("teacher-large", spec, big.teacher_steps, 1e-3, big)
+        if smoke:  # the large path's code at a few steps (CPU-checkable)
+            big = replace(big, size=200, teacher_steps=3, batch=8, student_steps=2, test=8, seeds=(10,))
+        teacher = demo._cached_sft("teacher-large", LARGE, big.teacher_steps, 1e-3, big)
         from switchkd.models import drop_layers
 
         init = demo.cache_dir() / f"long-init-{teacher.name}"
@@ -103,11 +110,14 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--test", type=int, default=None, help="test prompts (default 112); finished models are rescored")
+    ap.add_argument("--setting", choices=["demo", "large"], default=None,
+                    help="models and budget (default: large on cuda, demo on cpu)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default="runs/bench-long")
     args = ap.parse_args()
     t0, out, methods = time.time(), Path(args.out), args.methods.split(",")
-    teacher, init, b = setting(args.device, args.smoke)
+    large = args.setting == "large" if args.setting else args.device == "cuda"
+    teacher, init, b = setting(args.device, large, args.smoke)
     if args.steps:
         b = replace(b, student_steps=args.steps)
     if args.test:

@@ -2,32 +2,45 @@
 
 The experiment of Goyal et al. (2024) in miniature: a teacher writes worked rationales under each
 priming strategy (``none``, ``teacher``, ``ground_truth``, ``confidence``), and a student is distilled
-from it (SeqKD on the primed teacher's greedy rationales, and word-level KD with the primed teacher's
-logits on the dataset rationales); student accuracy (final answer, greedy) on ``arith:test``, mean and
-95% CI over training seeds.  An instruction-tuned LLM teacher can read a priming prefix; a tiny
-teacher cannot unless it has seen such prefixes, so the teacher is fine-tuned on the suite with a
-random priming prefix (ground-truth prefixes carrying the reference) on half of its prompts.
+from it, by SeqKD (offline: the primed teacher's greedy rationales for the training prompts, written
+once per priming by :func:`switchkd.generate.generate_dataset`, then cross-entropy) and by word-level KD
+(forward KL to the primed teacher's logits on the dataset rationales).  Reported: the teacher's accuracy
+under each priming, the share of its training rationales that end in the right answer, and student
+accuracy (greedy final answer on ``arith:test``), mean and 95% t-interval over training seeds.
 
-    python bench/priming.py                      # CPU, ~25 min on 2 cores
-    python bench/priming.py --smoke              # seconds: the pipeline only
+A tiny model reads no English, so the teacher is taught to read a prefix as an instruction-tuned LLM
+does: the shipped demo teacher (``switchkd/demo_models/teacher``, which already copies and counts) is
+fine-tuned on the suite with the toolkit's own priming prefixes on part of its prompts (ground-truth
+prefixes carry the reference).  The student starts from the demo student's initialisation (the demo
+teacher's blocks 0 and 3).  Finished runs are reused (delete ``--out`` to redo).
+
+    python bench/priming.py                      # CPU, about 40 minutes on 2 cores
+    python bench/priming.py --smoke              # a minute: the pipeline only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import random
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+from switchkd import demo  # noqa: E402
 from switchkd.arith import make_split  # noqa: E402
 from switchkd.config import load_config  # noqa: E402
 from switchkd.evaluate import generate_texts  # noqa: E402
+from switchkd.generate import generate_dataset  # noqa: E402
 from switchkd.metrics import accuracy  # noqa: E402
 from switchkd.models import load_model, load_tokenizer  # noqa: E402
 from switchkd.priming import teacher_prompt  # noqa: E402
@@ -35,23 +48,32 @@ from switchkd.train import train  # noqa: E402
 
 PRIMINGS = ("none", "teacher", "ground_truth", "confidence")
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}  # two-sided 95% t quantiles by degrees of freedom
+METHODS = {"seqkd": ["method.source=dataset", "method.divergence=ce", "method.kd_ratio=0.0"],
+           "kd": ["method.source=dataset", "method.divergence=fkl", "method.kd_ratio=1.0"]}
 
 
-def teacher_data(path: Path, n: int) -> None:
-    """The teacher's fine-tuning set: the suite, half of the prompts behind a random priming prefix."""
-    r = random.Random(0)
-    rows = []
+def teacher_data(path: Path, n: int, gt_share: float) -> None:
+    """The teacher's fine-tuning set: ``gt_share`` of the prompts behind the ground-truth prefix, a
+    quarter of the rest behind ``teacher`` or ``confidence``, the others unprimed."""
+    r, rows = random.Random(0), []
     for e in make_split("train", n):
-        strategy = r.choice(PRIMINGS[1:]) if r.random() < 0.5 else "none"
+        u = r.random()
+        strategy = ("ground_truth" if u < gt_share else
+                    r.choice(("teacher", "confidence")) if r.random() < 0.25 else "none")
         rows.append({"instruction": e.instruction, "output": e.references[0],
                      "prompt": teacher_prompt(strategy, e.prompt, e.references[0])})
     path.write_text("".join(json.dumps(x) + "\n" for x in rows))
 
 
 def common(a: argparse.Namespace) -> list:
-    return [f"data.synthetic_size={a.train_size}", "data.max_prompt_length=200", "data.max_length=256",
-            "data.dev=null", "train.keep_best=false", "train.log_every=50", "train.warmup_steps=20",
-            "eval.max_prompt_length=200", "eval.max_length=256", "output.overwrite=true"]
+    return ["data.max_prompt_length=200", "data.max_length=256", "data.dev=null", "train.keep_best=false",
+            "train.log_every=50", "train.warmup_steps=20", "eval.max_prompt_length=200", "eval.max_length=256",
+            "output.overwrite=true"]
+
+
+def finished(run: Path, make) -> Path:
+    """``run/final`` when it exists, else ``make()`` (which trains into ``run``)."""
+    return run / "final" if (run / "final" / "config.json").is_file() else make()
 
 
 def accuracy_of(model_dir: Path, a: argparse.Namespace, strategy: str = "none") -> float:
@@ -59,67 +81,110 @@ def accuracy_of(model_dir: Path, a: argparse.Namespace, strategy: str = "none") 
     mc = load_config(None, [f"model.name={model_dir}"]).model
     tok = load_tokenizer(mc)
     model = load_model(mc, tok, trainable=False)
-    ecfg = load_config(None, common(a) + ["eval.do_sample=false", "eval.max_new_tokens=60"]).eval
+    ecfg = load_config(None, common(a) + ["eval.do_sample=false", "eval.max_new_tokens=60", "eval.batch_size=50"]).eval
     test = make_split("test", a.test)
     prompts = [teacher_prompt(strategy, e.prompt, e.references[0]) for e in test]
     texts = generate_texts(model, tok, prompts, ecfg, None, desc="test")
     return statistics.fmean(accuracy(t, e.references) for t, e in zip(texts, test))
 
 
+def seqkd_data(teacher: Path, strategy: str, out: Path, a: argparse.Namespace) -> tuple[Path, float]:
+    """The primed teacher's greedy rationales for the students' training prompts (written once), and
+    the share of them whose final answer is right."""
+    path = out / f"seqkd-{strategy}.jsonl"
+    if not path.is_file():
+        generate_dataset(load_config(None, common(a) + [
+            f"model.name={teacher}", f"teacher.name={teacher}", "data.train=arith", f"data.limit={a.student_size}",
+            f"data.synthetic_size={a.student_size}", f"method.priming={strategy}", "method.do_sample=false",
+            "method.max_new_tokens=60"]), path, batch_size=50)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    refs = {e.instruction: e.references for e in make_split("train", a.student_size)}
+    return path, statistics.fmean(accuracy(r["output"], refs[r["instruction"]]) for r in rows)
+
+
+def student(method: str, strategy: str, seed: int, teacher: Path, init: Path, data: str, out: Path,
+            a: argparse.Namespace, threads: int) -> float:
+    """Train one student (in a worker process) and return its test accuracy."""
+    import torch
+
+    torch.set_num_threads(threads)
+    run = out / f"{method}-{strategy}-{seed}"
+    kd = [f"teacher.name={teacher}", f"method.priming={strategy}"] if method == "kd" else []  # SeqKD: data only
+    with open(run.with_suffix(".log"), "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        final = finished(run, lambda: train(load_config(None, common(a) + METHODS[method] + kd + [
+            f"model.name={init}", f"data.train={data}", f"data.synthetic_size={a.student_size}",
+            f"method.name={method}", f"train.seed={seed}", f"data.seed={seed}", f"train.max_steps={a.student_steps}",
+            f"train.batch_size={a.student_batch}", f"train.lr={a.student_lr}", f"output.dir={run}"])))
+        return accuracy_of(final, a)
+
+
 def ci(xs: list) -> float:
     return T95.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
 
 
-def main() -> None:
+def args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench-priming")
-    p.add_argument("--teacher", default="tiny:gpt2,layers=4,dim=128,heads=4,seed=1")
-    p.add_argument("--student", default="tiny:gpt2,layers=2,dim=96,heads=4,seed=2")
-    p.add_argument("--teacher-steps", type=int, default=600)
-    p.add_argument("--student-steps", type=int, default=250)
-    p.add_argument("--train-size", type=int, default=3000)
+    p.add_argument("--teacher-steps", type=int, default=400)
+    p.add_argument("--teacher-batch", type=int, default=32)
+    p.add_argument("--teacher-size", type=int, default=3000, help="teacher fine-tuning problems")
+    p.add_argument("--gt-share", type=float, default=0.4, help="teacher data behind the ground-truth prefix")
+    p.add_argument("--student-steps", type=int, default=200)
+    p.add_argument("--student-batch", type=int, default=32)
+    p.add_argument("--student-lr", type=float, default=2e-3)
+    p.add_argument("--student-size", type=int, default=2000, help="students' training prompts")
     p.add_argument("--test", type=int, default=200)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--methods", nargs="+", default=["seqkd", "kd"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--primings", nargs="+", default=list(PRIMINGS), choices=PRIMINGS)
-    p.add_argument("--teacher-batch", type=int, default=32)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes and a few steps: checks the pipeline only")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--smoke", action="store_true", help="a few steps: checks the pipeline only")
     a = p.parse_args()
     if a.smoke:
-        a.teacher, a.student = "tiny:gpt2,layers=1,dim=32,heads=2,seed=1", "tiny:gpt2,layers=1,dim=32,heads=2,seed=2"
-        a.teacher_steps, a.student_steps, a.train_size, a.test, a.seeds = 2, 2, 40, 4, [1, 2]
-        a.teacher_batch = 8
-    out, t0 = Path(a.out), time.time()
+        a.teacher_steps, a.student_steps, a.teacher_size, a.student_size, a.test = 2, 2, 40, 40, 4
+        a.teacher_batch, a.student_batch, a.seeds = 8, 8, [1, 2]
+    return a
+
+
+def main() -> None:
+    a, t0 = args(), time.time()
+    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    teacher_data(out / "teacher_train.jsonl", a.train_size)
-    teacher = train(load_config(None, common(a) + [
-        f"model.name={a.teacher}", f"data.train={out / 'teacher_train.jsonl'}", f"train.max_steps={a.teacher_steps}",
-        f"train.batch_size={a.teacher_batch}", "train.lr=2.5e-3", f"output.dir={out / 'teacher'}"]))
-    results = {"teacher_accuracy": {s: accuracy_of(teacher, a, s) for s in PRIMINGS}, "students": {}}
+    demo_teacher = demo.shipped_teacher()
+    init = demo.layer_dropped_init(demo_teacher)
+    teacher_data(out / "teacher_train.jsonl", a.teacher_size, a.gt_share)
+    teacher = finished(out / "teacher", lambda: train(load_config(None, common(a) + [
+        f"model.name={demo_teacher}", f"data.train={out / 'teacher_train.jsonl'}", f"train.max_steps={a.teacher_steps}",
+        f"train.batch_size={a.teacher_batch}", "train.lr=2e-3", f"output.dir={out / 'teacher'}"])))
+    results = {"teacher_accuracy": {s: accuracy_of(teacher, a, s) for s in PRIMINGS}, "seqkd_data_accuracy": {},
+               "init_accuracy": accuracy_of(init, a), "students": {}}
     print("teacher accuracy by priming:", results["teacher_accuracy"], flush=True)
-    overrides = {"seqkd": ["method.source=teacher", "method.divergence=ce", "method.do_sample=false",
-                           "method.max_new_tokens=60"],
-                 "kd": ["method.source=dataset", "method.divergence=fkl", "method.kd_ratio=1.0"]}
-    for method in a.methods:
-        for strategy in a.primings:
-            accs = []
-            for seed in a.seeds:
-                run = out / f"{method}-{strategy}-{seed}"
-                final = train(load_config(None, common(a) + overrides[method] + [
-                    f"model.name={a.student}", f"teacher.name={teacher}", "data.train=arith", f"method.name={method}",
-                    f"method.priming={strategy}", f"train.seed={seed}", f"data.seed={seed}",
-                    f"train.max_steps={a.student_steps}", "train.batch_size=16", "train.lr=2e-3", f"output.dir={run}"]))
-                accs.append(accuracy_of(final, a))
-            results["students"][f"{method}/{strategy}"] = {"accuracy": accs, "mean": statistics.fmean(accs), "ci95": ci(accs)}
-            print(f"{method} {strategy}: {statistics.fmean(accs):.1f} ± {ci(accs):.1f} ({accs})", flush=True)
+    data = {}
+    for s in a.primings:
+        path, share = seqkd_data(teacher, s, out, a)
+        data[s] = path
+        results["seqkd_data_accuracy"][s] = share
+    print("SeqKD rationales ending in the right answer:", results["seqkd_data_accuracy"], flush=True)
+    jobs = [(m, s, seed) for m in a.methods for s in a.primings for seed in a.seeds]
+    threads = max(1, (os.cpu_count() or 1) // a.workers)
+    with ProcessPoolExecutor(a.workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(student, m, s, seed, teacher, init, str(data[s]) if m == "seqkd" else "arith", out, a,
+                               threads) for m, s, seed in jobs]
+        accs = [f.result() for f in futures]
+    for m in a.methods:
+        for s in a.primings:
+            xs = [acc for (m2, s2, _), acc in zip(jobs, accs) if (m2, s2) == (m, s)]
+            results["students"][f"{m}/{s}"] = {"accuracy": xs, "mean": statistics.fmean(xs), "ci95": ci(xs)}
     results["seconds"] = round(time.time() - t0)
     results["args"] = vars(a)
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"\ninit accuracy {results['init_accuracy']:.1f}; teacher accuracy under each priming: "
+          f"{results['teacher_accuracy']}; SeqKD data accuracy: {results['seqkd_data_accuracy']}")
     print("\n| method | priming | student accuracy (%) | 95% CI | per seed |\n|---|---|---:|---:|---|")
     for key, r in results["students"].items():
         m, s = key.split("/")
         print(f"| {m} | {s} | {r['mean']:.1f} | ± {r['ci95']:.1f} | {', '.join(f'{x:.1f}' for x in r['accuracy'])} |")
-    print(f"\nteacher accuracy under each priming: {results['teacher_accuracy']}; {results['seconds']} s")
+    print(f"\n{results['seconds']} s")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The built-in multi-step arithmetic suite with worked rationales (``data.train=arith``,
 ``arith:dev``, ``arith:test``): the reasoning task of the response-priming experiment.
 
-A problem chains two or three operations on small numbers ("Start with 7. Add 5. Multiply by 2.");
-the reference is a worked rationale, one equation per step, ending in GSM8K's answer line
-("7 + 5 = 12. 12 * 2 = 24. #### 24"), so ``eval.metric=accuracy`` scores the final number.
+A problem chains two or three operations on small numbers ("Start with 7. Add 5. Subtract 3."), every
+value in 1..20; the reference is a worked rationale, one equation per step, ending in GSM8K's answer line
+("7 + 5 = 12. 12 - 3 = 9. #### 9"), so ``eval.metric=accuracy`` scores the final number.
 Deterministic by seed; splits are disjoint (fixed by a hash of the problem).
 """
 
@@ -18,24 +18,28 @@ from switchkd.synthetic import SPLITS, split_of  # noqa: F401  (the same 80/10/1
 TEMPLATE = "Q: {instruction}\nA: "
 
 
+MAX_VALUE = 20  # every intermediate value stays in 1..20: a fact table a tiny model can learn on a CPU
+
+
 def problem(r: random.Random) -> Tuple[str, str, int]:
-    """``(question, worked rationale, answer)`` for one random problem."""
+    """``(question, worked rationale, answer)`` for one random problem (values in 1..MAX_VALUE)."""
     x = r.randint(1, 9)
     words, steps = [f"Start with {x}."], []
     for _ in range(r.randint(2, 3)):
-        op = r.choice(("add", "sub", "mul") if x <= 30 else ("add", "sub"))
+        ops = [op for op, ok in (("add", x < MAX_VALUE), ("sub", x > 1), ("mul", 2 * x <= MAX_VALUE)) if ok]
+        op = r.choice(ops)
         if op == "add":
-            y = r.randint(1, 9)
+            y = r.randint(1, min(9, MAX_VALUE - x))
             words.append(f"Add {y}.")
             steps.append(f"{x} + {y} = {x + y}.")
             x += y
-        elif op == "sub" and x > 1:
+        elif op == "sub":
             y = r.randint(1, min(9, x - 1))
             words.append(f"Subtract {y}.")
             steps.append(f"{x} - {y} = {x - y}.")
             x -= y
         else:
-            y = r.randint(2, 3)
+            y = r.choice([k for k in (2, 3) if k * x <= MAX_VALUE])
             words.append(f"Multiply by {y}.")
             steps.append(f"{x} * {y} = {x * y}.")
             x *= y
