@@ -29,8 +29,6 @@ import random
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,10 +63,9 @@ def teacher_data(path: Path, n: int, gt_share: float) -> None:
     path.write_text("".join(json.dumps(x) + "\n" for x in rows))
 
 
-def common(a: argparse.Namespace) -> list:
-    return ["data.max_prompt_length=200", "data.max_length=256", "data.dev=null", "train.keep_best=false",
-            "train.log_every=50", "train.warmup_steps=20", "eval.max_prompt_length=200", "eval.max_length=256",
-            "output.overwrite=true"]
+COMMON = ["data.max_prompt_length=200", "data.max_length=256", "data.dev=null", "train.keep_best=false",
+          "train.log_every=50", "train.warmup_steps=20", "eval.max_prompt_length=200", "eval.max_length=256",
+          "output.overwrite=true"]
 
 
 def finished(run: Path, make) -> Path:
@@ -81,7 +78,7 @@ def accuracy_of(model_dir: Path, a: argparse.Namespace, strategy: str = "none") 
     mc = load_config(None, [f"model.name={model_dir}"]).model
     tok = load_tokenizer(mc)
     model = load_model(mc, tok, trainable=False)
-    ecfg = load_config(None, common(a) + ["eval.do_sample=false", "eval.max_new_tokens=60", "eval.batch_size=50"]).eval
+    ecfg = load_config(None, COMMON + ["eval.do_sample=false", "eval.max_new_tokens=60", "eval.batch_size=50"]).eval
     test = make_split("test", a.test)
     prompts = [teacher_prompt(strategy, e.prompt, e.references[0]) for e in test]
     texts = generate_texts(model, tok, prompts, ecfg, None, desc="test")
@@ -93,7 +90,7 @@ def seqkd_data(teacher: Path, strategy: str, out: Path, a: argparse.Namespace) -
     the share of them whose final answer is right."""
     path = out / f"seqkd-{strategy}.jsonl"
     if not path.is_file():
-        generate_dataset(load_config(None, common(a) + [
+        generate_dataset(load_config(None, COMMON + [
             f"model.name={teacher}", f"teacher.name={teacher}", "data.train=arith", f"data.limit={a.student_size}",
             f"data.synthetic_size={a.student_size}", f"method.priming={strategy}", "method.do_sample=false",
             "method.max_new_tokens=60"]), path, batch_size=50)
@@ -105,13 +102,14 @@ def seqkd_data(teacher: Path, strategy: str, out: Path, a: argparse.Namespace) -
 def student(method: str, strategy: str, seed: int, teacher: Path, init: Path, data: str, out: Path,
             a: argparse.Namespace, threads: int) -> float:
     """Train one student (in a worker process) and return its test accuracy."""
-    import torch
+    if threads:
+        import torch
 
-    torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
     run = out / f"{method}-{strategy}-{seed}"
     kd = [f"teacher.name={teacher}", f"method.priming={strategy}"] if method == "kd" else []  # SeqKD: data only
     with open(run.with_suffix(".log"), "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        final = finished(run, lambda: train(load_config(None, common(a) + METHODS[method] + kd + [
+        final = finished(run, lambda: train(load_config(None, COMMON + METHODS[method] + kd + [
             f"model.name={init}", f"data.train={data}", f"data.synthetic_size={a.student_size}",
             f"method.name={method}", f"train.seed={seed}", f"data.seed={seed}", f"train.max_steps={a.student_steps}",
             f"train.batch_size={a.student_batch}", f"train.lr={a.student_lr}", f"output.dir={run}"])))
@@ -153,7 +151,7 @@ def main() -> None:
     demo_teacher = demo.shipped_teacher()
     init = demo.layer_dropped_init(demo_teacher)
     teacher_data(out / "teacher_train.jsonl", a.teacher_size, a.gt_share)
-    teacher = finished(out / "teacher", lambda: train(load_config(None, common(a) + [
+    teacher = finished(out / "teacher", lambda: train(load_config(None, COMMON + [
         f"model.name={demo_teacher}", f"data.train={out / 'teacher_train.jsonl'}", f"train.max_steps={a.teacher_steps}",
         f"train.batch_size={a.teacher_batch}", "train.lr=2e-3", f"output.dir={out / 'teacher'}"])))
     results = {"teacher_accuracy": {s: accuracy_of(teacher, a, s) for s in PRIMINGS}, "seqkd_data_accuracy": {},
@@ -166,11 +164,9 @@ def main() -> None:
         results["seqkd_data_accuracy"][s] = share
     print("SeqKD rationales ending in the right answer:", results["seqkd_data_accuracy"], flush=True)
     jobs = [(m, s, seed) for m in a.methods for s in a.primings for seed in a.seeds]
-    threads = max(1, (os.cpu_count() or 1) // a.workers)
-    with ProcessPoolExecutor(a.workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(student, m, s, seed, teacher, init, str(data[s]) if m == "seqkd" else "arith", out, a,
-                               threads) for m, s, seed in jobs]
-        accs = [f.result() for f in futures]
+    calls = [dict(method=m, strategy=s, seed=seed, teacher=teacher, init=init, out=out, a=a,
+                  data=str(data[s]) if m == "seqkd" else "arith") for m, s, seed in jobs]
+    accs = list(demo.run_tasks(calls, a.workers, student))
     for m in a.methods:
         for s in a.primings:
             xs = [acc for (m2, s2, _), acc in zip(jobs, accs) if (m2, s2) == (m, s)]

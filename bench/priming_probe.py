@@ -11,6 +11,7 @@ reference it is shown has a primed loss near 0 while the unprimed loss stays abo
 
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 import time
@@ -21,28 +22,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from switchkd.arith import make_split  # noqa: E402
+from switchkd.data import right_pad  # noqa: E402
 from switchkd.models import build_tiny, tiny_tokenizer  # noqa: E402
 from switchkd.priming import teacher_prompt  # noqa: E402
 
 
 def batch(tok, examples: list, primings: list) -> tuple:
     """Right-padded ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (labels on the response)."""
-    pairs = [(tok(teacher_prompt(s, e.prompt, e.references[0]), add_special_tokens=False).input_ids,
-              tok(e.references[0], add_special_tokens=False).input_ids + [tok.eos_token_id])
-             for e, s in zip(examples, primings)]
-    n = max(len(p) + len(y) for p, y in pairs)
-    ids, labels = torch.zeros(len(pairs), n, dtype=torch.long), torch.full((len(pairs), n), -100)
-    mask = torch.zeros_like(ids)
-    for i, (p, y) in enumerate(pairs):
-        ids[i, :len(p) + len(y)], mask[i, :len(p) + len(y)] = torch.tensor(p + y), 1
-        labels[i, len(p):len(p) + len(y)] = torch.tensor(y)
-    return ids, mask, labels
+    prompts = [tok(teacher_prompt(s, e.prompt, e.references[0]), add_special_tokens=False).input_ids
+               for e, s in zip(examples, primings)]
+    responses = [tok(e.references[0], add_special_tokens=False).input_ids + [tok.eos_token_id] for e in examples]
+    return right_pad(prompts, responses, tok.pad_token_id)
 
 
 def main() -> None:
-    spec = sys.argv[1] if len(sys.argv) > 1 else "tiny:llama,layers=4,dim=128,heads=4,seed=1"
-    steps, bs, lr = (int(sys.argv[2]) if len(sys.argv) > 2 else 1200, int(sys.argv[3]) if len(sys.argv) > 3 else 16,
-                     float(sys.argv[4]) if len(sys.argv) > 4 else 2e-3)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("spec", nargs="?", default="tiny:llama,layers=4,dim=128,heads=4,seed=1")
+    p.add_argument("steps", nargs="?", type=int, default=1200)
+    p.add_argument("batch", nargs="?", type=int, default=16)
+    p.add_argument("lr", nargs="?", type=float, default=2e-3)
+    a = p.parse_args()
+    spec, steps, bs, lr = a.spec, a.steps, a.batch, a.lr
     tok, r = tiny_tokenizer(), random.Random(0)
     model = build_tiny(spec, tok)
     opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.0)

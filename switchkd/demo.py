@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from switchkd.config import ConfigError, load_config, preset_method
 from switchkd.evaluate import score_examples
@@ -180,17 +180,19 @@ def _task(kind: str, name: str, teacher: Path, init: Path, out: Path, b: Budget,
     return name, result, time.time() - t0
 
 
-def run_tasks(calls: List[Dict[str, Any]], workers: int) -> Iterator[tuple[str, dict, float]]:
-    """:func:`_task` for each dict of its keyword arguments (all but ``threads``), results in the order
-    given: in this process (``workers=1``) or in ``workers`` spawned processes of ``cores // workers``
-    threads each (small models are bound by Python overhead, so processes beat threads)."""
+def run_tasks(calls: List[Dict[str, Any]], workers: int, fn: Optional[Callable[..., Any]] = None) -> Iterator[Any]:
+    """``fn`` (default :func:`_task`; a picklable module-level function taking ``threads``) for each dict
+    of its keyword arguments (all but ``threads``), results in the order given: in this process
+    (``workers=1``) or in ``workers`` spawned processes of ``cores // workers`` threads each (small models
+    are bound by Python overhead, so processes beat threads)."""
+    fn = fn or _task
     if workers == 1:
         for call in calls:
-            yield _task(**call, threads=0)
+            yield fn(**call, threads=0)
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        for future in [pool.submit(_task, **call, threads=threads) for call in calls]:
+        for future in [pool.submit(fn, **call, threads=threads) for call in calls]:
             yield future.result()
 
 
