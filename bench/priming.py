@@ -9,10 +9,15 @@ under each priming, the share of its training rationales that end in the right a
 accuracy (greedy final answer on ``arith:test``), mean and 95% t-interval over training seeds.
 
 A tiny model reads no English, so the teacher is taught to read a prefix as an instruction-tuned LLM
-does: the shipped demo teacher (``switchkd/demo_models/teacher``, which already copies and counts) is
-fine-tuned on the suite with the toolkit's own priming prefixes on part of its prompts (ground-truth
-prefixes carry the reference).  The student starts from the demo student's initialisation (the demo
-teacher's blocks 0 and 3).  Finished runs are reused (delete ``--out`` to redo).
+does: it is trained on the suite with the toolkit's own priming prefixes on its prompts (``--gt-share``
+of them behind the ground-truth prefix, which carries the reference; a tenth of the rest behind
+``teacher`` or ``confidence``).  The suite is the carrying two-digit variant (``--max-value 99``): a
+4-layer Llama trained from scratch learns to copy a reference it is shown well before it learns to
+compute the rationale, which is the regime the paper's mechanism needs (a teacher that errs unprimed
+and is corrected by the prefix; ``bench/priming_probe.py`` measures it).  ``--teacher demo`` fine-tunes
+the shipped demo teacher instead (it does not learn to read the prefix at this budget).  The student
+starts from the trained teacher's blocks 0 and 3 (the demo's layer-dropped initialisation).  Finished
+runs are reused (delete ``--out`` to redo).
 
     python bench/priming.py                      # CPU, about 40 minutes on 2 cores
     python bench/priming.py --smoke              # a minute: the pipeline only
@@ -40,7 +45,7 @@ from switchkd.config import load_config  # noqa: E402
 from switchkd.evaluate import generate_texts  # noqa: E402
 from switchkd.generate import generate_dataset  # noqa: E402
 from switchkd.metrics import accuracy  # noqa: E402
-from switchkd.models import load_model, load_tokenizer  # noqa: E402
+from switchkd.models import drop_layers, load_model, load_tokenizer  # noqa: E402
 from switchkd.priming import teacher_prompt  # noqa: E402
 from switchkd.train import train  # noqa: E402
 
@@ -50,17 +55,24 @@ METHODS = {"seqkd": ["method.source=dataset", "method.divergence=ce", "method.kd
            "kd": ["method.source=dataset", "method.divergence=fkl", "method.kd_ratio=1.0"]}
 
 
-def teacher_data(path: Path, n: int, gt_share: float) -> None:
-    """The teacher's fine-tuning set: ``gt_share`` of the prompts behind the ground-truth prefix, a
-    quarter of the rest behind ``teacher`` or ``confidence``, the others unprimed."""
+def teacher_data(path: Path, a: argparse.Namespace) -> None:
+    """The teacher's training set: ``a.gt_share`` of the prompts behind the ground-truth prefix, a tenth
+    of the rest behind ``teacher`` or ``confidence``, the others unprimed."""
     r, rows = random.Random(0), []
-    for e in make_split("train", n):
+    for e in make_split("train", a.teacher_size, max_value=a.max_value):
         u = r.random()
-        strategy = ("ground_truth" if u < gt_share else
-                    r.choice(("teacher", "confidence")) if r.random() < 0.25 else "none")
+        strategy = ("ground_truth" if u < a.gt_share else
+                    r.choice(("teacher", "confidence")) if r.random() < 0.1 else "none")
         rows.append({"instruction": e.instruction, "output": e.references[0],
                      "prompt": teacher_prompt(strategy, e.prompt, e.references[0])})
     path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+
+
+def student_data(path: Path, a: argparse.Namespace) -> Path:
+    """The students' training prompts with their reference rationales (the suite as JSONL)."""
+    path.write_text("".join(json.dumps({"instruction": e.instruction, "prompt": e.prompt, "output": e.references[0]})
+                            + "\n" for e in make_split("train", a.student_size, max_value=a.max_value)))
+    return path
 
 
 COMMON = ["data.max_prompt_length=200", "data.max_length=256", "data.dev=null", "train.keep_best=false",
@@ -79,7 +91,7 @@ def accuracy_of(model_dir: Path, a: argparse.Namespace, strategy: str = "none") 
     tok = load_tokenizer(mc)
     model = load_model(mc, tok, trainable=False)
     ecfg = load_config(None, COMMON + ["eval.do_sample=false", "eval.max_new_tokens=60", "eval.batch_size=50"]).eval
-    test = make_split("test", a.test)
+    test = make_split("test", a.test, max_value=a.max_value)
     prompts = [teacher_prompt(strategy, e.prompt, e.references[0]) for e in test]
     texts = generate_texts(model, tok, prompts, ecfg, None, desc="test")
     return statistics.fmean(accuracy(t, e.references) for t, e in zip(texts, test))
@@ -91,11 +103,10 @@ def seqkd_data(teacher: Path, strategy: str, out: Path, a: argparse.Namespace) -
     path = out / f"seqkd-{strategy}.jsonl"
     if not path.is_file():
         generate_dataset(load_config(None, COMMON + [
-            f"model.name={teacher}", f"teacher.name={teacher}", "data.train=arith", f"data.limit={a.student_size}",
-            f"data.synthetic_size={a.student_size}", f"method.priming={strategy}", "method.do_sample=false",
+            f"model.name={teacher}", f"teacher.name={teacher}", f"data.train={out / 'students_train.jsonl'}", f"method.priming={strategy}", "method.do_sample=false",
             "method.max_new_tokens=60"]), path, batch_size=50)
     rows = [json.loads(x) for x in path.read_text().splitlines()]
-    refs = {e.instruction: e.references for e in make_split("train", a.student_size)}
+    refs = {e.instruction: e.references for e in make_split("train", a.student_size, max_value=a.max_value)}
     return path, statistics.fmean(accuracy(r["output"], refs[r["instruction"]]) for r in rows)
 
 
@@ -110,7 +121,7 @@ def student(method: str, strategy: str, seed: int, teacher: Path, init: Path, da
     kd = [f"teacher.name={teacher}", f"method.priming={strategy}"] if method == "kd" else []  # SeqKD: data only
     with open(run.with_suffix(".log"), "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         final = finished(run, lambda: train(load_config(None, COMMON + METHODS[method] + kd + [
-            f"model.name={init}", f"data.train={data}", f"data.synthetic_size={a.student_size}",
+            f"model.name={init}", f"data.train={data}",
             f"method.name={method}", f"train.seed={seed}", f"data.seed={seed}", f"train.max_steps={a.student_steps}",
             f"train.batch_size={a.student_batch}", f"train.lr={a.student_lr}", f"output.dir={run}"])))
         return accuracy_of(final, a)
@@ -123,10 +134,14 @@ def ci(xs: list) -> float:
 def args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench-priming")
-    p.add_argument("--teacher-steps", type=int, default=400)
-    p.add_argument("--teacher-batch", type=int, default=32)
-    p.add_argument("--teacher-size", type=int, default=3000, help="teacher fine-tuning problems")
-    p.add_argument("--gt-share", type=float, default=0.4, help="teacher data behind the ground-truth prefix")
+    p.add_argument("--teacher", default="tiny:llama,layers=4,dim=128,heads=4,seed=1",
+                   help="a tiny spec trained from scratch, or 'demo': fine-tune the shipped demo teacher")
+    p.add_argument("--max-value", type=int, default=99, help="the arithmetic suite's largest value")
+    p.add_argument("--teacher-steps", type=int, default=1200)
+    p.add_argument("--teacher-batch", type=int, default=16)
+    p.add_argument("--teacher-lr", type=float, default=2e-3)
+    p.add_argument("--teacher-size", type=int, default=3000, help="teacher training problems")
+    p.add_argument("--gt-share", type=float, default=0.8, help="teacher data behind the ground-truth prefix")
     p.add_argument("--student-steps", type=int, default=200)
     p.add_argument("--student-batch", type=int, default=32)
     p.add_argument("--student-lr", type=float, default=2e-3)
@@ -148,12 +163,16 @@ def main() -> None:
     a, t0 = args(), time.time()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    demo_teacher = demo.shipped_teacher()
-    init = demo.layer_dropped_init(demo_teacher)
-    teacher_data(out / "teacher_train.jsonl", a.teacher_size, a.gt_share)
+    teacher_data(out / "teacher_train.jsonl", a)
+    spec = str(demo.shipped_teacher()) if a.teacher == "demo" else a.teacher
     teacher = finished(out / "teacher", lambda: train(load_config(None, COMMON + [
-        f"model.name={demo_teacher}", f"data.train={out / 'teacher_train.jsonl'}", f"train.max_steps={a.teacher_steps}",
-        f"train.batch_size={a.teacher_batch}", "train.lr=2e-3", f"output.dir={out / 'teacher'}"])))
+        f"model.name={spec}", f"data.train={out / 'teacher_train.jsonl'}", f"train.max_steps={a.teacher_steps}",
+        f"train.batch_size={a.teacher_batch}", f"train.lr={a.teacher_lr}", "train.scheduler=constant",
+        f"output.dir={out / 'teacher'}"])))
+    init = out / "student-init"
+    if not (init / "config.json").is_file():
+        drop_layers(str(teacher), demo.KEEP, init)
+    students_train = student_data(out / "students_train.jsonl", a)
     results = {"teacher_accuracy": {s: accuracy_of(teacher, a, s) for s in PRIMINGS}, "seqkd_data_accuracy": {},
                "init_accuracy": accuracy_of(init, a), "students": {}}
     print("teacher accuracy by priming:", results["teacher_accuracy"], flush=True)
@@ -165,7 +184,7 @@ def main() -> None:
     print("SeqKD rationales ending in the right answer:", results["seqkd_data_accuracy"], flush=True)
     jobs = [(m, s, seed) for m in a.methods for s in a.primings for seed in a.seeds]
     calls = [dict(method=m, strategy=s, seed=seed, teacher=teacher, init=init, out=out, a=a,
-                  data=str(data[s]) if m == "seqkd" else "arith") for m, s, seed in jobs]
+                  data=str(data[s]) if m == "seqkd" else str(students_train)) for m, s, seed in jobs]
     accs = list(demo.run_tasks(calls, a.workers, student))
     for m in a.methods:
         for s in a.primings:

@@ -21,15 +21,16 @@ TEMPLATE = "Q: {instruction}\nA: "
 MAX_VALUE = 20  # every intermediate value stays in 1..20: a fact table a tiny model can learn on a CPU
 
 
-def problem(r: random.Random) -> Tuple[str, str, int]:
-    """``(question, worked rationale, answer)`` for one random problem (values in 1..MAX_VALUE)."""
+def problem(r: random.Random, max_value: int = MAX_VALUE) -> Tuple[str, str, int]:
+    """``(question, worked rationale, answer)`` for one random problem (values in 1..max_value; the
+    operands of additions and subtractions in 1..9, multipliers 2 or 3)."""
     x = r.randint(1, 9)
     words, steps = [f"Start with {x}."], []
     for _ in range(r.randint(2, 3)):
-        ops = [op for op, ok in (("add", x < MAX_VALUE), ("sub", x > 1), ("mul", 2 * x <= MAX_VALUE)) if ok]
+        ops = [op for op, ok in (("add", x < max_value), ("sub", x > 1), ("mul", 2 * x <= max_value)) if ok]
         op = r.choice(ops)
         if op == "add":
-            y = r.randint(1, min(9, MAX_VALUE - x))
+            y = r.randint(1, min(9, max_value - x))
             words.append(f"Add {y}.")
             steps.append(f"{x} + {y} = {x + y}.")
             x += y
@@ -39,23 +40,26 @@ def problem(r: random.Random) -> Tuple[str, str, int]:
             steps.append(f"{x} - {y} = {x - y}.")
             x -= y
         else:
-            y = r.choice([k for k in (2, 3) if k * x <= MAX_VALUE])
+            y = r.choice([k for k in (2, 3) if k * x <= max_value])
             words.append(f"Multiply by {y}.")
             steps.append(f"{x} * {y} = {x * y}.")
             x *= y
     return " ".join(words), " ".join(steps + [f"#### {x}"]), x
 
 
-def make_split(split: str, n: int, seed: int = 0) -> List[Example]:
-    """``n`` examples of ``split`` (train | dev | test)."""
+def make_split(split: str, n: int, seed: int = 0, max_value: int = MAX_VALUE) -> List[Example]:
+    """``n`` examples of ``split`` (train | dev | test), every value in 1..``max_value`` (the default
+    suite: 20; ``bench/priming.py --max-value 99`` makes carrying two-digit arithmetic that a tiny teacher
+    cannot compute but can copy from a ground-truth prefix)."""
     if split not in SPLITS:
         from switchkd.config import ConfigError
 
         raise ConfigError(f"arith:{split}: the arithmetic suite's split must be one of {', '.join(SPLITS)}")
-    r, out, tries = random.Random(f"arith-{seed}-{split}"), [], 0
+    tag = f"arith-{seed}-{split}" if max_value == MAX_VALUE else f"arith{max_value}-{seed}-{split}"
+    r, out, tries = random.Random(tag), [], 0
     while len(out) < n and tries < 200 * n:
         tries += 1
-        question, rationale, _ = problem(r)
+        question, rationale, _ = problem(r, max_value)
         if split_of(question) == split:
             out.append(Example(prompt=TEMPLATE.format(instruction=question), references=[rationale],
                                instruction=question, meta={"topic": "arith"}))

@@ -206,7 +206,22 @@ def gap_lines(results: Dict[str, dict]) -> List[str]:
             lines.append(f"{name}: {r['rougeL']:.1f} ± {r.get('rougeL_std', 0.0):.1f} — closes {share:.0f}% of the gap")
     noise = max(r.get("rougeL_std", 0.0) for r in results.values())
     lines.append(f"sampling noise: the largest standard deviation over seeds is {noise:.1f} ROUGE-L")
-    return lines
+    return lines + [noise_line(results, noise)]
+
+
+def noise_line(results: Dict[str, dict], noise: float) -> str:
+    """Which differences between methods (and the init) exceed twice the sampling noise, best first."""
+    names = sorted((n for n in results if n != "teacher"), key=lambda n: -results[n]["rougeL"])
+    clear, close = [], 0
+    for k, a in enumerate(names):
+        for b in names[k + 1:]:
+            d = results[a]["rougeL"] - results[b]["rougeL"]
+            if d > 2 * noise:
+                clear.append(f"{a} > {b} (+{d:.1f})")
+            else:
+                close += 1
+    return (f"beyond twice the sampling noise ({2 * noise:.1f}): " + ("; ".join(clear) or "none")
+            + (f"; {close} other pair(s) within it" if close else ""))
 
 
 def write_report(out: Path, results: Dict[str, List[dict]], switch_metrics: Optional[Path], header: str) -> Path:

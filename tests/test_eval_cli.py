@@ -126,6 +126,7 @@ def test_demo_quick_runs(tmp_path, monkeypatch):
     assert results["teacher"]["rougeL"] > 30 > results["init"]["rougeL"]  # the shipped teacher is trained
     report = (tmp_path / "demo/report.md").read_text()
     assert "| switch | 1 |" in report and "| teacher | 1 |" in report and "of the gap" in report
+    assert "beyond twice the sampling noise" in report
     assert (tmp_path / "demo/rouge_by_length.png").is_file() and (tmp_path / "demo/switch_profile.png").is_file()
     assert "SWITCH during training" in report and (tmp_path / "demo/logs/switch.log").is_file()
 
@@ -164,3 +165,15 @@ def test_drop_layers_keeps_the_chosen_blocks(tmp_path, spec):
         assert torch.equal(v, a[src]), k
     with pytest.raises(ValueError, match="layers must be in 0..2"):
         drop_layers(str(tmp_path / "big"), (0, 3), tmp_path / "bad")
+
+
+def test_demo_gap_lines_say_which_differences_exceed_the_noise():
+    from switchkd.demo import gap_lines
+
+    res = {"teacher": {"rougeL": 50.0, "rougeL_std": 1.0}, "init": {"rougeL": 10.0, "rougeL_std": 0.5},
+           "sft": {"rougeL": 34.0, "rougeL_std": 1.5}, "kd": {"rougeL": 31.5, "rougeL_std": 0.2},
+           "gkd": {"rougeL": 30.0, "rougeL_std": 0.2}}
+    lines = gap_lines(res)
+    assert "sft: 34.0 ± 1.5 — closes 60% of the gap" in lines
+    assert lines[-1] == ("beyond twice the sampling noise (3.0): sft > gkd (+4.0); sft > init (+24.0); "
+                         "kd > init (+21.5); gkd > init (+20.0); 2 other pair(s) within it")
