@@ -4,8 +4,9 @@ The experiment of Goyal et al. (2024) in miniature: a teacher writes worked rati
 priming strategy (``none``, ``teacher``, ``ground_truth``, ``confidence``), and a student is distilled
 from it, by SeqKD (offline: the primed teacher's greedy rationales for the training prompts, written
 once per priming by :func:`switchkd.generate.generate_dataset`, then cross-entropy) and by word-level KD
-(forward KL to the primed teacher's logits on the dataset rationales).  Reported: the teacher's accuracy
-under each priming, the share of its training rationales that end in the right answer, and student
+(forward KL to the primed teacher's logits on the dataset rationales), beside SFT on the dataset's
+reference rationales (no teacher: what a teacher that copied them perfectly would give SeqKD).
+Reported: the teacher's accuracy under each priming, the share of its training rationales that end in the right answer, and student
 accuracy (greedy final answer on ``arith:test``), mean and 95% t-interval over training seeds.
 
 A tiny model reads no English, so the teacher is taught to read a prefix as an instruction-tuned LLM
@@ -52,6 +53,7 @@ from switchkd.train import train  # noqa: E402
 PRIMINGS = ("none", "teacher", "ground_truth", "confidence")
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}  # two-sided 95% t quantiles by degrees of freedom
 METHODS = {"seqkd": ["method.source=dataset", "method.divergence=ce", "method.kd_ratio=0.0"],
+           "sft": ["method.source=dataset", "method.divergence=ce", "method.kd_ratio=0.0"],  # the references
            "kd": ["method.source=dataset", "method.divergence=fkl", "method.kd_ratio=1.0"]}
 
 
@@ -182,12 +184,13 @@ def main() -> None:
         data[s] = path
         results["seqkd_data_accuracy"][s] = share
     print("SeqKD rationales ending in the right answer:", results["seqkd_data_accuracy"], flush=True)
-    jobs = [(m, s, seed) for m in a.methods for s in a.primings for seed in a.seeds]
+    primings = {m: ("references",) if m == "sft" else a.primings for m in a.methods}  # SFT: no teacher
+    jobs = [(m, s, seed) for m in a.methods for s in primings[m] for seed in a.seeds]
     calls = [dict(method=m, strategy=s, seed=seed, teacher=teacher, init=init, out=out, a=a,
                   data=str(data[s]) if m == "seqkd" else str(students_train)) for m, s, seed in jobs]
     accs = list(demo.run_tasks(calls, a.workers, student))
     for m in a.methods:
-        for s in a.primings:
+        for s in primings[m]:
             xs = [acc for (m2, s2, _), acc in zip(jobs, accs) if (m2, s2) == (m, s)]
             results["students"][f"{m}/{s}"] = {"accuracy": xs, "mean": statistics.fmean(xs), "ci95": ci(xs)}
     results["seconds"] = round(time.time() - t0)

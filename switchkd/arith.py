@@ -2,7 +2,8 @@
 ``arith:dev``, ``arith:test``): the reasoning task of the response-priming experiment.
 
 A problem chains two or three operations on small numbers ("Start with 7. Add 5. Subtract 3."), every
-value in 1..20; the reference is a worked rationale, one equation per step, ending in GSM8K's answer line
+value in 1..20 (``make_split(..., max_value=99)``: the carrying two-digit variant the priming benchmark
+uses); the reference is a worked rationale, one equation per step, ending in GSM8K's answer line
 ("7 + 5 = 12. 12 - 3 = 9. #### 9"), so ``eval.metric=accuracy`` scores the final number.
 Deterministic by seed; splits are disjoint (fixed by a hash of the problem).
 """
