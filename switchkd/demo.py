@@ -62,7 +62,7 @@ class Budget:
     lr: float = 1e-3
 
 
-DEMO = Budget(student_steps=50, test=96, eval_every=0)  # no dev evaluation while training
+DEMO = Budget(student_steps=50, test=192, eval_every=0)  # no dev evaluation while training
 QUICK = Budget(size=200, teacher_steps=30, init_steps=10, student_steps=4, batch=8, test=14, seeds=(10,), eval_every=2,
                dev=4)
 
