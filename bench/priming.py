@@ -6,8 +6,9 @@ from it, by SeqKD (offline: the primed teacher's greedy rationales for the train
 once per priming by :func:`switchkd.generate.generate_dataset`, then cross-entropy) and by word-level KD
 (forward KL to the primed teacher's logits on the dataset rationales), beside SFT on the dataset's
 reference rationales (no teacher: what a teacher that copied them perfectly would give SeqKD).
-Reported: the teacher's accuracy under each priming, the share of its training rationales that end in the right answer, and student
-accuracy (greedy final answer on ``arith:test``), mean and 95% t-interval over training seeds.
+Reported: the teacher's accuracy under each priming, the share of its training rationales that end in
+the right answer, and student accuracy (greedy final answer on the suite's test split), mean and 95%
+t-interval over training seeds.
 
 A tiny model reads no English, so the teacher is taught to read a prefix as an instruction-tuned LLM
 does: it is trained on the suite with the toolkit's own priming prefixes on its prompts (``--gt-share``
@@ -20,7 +21,7 @@ the shipped demo teacher instead (it does not learn to read the prefix at this b
 starts from the trained teacher's blocks 0 and 3 (the demo's layer-dropped initialisation).  Finished
 runs are reused (delete ``--out`` to redo).
 
-    python bench/priming.py                      # CPU, about 40 minutes on 2 cores
+    python bench/priming.py                      # CPU, about 50 minutes on 2 cores
     python bench/priming.py --smoke              # a minute: the pipeline only
 """
 
@@ -32,6 +33,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -88,7 +90,7 @@ def finished(run: Path, make) -> Path:
 
 
 def accuracy_of(model_dir: Path, a: argparse.Namespace, strategy: str = "none") -> float:
-    """Greedy final-answer accuracy on ``arith:test`` (the prompt primed with ``strategy``)."""
+    """Greedy final-answer accuracy on the suite's test split (the prompt primed with ``strategy``)."""
     mc = load_config(None, [f"model.name={model_dir}"]).model
     tok = load_tokenizer(mc)
     model = load_model(mc, tok, trainable=False)
@@ -172,8 +174,11 @@ def main() -> None:
         f"train.batch_size={a.teacher_batch}", f"train.lr={a.teacher_lr}", "train.scheduler=constant",
         f"output.dir={out / 'teacher'}"])))
     init = out / "student-init"
-    if not (init / "config.json").is_file():
-        drop_layers(str(teacher), demo.KEEP, init)
+    if not (init / "config.json").is_file():  # written aside, then renamed: never half a model
+        shutil.rmtree(init.with_suffix(".tmp"), ignore_errors=True)
+        drop_layers(str(teacher), demo.KEEP, init.with_suffix(".tmp"))
+        shutil.rmtree(init, ignore_errors=True)
+        init.with_suffix(".tmp").rename(init)
     students_train = student_data(out / "students_train.jsonl", a)
     results = {"teacher_accuracy": {s: accuracy_of(teacher, a, s) for s in PRIMINGS}, "seqkd_data_accuracy": {},
                "init_accuracy": accuracy_of(init, a), "students": {}}
