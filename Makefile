@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo demo-teacher bench-long test lint bench bench-quality bench-crispr bench-gpu bench-priming clean
+.PHONY: demo demo-teacher bench-real bench-long test lint bench bench-quality bench-crispr bench-gpu bench-priming clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(BIN)/python bench/quality.py
+
+bench-real: $(STAMP)
+	$(BIN)/python bench/real.py
 
 bench-long: $(STAMP)
 	$(BIN)/python bench/long_response.py

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import Any, Optional
 
 from torch import Tensor
 
@@ -57,6 +57,21 @@ def calibrate_tau0(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: R
         else:
             hi = mid
     return best[1], best[2]
+
+
+def ln2_note(tau0: float, decay: float, schedule: str = "exp", gate: str = "jsd") -> Optional[str]:
+    """What a JSD-gate tau0 above ln 2 (the largest Jensen-Shannon divergence, in nats) means, else None:
+    no gate value can exceed tau_t until tau_t falls below ln 2, so the student writes every token
+    before that position and the gate acts as a position cut-off."""
+    if gate != "jsd" or tau0 <= math.log(2):
+        return None
+    if schedule == "const":
+        return (f"tau0 {tau0:.4g} exceeds ln 2 = 0.693, the largest JSD: with schedule const the teacher never writes")
+    t = math.log(tau0 / math.log(2)) / decay if schedule == "exp" else (1 - math.log(2) / tau0) / decay
+    return (f"tau0 {tau0:.4g} exceeds ln 2 = 0.693, the largest JSD: the gate cannot fire before response token "
+            f"{math.ceil(t)}, so the student writes the first {math.ceil(t)} tokens whatever the teacher thinks and "
+            "the gate acts as a position cut-off; the two models disagree almost everywhere, so start from a student "
+            "fine-tuned on the data first (SFT, as DistiLLM and MiniLLM do) and calibrate again")
 
 
 def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int = 8) -> tuple[float, float]:

@@ -33,9 +33,15 @@ def _calibrate(args: argparse.Namespace) -> None:
 
     if not 0.0 < args.target < 1.0:
         raise ConfigError(f"--target {args.target}: expected a teacher share in (0, 1)")
-    tau0, share = calibrate_config(load_config(preset_path(args.config), args.overrides), args.target, args.limit,
-                                   args.batch_size)
+    from switchkd.calibrate import ln2_note
+
+    cfg = load_config(preset_path(args.config), args.overrides)
+    tau0, share = calibrate_config(cfg, args.target, args.limit, args.batch_size)
     print(f"method.switch.tau0={tau0:.6g}  (measured teacher share {share:.3f}, target {args.target})")
+    sw = cfg.method.switch
+    note = ln2_note(tau0, sw.decay, sw.schedule, sw.gate)
+    if note:
+        print(f"note: {note}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -80,8 +86,20 @@ def _eval(args: argparse.Namespace) -> None:
     from switchkd.checks import _check_fields
 
     _check_fields(fields, ConfigError)
-    summary = evaluate(model, tok, args.data, ecfg, dcfg, out)
+    target = None
+    if args.draft_for:
+        from switchkd.models import check_compatible
+
+        tcfg = ModelConfig(name=args.draft_for, dtype=args.dtype)
+        check_compatible(tok, load_tokenizer(tcfg))
+        target = load_model(tcfg, tok, trainable=False)
+        if torch.cuda.is_available():
+            target.cuda()
+    summary = evaluate(model, tok, args.data, ecfg, dcfg, out, target, args.draft_k)
     print(format_table(summary))
+    for name, d in summary.get("draft", {}).items():
+        print(f"draft for {args.draft_for} on {name}: {d['tokens_per_verification']:.2f} tokens per verification "
+              f"(k={d['k']}, {100 * d['acceptance']:.1f}% written by the draft)")
     print(f"wrote {out / 'scores.json'} and {out / 'predictions.jsonl'}")
 
 
@@ -106,6 +124,21 @@ def _convert(args: argparse.Namespace) -> None:
 
     out = convert_llama2c(args.model_bin, args.tokenizer_bin, args.out_dir)
     print(f"wrote a Hugging Face Llama model and tokenizer to {out}")
+
+
+def _convert_gguf(args: argparse.Namespace) -> None:
+    from switchkd.gguf import convert_gguf
+
+    out = convert_gguf(args.gguf_file, args.out_dir)
+    print(f"wrote a Hugging Face model (safetensors) and tokenizer to {out}")
+
+
+def _shrink(args: argparse.Namespace) -> None:
+    from switchkd.shrink import parse_keep, shrink
+
+    keep = parse_keep(args.keep) if args.keep is not None else None
+    out, kept = shrink(args.teacher, args.out_dir, layers=args.layers, keep=keep)
+    print(f"kept decoder blocks {','.join(map(str, kept))}; wrote the student to {out}")
 
 
 def _debias(args: argparse.Namespace) -> None:
@@ -179,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rougeL (default) or accuracy of the final answer (GSM8K's '#### N', else the last number)")
     e.add_argument("--field", action="append", default=[], metavar="CANONICAL=NAME",
                    help="map a canonical field to yours, e.g. --field instruction=question --field output=answer")
+    e.add_argument("--draft-for", metavar="TEACHER",
+                   help="also measure the model as a greedy speculative-decoding draft for TEACHER (same tokenizer)")
+    e.add_argument("--draft-k", type=positive, default=4, help="draft tokens per verification (default 4)")
     e.set_defaults(func=_eval)
 
     g = sub.add_parser("generate", help="write the teacher's responses to data.train as a JSONL dataset (SeqKD)")
@@ -203,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     ll.add_argument("tokenizer_bin")
     ll.add_argument("out_dir")
     ll.set_defaults(func=_convert)
+    gg = csub.add_parser("gguf", help="a GGUF checkpoint (llama.cpp, Ollama) -> Hugging Face directory (needs gguf)")
+    gg.add_argument("gguf_file", help="the .gguf file")
+    gg.add_argument("out_dir", help="new directory for the model (safetensors), config and tokenizer")
+    gg.set_defaults(func=_convert_gguf)
+
+    sh = sub.add_parser("shrink", help="a depth-pruned student: a teacher's decoder blocks, evenly spaced or chosen")
+    sh.add_argument("teacher", help="teacher model directory or hub id")
+    sh.add_argument("out_dir", help="new directory for the student model and tokenizer")
+    how = sh.add_mutually_exclusive_group(required=True)
+    how.add_argument("--layers", type=positive, help="keep N evenly spaced blocks (first and last included)")
+    how.add_argument("--keep", help="keep these blocks, e.g. 0,3,7 (0-based, increasing)")
+    sh.set_defaults(func=_shrink)
 
     b = sub.add_parser("debias", help="CRISPR: find and zero bias neurons, scored on BBQ-format data")
     b.add_argument("--model", required=True, help="model directory (causal LM or encoder-decoder)")

@@ -34,6 +34,8 @@ GATES: Dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "fkl": fkl,
     "rkl": rkl,
     "tvd": tvd,
+    # speculative decoding's greedy acceptance: 1 where the two argmaxes differ (with tau 0.5, const)
+    "argmax": lambda s, t: (s.argmax(-1) != t.argmax(-1)).to(s.dtype),
 }
 
 
@@ -61,6 +63,7 @@ class RolloutConfig:
     speculative: bool = True  # switch only: student drafts, teacher verifies a block per forward
     draft_k: int = 4  # first draft length; then chosen from the recent rejection rate (speculative.next_k)
     max_draft_k: int = 16
+    adapt_k: bool = True  # speculative: choose each block's k from the rejection rate (False: always draft_k)
     teacher_cost: Optional[float] = None  # teacher forward cost / student's; default: layer-count ratio
     compile: Union[bool, str] = "auto"  # lockstep: static caches + compiled 1-token step; auto = on CUDA only
     sync_every: int = 0  # check "all rows done" every n steps (a host sync); 0: 1 on CPU, 8 on CUDA

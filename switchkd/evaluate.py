@@ -92,6 +92,29 @@ def score_examples(model: Any, tokenizer: Any, examples: Sequence[Example], cfg:
     }, records
 
 
+@torch.no_grad()
+def draft_report(draft: Any, target: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig,
+                 k: int = 4) -> Dict[str, Any]:
+    """``draft``'s worth as a greedy speculative-decoding draft for ``target`` on these prompts
+    (:func:`switchkd.speculative.draft_stats`, summed over batches of ``cfg.batch_size``)."""
+    from switchkd.speculative import draft_stats
+
+    device = next(target.parameters()).device
+    vocab = min(len(tokenizer), head_rows(draft), head_rows(target))
+    tokens = checks = by_draft = 0
+    for start in range(0, len(examples), cfg.batch_size):
+        chunk = [encode_prompt(tokenizer, e.prompt)[-cfg.max_prompt_length:] for e in examples[start:start + cfg.batch_size]]
+        ids, mask = left_pad(chunk, tokenizer.pad_token_id)
+        budget = max(1, min(cfg.max_new_tokens or cfg.max_length, cfg.max_length - ids.shape[1]))
+        r = draft_stats(draft, target, ids.to(device), mask.to(device), k, budget, tokenizer.eos_token_id,
+                        tokenizer.pad_token_id, vocab)
+        tokens, checks = tokens + r["tokens"], checks + r["verifications"]
+        by_draft += round(r["acceptance"] * r["tokens"])
+    return {"k": k, "n": len(examples), "tokens": tokens, "verifications": checks,
+            "tokens_per_verification": tokens / max(1, checks), "accepted_per_verification": by_draft / max(1, checks),
+            "acceptance": by_draft / max(1, tokens)}
+
+
 def resolve_suite(data: str) -> Dict[str, str]:
     """``{name: file}`` for a file (one set) or a MiniLLM-style directory (the five sets)."""
     path = Path(data)
@@ -112,15 +135,19 @@ def resolve_suite(data: str) -> Dict[str, str]:
 
 
 def evaluate(model: Any, tokenizer: Any, data: str, cfg: EvalConfig, data_cfg: Optional[DataConfig] = None,
-             output: Optional[str | Path] = None) -> Dict[str, Any]:
-    """Score a file or suite; writes ``scores.json`` and ``predictions.jsonl`` to ``output`` atomically."""
+             output: Optional[str | Path] = None, draft_for: Any = None, draft_k: int = 4) -> Dict[str, Any]:
+    """Score a file or suite; writes ``scores.json`` and ``predictions.jsonl`` to ``output`` atomically.
+    With ``draft_for`` (a target model sharing the tokenizer), also ``model``'s speculative-decoding
+    draft statistics for it on the same prompts (``summary["draft"][set]``)."""
     data_cfg = data_cfg or DataConfig()
     sets = {name: load_examples(src, data_cfg, tokenizer, cfg.limit) for name, src in resolve_suite(data).items()}
-    results, records = {}, []
+    results, records, drafts = {}, [], {}
     for name, examples in sets.items():
         results[name], recs = score_examples(model, tokenizer, examples, cfg, name)
         records += recs
-    summary = {"config": asdict(cfg), "results": results}
+        if draft_for is not None:
+            drafts[name] = draft_report(model, draft_for, tokenizer, examples, cfg, draft_k)
+    summary = {"config": asdict(cfg), "results": results} | ({"draft": drafts} if drafts else {})
     if output is not None:
         write_outputs(Path(output), summary, records)
     return summary

@@ -8,7 +8,6 @@ Tiny models use transformers' byte-level ByT5 tokenizer, which needs no files.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -219,32 +218,12 @@ def load_pair(
 
 
 def drop_layers(src: str, keep: Sequence[int], dst: Path) -> Path:
-    """A smaller student initialised from a model: only its decoder blocks ``keep`` (in that order),
-    everything else (embeddings, final norm, LM head) copied (DistilBERT's initialisation).  Works for
-    the GPT-2 (``.h.N.``) and Llama-style (``.layers.N.``) layouts; saves model and tokenizer to ``dst``."""
-    import re
+    """A smaller student initialised from a model: only its decoder blocks ``keep`` (in order),
+    everything else copied (DistilBERT's initialisation); see :mod:`switchkd.shrink`.  Saves model and
+    tokenizer to ``dst`` (which must not hold files) and returns it."""
+    from switchkd.shrink import shrink
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    teacher = AutoModelForCausalLM.from_pretrained(src)
-    n = teacher.config.num_hidden_layers
-    if not keep or any(not 0 <= i < n for i in keep):
-        raise ValueError(f"keep={list(keep)}: layers must be in 0..{n - 1}")
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(keep)
-    student = AutoModelForCausalLM.from_config(config)
-    pattern, state = re.compile(r"\.(h|layers)\.(\d+)\."), {}
-    for key, value in teacher.state_dict().items():
-        m = pattern.search(key)
-        if m is None:
-            state[key] = value
-        elif int(m.group(2)) in keep:
-            state[key[:m.start()] + f".{m.group(1)}.{list(keep).index(int(m.group(2)))}." + key[m.end():]] = value
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in (getattr(student, "_tied_weights_keys", None) or ())]  # tied copies
-    if missing or unexpected:
-        raise ValueError(f"drop_layers: unmatched weights {sorted(missing)[:3]} {sorted(unexpected)[:3]}")
-    student.save_pretrained(dst)
-    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-    return dst
-
+    try:
+        return shrink(src, dst, keep=list(keep))[0]
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None

