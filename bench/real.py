@@ -163,7 +163,7 @@ def calibrate(teacher: Path, init: Path, s: Setting, device: str) -> Dict[str, A
 
     cfg = load_config(str(ROOT / "configs" / "smollm2" / "switch.yaml"),
                       common(s, device) + [f"model.name={init}", f"teacher.name={teacher}"])
-    tau0, share = calibrate_config(cfg, s.target, s.calib_prompts, s.calib_prompts)
+    tau0, share = calibrate_config(cfg, s.target, s.calib_prompts, s.calib_prompts, log=lambda x: print(x, flush=True))
     return {"tau0": tau0, "share": share, "note": ln2_note(tau0, cfg.method.switch.decay)}
 
 
@@ -280,8 +280,11 @@ def write_report(out: Path, res: Dict[str, Any], s: Setting, setting: str, devic
               f"{cal['share']:.2f}, target {s.target}); teacher share in training by response position:", ""]
     prof = res["metrics"]["switch"][0]["teacher_share"]
     lines += ["| " + " | ".join(prof) + " |", "|" + "---:|" * len(prof), "| " + " | ".join(f"{v:.2f}" for v in prof.values()) + " |"]
-    if cal.get("note"):
-        lines += ["", f"Note: {cal['note']}"]
+    from switchkd.calibrate import ln2_note
+
+    note = ln2_note(cal["tau0"], 0.1)
+    if note:
+        lines += ["", f"Note (switchkd calibrate): {note}"]
     lines += ["", "Seconds per optimizer step (mean) and worth as a greedy speculative draft for the teacher "
               f"(k = 4, {s.draft_prompts} Dolly prompts):", "",
               "| model | s/step | tokens per verification | drafted share |", "|---|---:|---:|---:|"]

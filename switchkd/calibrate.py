@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import Tensor
 
@@ -23,7 +23,7 @@ def teacher_share(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: Ro
 
 
 def calibrate_tau0(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: RolloutConfig, target: float,
-                   iters: int = 14) -> tuple[float, float]:
+                   iters: int = 14, log: Optional[Callable[[str], None]] = None) -> tuple[float, float]:
     """``(tau0, measured share)`` with the share closest to ``target`` found by bisecting log(tau0)
     between bounds from a student-only probe's gate values; ``cfg`` gives everything else (schedule,
     decay, gate, sampling: a greedy ``cfg`` makes the search deterministic)."""
@@ -37,7 +37,10 @@ def calibrate_tau0(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: R
     lo, hi = math.log(float(g.min()) / 2), math.log(float(g.max()) * 2)
 
     def share_at(log_tau: float) -> float:
-        return teacher_share(student, teacher, ids, mask, replace(cfg, source="switch", tau0=math.exp(log_tau)))
+        share = teacher_share(student, teacher, ids, mask, replace(cfg, source="switch", tau0=math.exp(log_tau)))
+        if log is not None:
+            log(f"calibrate: tau0 {math.exp(log_tau):.4g} -> teacher share {share:.3f}")
+        return share
 
     best = (math.inf, 0.0, 0.0)
     for end, want_above, step in ((hi, False, 2.0), (lo, True, -2.0)):  # widen the bracket: the share is
@@ -70,11 +73,12 @@ def ln2_note(tau0: float, decay: float, schedule: str = "exp", gate: str = "jsd"
     t = math.log(tau0 / math.log(2)) / decay if schedule == "exp" else (1 - math.log(2) / tau0) / decay
     return (f"tau0 {tau0:.4g} exceeds ln 2 = 0.693, the largest JSD: the gate cannot fire before response token "
             f"{math.ceil(t)}, so the student writes the first {math.ceil(t)} tokens whatever the teacher thinks and "
-            "the gate acts as a position cut-off; the two models disagree almost everywhere, so start from a student "
-            "fine-tuned on the data first (SFT, as DistiLLM and MiniLLM do) and calibrate again")
+            "the gate acts as a position cut-off: the two models disagree almost everywhere; train the student "
+            "on the data first (SFT, as DistiLLM and MiniLLM do, longer if it already was) and calibrate again")
 
 
-def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int = 8) -> tuple[float, float]:
+def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int = 8,
+                     log: Optional[Callable[[str], None]] = None) -> tuple[float, float]:
     """``switchkd calibrate``: tau0 for a ``target`` teacher share on the first ``limit`` prompts of
     ``data.dev`` (else ``data.train``), decoded as the config's SWITCH rollouts are (schedule, decay,
     gate, sampling; seeded with ``train.seed``) on one batch of ``batch_size`` at a time."""
@@ -99,4 +103,5 @@ def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int =
     ids, mask = left_pad([x.prompt for x in items], tok.pad_token_id)
     rcfg = from_method(cfg.method, "switch", min(cfg.method.max_new_tokens, cfg.data.max_length - ids.shape[1]), tok,
                        vocab)
-    return calibrate_tau0(student, teacher, ids.to(device), mask.to(device), replace(rcfg, seed=cfg.train.seed), target)
+    return calibrate_tau0(student, teacher, ids.to(device), mask.to(device), replace(rcfg, seed=cfg.train.seed), target,
+                          log=log)

@@ -36,7 +36,8 @@ def _calibrate(args: argparse.Namespace) -> None:
     from switchkd.calibrate import ln2_note
 
     cfg = load_config(preset_path(args.config), args.overrides)
-    tau0, share = calibrate_config(cfg, args.target, args.limit, args.batch_size)
+    tau0, share = calibrate_config(cfg, args.target, args.limit, args.batch_size,
+                                   log=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"method.switch.tau0={tau0:.6g}  (measured teacher share {share:.3f}, target {args.target})")
     sw = cfg.method.switch
     note = ln2_note(tau0, sw.decay, sw.schedule, sw.gate)

@@ -83,6 +83,15 @@ class MixtureConfig:
 
 
 @dataclass
+class ImitkdConfig:
+    """ImitKD (``source: imitkd``; Lin et al. 2020, asappresearch/imitkd's configs)."""
+
+    schedule: str = "exponential"  # exponential: beta_t = base^(-t/N) (every official config) | linear: 1 - t/(N-1)
+    base: float = 200.0  # 200 in the translation configs, 10 in the summarisation ones
+    targets: str = "full"  # full ("ImitKD+Full": teacher distribution on every row) | argmax ("ImitKD")
+
+
+@dataclass
 class DistillmConfig:
     """DistiLLM's adaptive off-policy sampling (``source: distillm``; official finetune.py's rules and defaults)."""
 
@@ -128,6 +137,7 @@ class MethodConfig:
     compile: str = "auto"  # static KV caches + compiled decode step: auto (on CUDA) | true | false
     switch: SwitchConfig = field(default_factory=SwitchConfig)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    imitkd: ImitkdConfig = field(default_factory=ImitkdConfig)
     distillm: DistillmConfig = field(default_factory=DistillmConfig)
     minillm: MinillmConfig = field(default_factory=MinillmConfig)
     instruction_weight: float = 0.0  # BiLD's instruction loss: + weight x forward KL (T = 1) on the prompt tokens
@@ -216,6 +226,8 @@ CHOICES: Dict[str, Sequence[str]] = {
     "data.format": ("auto", "minillm", "dolly", "messages"),
     "method.source": ("dataset", "teacher", "student", "imitkd", "mixture", "distillm", "switch", "minillm"),
     "method.minillm.length_norm": ("count", "discounted", "none"),
+    "method.imitkd.schedule": ("exponential", "linear"),
+    "method.imitkd.targets": ("full", "argmax"),
     "method.switch.schedule": ("exp", "linear", "const"),
     "method.switch.gate": ("jsd", "fkl", "rkl", "tvd"),
     "method.distillm.replay_schedule": ("decreasing", "constant", "increasing"),
@@ -376,10 +388,17 @@ def validate(cfg: Config) -> None:
     if m.source == "minillm" and (m.instruction_weight > 0 or m.priming != "none"):
         raise ConfigError("config error: method.source=minillm works with method.instruction_weight=0 and "
                           "method.priming=none (its rewards need the teacher on the student's own prompt)")
+    if m.source == "imitkd" and m.imitkd.targets == "argmax" and (m.divergence != "ce" and m.kd_ratio > 0):
+        raise ConfigError("config error: method.imitkd.targets=argmax (the paper's ImitKD) trains by cross-entropy on "
+                          "the teacher's argmax tokens: set method.divergence=ce (or method.kd_ratio=0)")
     if m.teacher_cache and m.source != "dataset":
         raise ConfigError("config error: method.teacher_cache works with method.source=dataset only")
     distils = m.divergence != "ce" and m.kd_ratio > 0
-    needs_teacher = (distils or m.source in ("teacher", "switch", "minillm") or (m.source == "mixture" and m.mixture.seq_kd)) \
+    argmax = m.source == "imitkd" and m.imitkd.targets == "argmax"
+    if argmax and m.priming != "none":
+        raise ConfigError("config error: method.imitkd.targets=argmax labels the student's own sequences with the "
+                          "teacher's argmax; it works with method.priming=none")
+    needs_teacher = (distils or argmax or m.source in ("teacher", "switch", "minillm") or (m.source == "mixture" and m.mixture.seq_kd)) \
         and not m.teacher_cache
     if needs_teacher and cfg.teacher is None:
         why = f"method.divergence={m.divergence} (kd_ratio {m.kd_ratio})" if distils else f"method.source={m.source}"

@@ -24,7 +24,7 @@ reverse KL over the vocabulary, on the teacher logits the rollout kept) plus the
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from torch import Tensor
@@ -83,23 +83,36 @@ def _spread(values: Tensor, mask: Tensor) -> Tensor:
 
 
 class MinillmSource(DatasetSource):
-    """MiniLLM's sequences and per-token policy-gradient fields (see the module docstring)."""
+    """MiniLLM's sequences and per-token policy-gradient fields (see the module docstring).
+
+    Rollouts belong to optimizer steps: a step's ``train.grad_accum`` micro-batches are each rolled out
+    once (LMOps' ``chunk_size`` x ``gradient_accumulation_steps`` samples per PPO batch), and the same
+    micro-batches are the next ``ppo_epochs - 1`` steps' too, so each rollout gets ``ppo_epochs``
+    updates and no prompt batch is drawn and discarded.  The student trains without dropout (LMOps: "no
+    dropout for RL")."""
+
+    dropout = False
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self.held: Optional[Batch] = None
+        self.held: Optional[List[Batch]] = None
         self.uses = 0
         self.sums = {"reward": 0.0, "weight": 0.0, "tokens": 0.0}
 
     def __call__(self, batch: Batch, step: int) -> Batch:
-        m = self.cfg.method.minillm
-        if self.held is not None and self.uses < m.ppo_epochs:
-            self.uses += 1
-            return {k: (v.to(batch["input_ids"].device) if isinstance(v, Tensor) else v) for k, v in self.held.items()}
+        """One fresh rollout of ``batch`` with its policy-gradient fields."""
         new, out = self._rollout(batch, "mixed", keep_teacher=True)
         new.update(self.fields(new, out.logprobs[out.response_mask]))
-        self.held, self.uses = new, 1
         return new
+
+    def step_batches(self, batches: Iterator[Batch], step: int, n: int) -> List[Batch]:
+        """The held rollouts while they have PPO epochs left, else ``n`` fresh ones."""
+        if self.held is not None and len(self.held) == n and self.uses < self.cfg.method.minillm.ppo_epochs:
+            self.uses += 1
+            device = self.held[0]["input_ids"].device
+            return [{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in b.items()} for b in self.held]
+        self.held, self.uses = [self(next(batches), step) for _ in range(n)], 1
+        return self.held
 
     @torch.no_grad()
     def fields(self, batch: Batch, s_lp: Tensor) -> Dict[str, Tensor]:
@@ -127,9 +140,11 @@ class MinillmSource(DatasetSource):
         return out
 
     def state_dict(self) -> Dict[str, Any]:
-        held = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in self.held.items()} if self.held else None
+        held = [{k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in b.items()} for b in self.held] \
+            if self.held else None
         return super().state_dict() | {"held": held, "uses": self.uses}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.held, self.uses = state.get("held"), state.get("uses", 0)
+        held = state.get("held")
+        self.held, self.uses = ([held] if isinstance(held, dict) else held), state.get("uses", 0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import sys
 from collections import deque
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import Tensor
@@ -62,6 +62,13 @@ class DatasetSource:
 
     def __call__(self, batch: Batch, step: int) -> Batch:
         return batch
+
+    def step_batches(self, batches: Iterator[Batch], step: int, n: int) -> List[Batch]:
+        """The ``n`` micro-batches of one optimizer step, drawn from ``batches`` (the trainer's iterator)."""
+        return [self(next(batches), step) for _ in range(n)]
+
+    #: train the student with dropout on (False: eval mode during the update too, as RL-style methods do)
+    dropout = True
 
     def stats(self) -> Dict[str, float]:
         """Diagnostics to log since the last call."""
@@ -144,10 +151,13 @@ class StudentSource(DatasetSource):
 
 
 class ImitkdSource(DatasetSource):
-    """ImitKD as Lin et al. (2020) define it: each sequence's response is the dataset's with probability
-    beta, else the student's greedy decoding of the prompt (the student's own prefix), with beta annealed
-    linearly from 1 (all dataset) at the first step to 0 (all student) at the last; the loss's targets
-    are the teacher's distributions over those sequences."""
+    """ImitKD (Lin et al. 2020): each sequence's response is the dataset's with probability beta, else the
+    student's greedy decoding of the prompt (the student's own prefix).  beta anneals from 1 (all dataset)
+    at the first step: ``exponential`` ``base^(-t/N)`` as every official config (asappresearch/imitkd:
+    base 200 for translation, 10 for summarisation), or ``linear`` to 0 at the last step.  Targets:
+    ``full`` ("ImitKD+Full") keeps the sequences for the method's divergence to the teacher's
+    distributions on every row; ``argmax`` ("ImitKD") relabels the student rows with the teacher's
+    argmax token at each position and keeps the gold tokens on dataset rows (trained by CE)."""
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -155,6 +165,9 @@ class ImitkdSource(DatasetSource):
 
     def beta(self, step: int) -> float:
         """Probability of the dataset response at optimizer step ``step`` (0-based)."""
+        m = self.cfg.method.imitkd
+        if m.schedule == "exponential":
+            return m.base ** (-step / max(self.total_steps, 1))
         return max(0.0, 1.0 - step / max(self.total_steps - 1, 1))
 
     def __call__(self, batch: Batch, step: int) -> Batch:
@@ -175,7 +188,26 @@ class ImitkdSource(DatasetSource):
         prompts = _rows(batch["prompt_ids"], batch["prompt_mask"])
         t_prompts = _rows(batch["teacher_prompt_ids"], batch["teacher_prompt_mask"]) if "teacher_prompt_ids" in batch else None
         new = build_batch(prompts, responses, self.tok.pad_token_id, batch["index"].tolist(), t_prompts)
-        return {k: v.to(batch["input_ids"].device) for k, v in new.items()}
+        new = {k: v.to(batch["input_ids"].device) for k, v in new.items()}
+        if self.cfg.method.imitkd.targets == "argmax":
+            new["labels"] = self.argmax_labels(new, rows)
+        return new
+
+    @torch.no_grad()
+    def argmax_labels(self, batch: Batch, rows: List[int]) -> Tensor:
+        """``labels [B, T]`` with each response token of ``rows`` replaced by the teacher's argmax at that
+        position given the (student's) prefix; other rows keep their gold tokens."""
+        labels = batch["labels"].clone()
+        if not rows:
+            return labels
+        idx = torch.tensor(rows, device=labels.device)
+        ids, mask = batch["input_ids"][idx], batch["attention_mask"][idx]
+        pred = self.teacher(ids, attention_mask=mask).logits[:, :, : self.vocab].argmax(-1)  # [b, T] next tokens
+        sub = labels[idx]
+        keep = sub[:, 1:] != -100
+        sub[:, 1:] = torch.where(keep, pred[:, :-1], sub[:, 1:])
+        labels[idx] = sub
+        return labels
 
     def stats(self) -> Dict[str, float]:
         out = {f"imitkd/{k}": v for k, v in self.counts.items()}
@@ -186,7 +218,9 @@ class ImitkdSource(DatasetSource):
 class MixtureSource(DatasetSource):
     """GKD: each batch is student-generated with probability ``method.mixture.student_ratio`` (lambda), else the
     dataset's, or with ``method.mixture.seq_kd`` (TRL's option) the teacher's sampled responses, fresh each time
-    (the student is in eval mode while it generates: no dropout, as TRL's ``disable_dropout``)."""
+    (no dropout while it generates nor while it trains, as TRL's ``disable_dropout=True``)."""
+
+    dropout = False
 
     def __call__(self, batch: Batch, step: int) -> Batch:
         if self.shared.random() < self.cfg.method.mixture.student_ratio:

@@ -218,8 +218,8 @@ class Trainer:
         bar = tqdm(total=self.total, initial=self.state.step, desc="train", disable=not self.acc.is_main_process)
         while self.state.step < self.total:
             t0 = time.perf_counter()
-            group = [self._with_cache(self.source(next(batches), self.state.step)) for _ in range(cfg.train.grad_accum)]
-            self.student.train()
+            group = [self._with_cache(b) for b in self.source.step_batches(batches, self.state.step, cfg.train.grad_accum)]
+            self.student.train(self.source.dropout)
             lm = [self.lm.next(cfg.train.batch_size, self.acc.device) for _ in group] if self.lm else None
             extra: Dict[str, float] = {}
             loss, n_tok = step_gradients(self.student, self.teacher, group, cfg, self.vocab, self.acc, lm, extra)

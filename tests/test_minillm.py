@@ -142,7 +142,16 @@ def test_source_fields_are_recomputed_and_reused_for_ppo_epochs(tmp_path):
     prompts = [tok("Q: add 1 2\nA: ")["input_ids"], tok("Q: hello there\nA: ")["input_ids"]]
     batch = build_batch(prompts, [[5, 6], [7]], tok.pad_token_id, [0, 1])
     src = make_source(cfg, student, teacher, tok, vocab, seed=3)
-    a, b, c = src(batch, 0), src(batch, 1), src(batch, 2)
+    drawn = []
+
+    def batches():
+        while True:
+            drawn.append(1)
+            yield batch
+
+    it = batches()
+    [a], [b], [c] = src.step_batches(it, 0, 1), src.step_batches(it, 1, 1), src.step_batches(it, 2, 1)
+    assert len(drawn) == 2  # the second step reuses the held rollout without drawing a prompt batch
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pg_advantage"], b["pg_advantage"])
     assert not torch.equal(a["input_ids"], c["input_ids"])  # a fresh rollout after ppo_epochs uses
     # the fields, recomputed from plain forwards of both models over the rolled-out batch
@@ -178,3 +187,60 @@ def test_minillm_preset_trains_and_validates(tmp_path):
                      ("method.minillm.ppo_epochs=0", "ppo_epochs"), ("method.priming=teacher", "priming")]:
         with pytest.raises(ConfigError, match=key):
             load_config(ROOT / "configs/tiny/minillm.yaml", [bad])
+
+
+def test_grad_accum_holds_distinct_rollouts_per_step_and_ppo_moves_the_ratio(tmp_path):
+    """LMOps: a PPO batch is chunk_size x grad_accum fresh samples, trained ppo_epochs times; the
+    importance ratio q_new / q_old leaves 1 after the first update; no dropout while training."""
+    from switchkd.train import Trainer
+
+    cfg = load_config(ROOT / "configs/tiny/minillm.yaml", [
+        f"output.dir={tmp_path}", "train.max_steps=3", "train.grad_accum=2", "train.batch_size=2",
+        "method.minillm.ppo_epochs=2", "data.synthetic_size=48", "method.max_new_tokens=10", "data.dev=null",
+        "train.lr=1e-2", "train.scheduler=constant"])
+    tr = Trainer(cfg)
+    seen, draws = [], []
+    step_batches = tr.source.step_batches
+
+    def spy(batches, step, n):
+        def counted():
+            while True:
+                draws.append(step)
+                yield next(batches)
+        group = step_batches(counted(), step, n)
+        assert tr.student.training is False or not tr.source.dropout
+        seen.append([(b["input_ids"].clone(), b["pg_old_logprob"].clone()) for b in group])
+        if step == 1:  # before the second update of the held rollouts: the first update moved the policy
+            model = tr.acc.unwrap_model(tr.student).eval()
+            with torch.no_grad():
+                for b in group:
+                    m = b["labels"][:, 1:] != -100
+                    lp = torch.log_softmax(model(b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1][m]
+                                           .float(), -1).gather(-1, b["labels"][:, 1:][m][:, None]).squeeze(-1)
+                    ratio = torch.exp(lp - b["pg_old_logprob"])
+                    assert (ratio - 1).abs().max() > 1e-3
+        return group
+
+    tr.source.step_batches = spy
+    tr.fit()
+    assert draws == [0, 0, 2, 2]  # step 1 reuses step 0's two rollouts; nothing drawn and thrown away
+    (a0, _), (a1, _) = seen[0]
+    assert not torch.equal(a0, a1) or a0.shape != a1.shape  # two distinct rollouts in one optimizer step
+    for (x, lx), (y, ly) in zip(seen[0], seen[1]):
+        assert torch.equal(x, y) and torch.equal(lx, ly)  # trained a second time (ppo_epochs = 2)
+    assert tr.source.dropout is False and tr.student.training is False
+
+
+def test_gkd_preset_follows_trl_loss_temperature_and_dropout():
+    """TRL's GKDTrainer samples at temperature 0.9 but computes generalized_jsd_loss at its default
+    temperature 1, and disable_dropout turns dropout off for generation and training."""
+    import inspect
+
+    from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+    from switchkd.sources import SOURCES
+
+    cfg = load_config(ROOT / "configs/tiny/gkd.yaml", [])
+    assert cfg.method.gen_temperature == 0.9
+    assert cfg.method.temperature == inspect.signature(GKDTrainer.generalized_jsd_loss).parameters["temperature"].default
+    assert SOURCES["mixture"].dropout is False and SOURCES["dataset"].dropout is True

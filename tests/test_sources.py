@@ -23,7 +23,7 @@ FAST = ["train.max_steps=3", "train.batch_size=4", "data.synthetic_size=24", "ev
         "method.max_new_tokens=12", "train.eval_every=2"]
 
 
-@pytest.mark.parametrize("preset", ["seqkd", "imitkd", "student_fkl", "gkd", "distillm", "switch"])
+@pytest.mark.parametrize("preset", ["seqkd", "imitkd", "imitkd_argmax", "student_fkl", "gkd", "distillm", "switch"])
 def test_tiny_presets_train(preset, tmp_path):
     cfg = load_config(ROOT / f"configs/tiny/{preset}.yaml", FAST + [f"output.dir={tmp_path}"])
     final = train(cfg)
@@ -216,7 +216,8 @@ def test_imitkd_anneals_from_dataset_to_student_greedy():
     from switchkd.sources import ImitkdSource
 
     cfg, student, teacher, tok, vocab, examples = _setup(["method.name=imitkd", "method.source=imitkd",
-                                                          "method.divergence=fkl", "method.max_new_tokens=8"])
+                                                          "method.divergence=fkl", "method.max_new_tokens=8",
+                                                          "method.imitkd.schedule=linear"])
     src = ImitkdSource(cfg, student, teacher, tok, vocab)
     src.total_steps = 11
     assert [src.beta(s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
@@ -236,6 +237,56 @@ def test_imitkd_anneals_from_dataset_to_student_greedy():
         src(batch, 5)  # beta 0.5: about half the rows are the student's
     share = src.stats()["imitkd/student_rows"] / (20 * 8)
     assert 0.35 < share < 0.65
+
+
+@pytest.mark.parametrize("base,share", [(200.0, 0.81), (10.0, 0.61)])
+def test_imitkd_exponential_schedule_is_the_official_one(base, share):
+    """asappresearch/imitkd anneals beta_t = base^(-t/N); over a run the student writes 1 - (1 - 1/base)/ln(base)
+    of the rows (81% with the translation configs' 200, 61% with the summarisation configs' 10)."""
+    import math
+
+    from switchkd.sources import ImitkdSource
+
+    cfg = load_config(None, ["method.source=imitkd", "method.divergence=fkl", "teacher.name=tiny:gpt2",
+                             f"method.imitkd.base={base}"])
+    assert cfg.method.imitkd.schedule == "exponential"
+    src = ImitkdSource.__new__(ImitkdSource)
+    src.cfg, src.total_steps = cfg, 1000
+    betas = [src.beta(t) for t in range(1000)]
+    assert betas[0] == 1.0 and all(b == pytest.approx(base ** (-t / 1000)) for t, b in enumerate(betas))
+    assert 1 - sum(betas) / 1000 == pytest.approx(share, abs=0.005)
+    assert 1 - sum(betas) / 1000 == pytest.approx(1 - (1 - 1 / base) / math.log(base), abs=1e-3)
+
+
+def test_imitkd_argmax_targets_are_the_teachers_tokens_on_student_rows():
+    """The paper's ImitKD: CE on the teacher's argmax over student prefixes, gold tokens on dataset rows."""
+    from switchkd.config import ConfigError
+    from switchkd.sources import ImitkdSource
+
+    cfg, student, teacher, tok, vocab, examples = _setup(["method.name=imitkd", "method.source=imitkd",
+                                                          "method.divergence=ce", "method.kd_ratio=0",
+                                                          "method.imitkd.targets=argmax", "method.max_new_tokens=8"])
+    src = ImitkdSource(cfg, student, teacher, tok, vocab, seed=1)
+    src.total_steps = 2
+    items, _ = tokenize(examples[:8], tok, 400, 600)
+    batch = collate(items, tok.pad_token_id)
+    draws = iter([1.0, 0.0] * 4)  # a row is the student's when its draw >= beta: even rows student, odd dataset
+    src.rng.random = lambda: next(draws)
+    out = src(batch, 1)
+    with torch.no_grad():
+        pred = teacher(out["input_ids"], attention_mask=out["attention_mask"]).logits[:, :, :vocab].argmax(-1)
+    changed = 0
+    for i in range(8):
+        m = out["labels"][i, 1:] != -100
+        if i % 2 == 0:  # a student row: the teacher's argmax after each student prefix
+            assert torch.equal(out["labels"][i, 1:][m], pred[i, :-1][m])
+            changed += int((out["input_ids"][i, 1:][m] != pred[i, :-1][m]).sum())
+        else:  # a dataset row: its gold tokens
+            assert out["labels"][i, 1:][m].tolist() == items[i].response
+    assert changed > 0
+    with pytest.raises(ConfigError, match="method.divergence=ce"):
+        load_config(None, ["method.source=imitkd", "method.imitkd.targets=argmax", "method.divergence=fkl",
+                           "teacher.name=tiny:gpt2"])
 
 
 def test_gkd_seq_kd_uses_teacher_samples_off_policy():
