@@ -151,7 +151,6 @@ def train_run(preset: str, overrides: List[str], out: Path) -> Path:
 def method_overrides(method: str, s: Setting, tau0: float) -> List[str]:
     """Per-method budget overrides (the presets' own method settings are kept)."""
     extra = {"switch": [f"method.switch.tau0={tau0}"],
-             "distillm": [f"train.eval_every={max(1, s.steps // 4)}"],  # its student-data probability moves with dev CE
              "minillm": [f"method.minillm.ppo_epochs={s.minillm_ppo_epochs}", f"train.batch_size={s.batch}",
                          "train.warmup_steps=0", "train.scheduler=constant"]}
     return extra.get(method, [])

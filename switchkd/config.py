@@ -102,6 +102,8 @@ class DistillmConfig:
     max_student_prob: float = 1.0
     student_prob_step: float = 0.1
     loss_eps: float = 0.1  # --loss-eps: p rises when the dev CE is >= reference + loss_eps
+    validate: str = "epoch"  # epoch: dev CE after each epoch (official) | eval_every: at each train.eval_every
+    dev_limit: int = 1000  # --dev-num: dev examples whose CE drives p (the mean of per-batch means, as official)
 
 
 @dataclass
@@ -227,6 +229,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "method.source": ("dataset", "teacher", "student", "imitkd", "mixture", "distillm", "switch", "minillm"),
     "method.minillm.length_norm": ("count", "discounted", "none"),
     "method.imitkd.schedule": ("exponential", "linear"),
+    "method.distillm.validate": ("epoch", "eval_every"),
     "method.imitkd.targets": ("full", "argmax"),
     "method.switch.schedule": ("exp", "linear", "const"),
     "method.switch.gate": ("jsd", "fkl", "rkl", "tvd"),
@@ -384,7 +387,8 @@ def validate(cfg: Config) -> None:
     check(cfg, ConfigError)  # every numeric field's range, parameters, fields, placeholders, tiny shapes
     if m.source == "distillm" and not cfg.data.dev:
         raise ConfigError("config error: method.source=distillm needs data.dev: its student-data probability rises "
-                          "only when the dev loss does (set data.dev, and train.eval_every)")
+                          "only when the dev loss does (set data.dev; it is measured after each epoch, or at each "
+                          "train.eval_every with method.distillm.validate=eval_every)")
     if m.source == "minillm" and (m.instruction_weight > 0 or m.priming != "none"):
         raise ConfigError("config error: method.source=minillm works with method.instruction_weight=0 and "
                           "method.priming=none (its rewards need the teacher on the student's own prompt)")

@@ -75,6 +75,9 @@ class DatasetSource:
         return {}
 
     dev_metric = "objective"  # what on_validation receives: the training objective on dev, or "ce"
+    validation = "eval_every"  # when on_validation is called: at train.eval_every steps, or after each "epoch"
+    dev_limit: Optional[int] = None  # on_validation's own dev set (the first N of data.dev; None: eval.limit's)
+    dev_batch_mean = False  # on_validation's loss: the mean of per-batch means (True) or of all tokens
     total_steps = 1  # optimizer steps of the run (set by the trainer; schedules read it)
     sharded = False  # set by the trainer under FSDP / ZeRO-3: rollouts are collective
 
@@ -242,13 +245,19 @@ class DistillmSource(DatasetSource):
     from the buffer when ``u < p``; else it is the dataset batch.  The reference dev loss is the
     student's cross-entropy on the dev references, measured once before training; at each evaluation
     whose dev CE is at least ``loss_eps`` above the reference, ``p`` rises by ``student_prob_step`` (at
-    most ``max_student_prob``, officially 1.0) and the reference becomes that dev CE.
+    most ``max_student_prob``, officially 1.0) and the reference becomes that dev CE.  Evaluations
+    happen after each epoch on the first ``dev_limit`` (``--dev-num``, 1000) dev examples, the loss being
+    the mean of per-batch mean CEs, as the official ``evaluate``; ``validate=eval_every`` evaluates at
+    every ``train.eval_every`` steps on ``eval.limit`` examples instead (token mean).
     """
 
     dev_metric = "ce"  # what on_validation receives: the student's CE on the dev references
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
+        m = self.cfg.method.distillm
+        if m.validate == "epoch":  # official finetune.py: evaluate() after each epoch over --dev-num examples,
+            self.validation, self.dev_limit, self.dev_batch_mean = "epoch", m.dev_limit, True  # per-batch means
         self.p = self.cfg.method.distillm.init_student_prob
         self.buffer: deque = deque(maxlen=self.cfg.method.distillm.replay_size)
         self.reference: Optional[float] = None

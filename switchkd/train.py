@@ -176,6 +176,11 @@ class Trainer:
         self.source = make_source(cfg, self.student, self.teacher, self.tok, self.vocab, self.acc.unwrap_model,
                                   seed=cfg.train.seed * 1000 + self.acc.process_index)
         self.source.total_steps, self.source.sharded = self.total, self.sharded
+        self.source_dev = self.dev_items
+        if self.source.dev_limit and cfg.data.dev:  # the source's own validation set
+            self.source_dev = tokenize(load_examples(cfg.data.dev, cfg.data, self.tok, self.source.dev_limit), self.tok,
+                                       cfg.data.max_prompt_length, cfg.data.max_length, cfg.method.priming)[0]
+        self.epoch_len = 0  # micro-batches per epoch on this process (known once the first epoch starts)
         self.lm = LMStream(cfg.method.lm_data, self.tok, cfg.data.max_length, cfg.train.seed, self.acc.process_index,
                            self.acc.num_processes) if cfg.method.lm_data else None
         self.state = TrainState()
@@ -199,6 +204,7 @@ class Trainer:
             dl = DataLoader(order, batch_size=self.cfg.train.batch_size, shuffle=False, generator=torch.Generator(),
                             collate_fn=lambda xs: collate(xs, self.tok.pad_token_id))  # no global-RNG draw
             dl = self.acc.prepare_data_loader(dl)
+            self.epoch_len = len(dl)
             if self.state.batch_in_epoch:
                 dl = self.acc.skip_first_batches(dl, self.state.batch_in_epoch)
             for batch in dl:
@@ -213,11 +219,12 @@ class Trainer:
         if cfg.train.resume:
             self._resume()
         if self.source.dev_metric == "ce" and self.dev is not None and getattr(self.source, "reference", 0) is None:
-            self.source.on_validation(self._dev_loss(ce=True))  # DistiLLM's evaluation before training
+            self.source.on_validation(self._source_dev_loss())  # DistiLLM's evaluation before training
         batches = self._micro_batches()
         bar = tqdm(total=self.total, initial=self.state.step, desc="train", disable=not self.acc.is_main_process)
         while self.state.step < self.total:
             t0 = time.perf_counter()
+            before = (self.state.epoch, self.state.batch_in_epoch)
             group = [self._with_cache(b) for b in self.source.step_batches(batches, self.state.step, cfg.train.grad_accum)]
             self.student.train(self.source.dropout)
             lm = [self.lm.next(cfg.train.batch_size, self.acc.device) for _ in group] if self.lm else None
@@ -242,13 +249,17 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             last = self.state.step == self.total
+            if self.source.validation == "epoch" and self.dev is not None and self._epoch_ended(before):
+                rec["dev_ce_epoch"] = self._source_dev_loss()
+                self.source.on_validation(rec["dev_ce_epoch"])
             if self.dev is not None and ((cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0) or last):
                 rec["dev_loss"] = self._dev_loss()
                 if self.source.dev_metric == "ce":
                     rec["dev_ce"] = self._dev_loss(ce=True)
-                self.source.on_validation(rec["dev_ce"] if self.source.dev_metric == "ce" else rec["dev_loss"])
+                if self.source.validation == "eval_every":
+                    self.source.on_validation(rec["dev_ce"] if self.source.dev_metric == "ce" else rec["dev_loss"])
                 rec["dev_rougeL"] = self._evaluate_dev()
-            if self.state.step % max(cfg.train.log_every, 1) == 0 or last or "dev_rougeL" in rec:
+            if self.state.step % max(cfg.train.log_every, 1) == 0 or last or "dev_rougeL" in rec or "dev_ce_epoch" in rec:
                 self._log(rec | self.source.stats())
             if cfg.train.save_every and self.state.step % cfg.train.save_every == 0 and not last:
                 self._checkpoint()
@@ -262,24 +273,41 @@ class Trainer:
             batch["teacher_selected"] = self.cache.targets(batch["index"].tolist(), lengths).to(self.acc.device)
         return batch
 
+    def _epoch_ended(self, before: tuple) -> bool:
+        """Whether the micro-batches of the step just taken finished an epoch (``before``: the state's
+        ``(epoch, batch_in_epoch)`` before the step; an epoch's last batch consumed counts as its end)."""
+        if not self.epoch_len:
+            return False
+        done = lambda e, k: e * self.epoch_len + k  # noqa: E731  (micro-batches consumed)
+        now = done(self.state.epoch, self.state.batch_in_epoch)
+        return now // self.epoch_len > done(*before) // self.epoch_len
+
+    def _source_dev_loss(self) -> float:
+        """What the source's ``on_validation`` receives: its dev metric on its dev set, reduced its way."""
+        return self._dev_loss(ce=self.source.dev_metric == "ce", items=self.source_dev,
+                              batch_mean=self.source.dev_batch_mean)
+
     @torch.no_grad()
-    def _dev_loss(self, ce: bool = False) -> float:
+    def _dev_loss(self, ce: bool = False, items: Optional[List[Tokenized]] = None, batch_mean: bool = False) -> float:
         """The training objective (or, with ``ce``, the student's cross-entropy) on the dev set's reference
-        responses (every process computes it)."""
-        total, n = 0.0, 0
+        responses (``items``, default the dev set), as a token mean or (``batch_mean``) the mean of the
+        per-batch token means (every process computes it)."""
+        items = self.dev_items if items is None else items
+        total, n, means = 0.0, 0, []
         model = self.acc.unwrap_model(self.student).eval()
         method = self.cfg.method
         if ce or (self.teacher is None and kd_weight(method) > 0):  # a cached teacher covers train only: dev CE
             method = replace(method, kd_ratio=0.0)
         needs_teacher = kd_weight(method) > 0
-        for i in range(0, len(self.dev_items), self.cfg.train.batch_size):
-            b = collate(self.dev_items[i:i + self.cfg.train.batch_size], self.tok.pad_token_id)
+        for i in range(0, len(items), self.cfg.train.batch_size):
+            b = collate(items[i:i + self.cfg.train.batch_size], self.tok.pad_token_id)
             b = {k: v.to(self.acc.device) for k, v in b.items()}
             t = teacher_targets(self.teacher, b, self.vocab) if needs_teacher else None
             s, target = response_logits(model, b["input_ids"], b["attention_mask"], b["labels"], self.vocab)
-            total += float(token_loss(s, t, target, method).sum())
-            n += int(target.numel())
-        return total / max(n, 1)
+            loss = float(token_loss(s, t, target, method).sum())
+            total, n = total + loss, n + int(target.numel())
+            means.append(loss / max(int(target.numel()), 1))
+        return sum(means) / max(len(means), 1) if batch_mean else total / max(n, 1)
 
     def _evaluate_dev(self) -> float:
         """Greedy dev ROUGE-L (main process; every process when the student is sharded, since its

@@ -307,3 +307,36 @@ def test_gkd_seq_kd_uses_teacher_samples_off_policy():
     P = batch["prompt_ids"].shape[1]
     for i in range(4):
         assert out["labels"][i][out["labels"][i] != -100].tolist() == ref.sequences[i, P:][ref.response_mask[i]].tolist()
+
+
+def test_distillm_validates_after_each_epoch_on_the_mean_of_batch_means(tmp_path):
+    """Official finetune.py: evaluate() after every epoch on --dev-num dev examples, the loss being the
+    mean over dev batches of each batch's mean token CE; p then follows on_validation's rule."""
+    from switchkd.train import Trainer
+
+    cfg = load_config(ROOT / "configs/tiny/distillm.yaml", [
+        f"output.dir={tmp_path}", "data.synthetic_size=16", "train.batch_size=4", "train.max_steps=9",
+        "train.eval_every=0", "eval.limit=2", "eval.max_new_tokens=4", "method.max_new_tokens=8",
+        "method.distillm.dev_limit=10"])
+    assert cfg.method.distillm.validate == "epoch"
+    tr = Trainer(cfg)
+    assert len(tr.source_dev) == 10 and len(tr.dev_items) == 2
+    calls = []
+    on_validation = tr.source.on_validation
+    tr.source.on_validation = lambda loss: (calls.append((tr.state.step, loss)), on_validation(loss))
+    tr.fit()
+    assert [step for step, _ in calls] == [0, 4, 8]  # before training, then at the end of epochs 1 and 2
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "dev_ce_epoch" in r] == [4, 8]
+    # the reduction: recompute on the final student, batch by batch
+    model = tr.acc.unwrap_model(tr.student).eval()
+    means = []
+    with torch.no_grad():
+        for i in range(0, 10, 4):
+            b = collate(tr.source_dev[i:i + 4], tr.tok.pad_token_id)
+            logits, target = shifted(model(b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"],
+                                     tr.vocab)
+            means.append(float(torch.nn.functional.cross_entropy(logits.float(), target)))
+    got = tr._dev_loss(ce=True, items=tr.source_dev, batch_mean=True)
+    assert got == pytest.approx(sum(means) / len(means), rel=1e-5)
+    assert got != pytest.approx(tr._dev_loss(ce=True, items=tr.source_dev), rel=1e-6)  # not the token mean
