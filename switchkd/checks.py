@@ -43,10 +43,10 @@ PROB = in_range(0.0, 1.0)
 RULES: Dict[str, Rule] = {
     "train.lr": gt(0), "train.batch_size": COUNT, "train.grad_accum": COUNT, "train.epochs": COUNT,
     "train.max_steps": optional(COUNT), "train.warmup_steps": COUNT0, "train.weight_decay": COUNT0,
-    "train.clip": COUNT0, "train.seed": COUNT0, "train.loss_chunk": COUNT0, "train.eval_every": COUNT0,
+    "train.clip": COUNT0, "train.seed": in_range(0, 2**32 - 1), "train.loss_chunk": COUNT0, "train.eval_every": COUNT0,
     "train.save_every": COUNT0, "train.log_every": COUNT,
     "data.max_prompt_length": COUNT, "data.max_length": ge(2), "data.limit": optional(COUNT),
-    "data.synthetic_size": COUNT, "data.seed": COUNT0,
+    "data.synthetic_size": COUNT, "data.seed": in_range(0, 2**32 - 1),
     "method.temperature": gt(0), "method.kd_ratio": PROB, "method.mixture.student_ratio": PROB,
     "method.switch.ratio": PROB, "method.max_new_tokens": COUNT, "method.gen_temperature": gt(0),
     "method.top_k": COUNT0, "method.top_p": in_range(0.0, 1.0, lo_open=True),

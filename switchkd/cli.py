@@ -36,6 +36,9 @@ def _calibrate(args: argparse.Namespace) -> None:
     from switchkd.calibrate import ln2_note
 
     cfg = load_config(preset_path(args.config), args.overrides)
+    if cfg.method.source != "switch":
+        raise ConfigError(f"{args.config}: method.source is {cfg.method.source!r}; switchkd calibrate finds SWITCH's "
+                          "tau0 and needs a SWITCH config (method.source=switch), e.g. smollm2/switch")
     tau0, share = calibrate_config(cfg, args.target, args.limit, args.batch_size,
                                    log=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"method.switch.tau0={tau0:.6g}  (measured teacher share {share:.3f}, target {args.target})")
@@ -73,6 +76,8 @@ def _eval(args: argparse.Namespace) -> None:
                       max_prompt_length=args.max_prompt_length, max_length=args.max_length,
                       max_new_tokens=args.max_new_tokens, metric=args.metric)
     if args.seeds:
+        if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+            raise ConfigError(f"--seeds {' '.join(map(str, args.seeds))}: expected distinct integers >= 0")
         ecfg.seeds = args.seeds
     mcfg = ModelConfig(name=args.model, dtype=args.dtype)
     tok = load_tokenizer(mcfg)
@@ -289,9 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
+    """Parse ``argv``; ``dotted.key=value`` overrides are accepted anywhere after the config (also after
+    a flag, e.g. ``calibrate CONFIG --target 0.53 train.seed=2``), anything else unknown is an error."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = parse(build_parser(), argv)
     except SystemExit as exc:  # --help / --version (0) or a usage error (2, already reported in one line)
         return int(exc.code or 0)
     try:

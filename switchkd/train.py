@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import load as safe_load
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -169,8 +170,7 @@ class Trainer:
             distributed.configure_deepspeed(self.acc, cfg)
         # the scheduler is stepped once per optimizer step (a prepared one would step once per process)
         self.student, self.opt = self.acc.prepare(self.student, opt)
-        self.sched = sched
-        self.acc.register_for_checkpointing(self.sched)
+        self.sched = sched  # checkpointed as JSON by _checkpoint (accelerate would pickle it)
         self.teacher_engine = distributed.prepare_teacher(self.teacher, self.acc)  # sharded like the student
         self.teacher = distributed.unwrap(self.teacher_engine)
         self.source = make_source(cfg, self.student, self.teacher, self.tok, self.vocab, self.acc.unwrap_model,
@@ -366,6 +366,7 @@ class Trainer:
         if self.acc.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(self.state) | {"shape": self._shape(), "lm": (
                 self.lm.state_dict() if self.lm else None)}))
+            (tmp / "scheduler.json").write_text(json.dumps(self.sched.state_dict()))
             torch.save(self.source.state_dict(), tmp / "source_state.pt")
             final = tmp.with_suffix("")
             shutil.rmtree(final, ignore_errors=True)
@@ -388,22 +389,26 @@ class Trainer:
             try:
                 state = json.loads((ckpt / "trainer_state.json").read_text())
                 shape, lm_state = state.pop("shape", None), state.pop("lm", None)
-                source_state = torch.load(ckpt / "source_state.pt", weights_only=False)
+                # nothing in a checkpoint is unpickled beyond tensors, containers and numbers (no code runs)
+                source_state = torch.load(ckpt / "source_state.pt", weights_only=True)
+                sched_state = json.loads((ckpt / "scheduler.json").read_text())
                 for rng_file in ckpt.glob("random_states_*.pkl"):  # accelerate would skip a bad one silently
-                    torch.load(rng_file, weights_only=False)
+                    safe_load(rng_file)  # accelerate's own loader: weights_only with numpy's RNG types allowed
                 if not any(ckpt.glob("random_states_*.pkl")):
                     raise FileNotFoundError("no random_states_*.pkl")
                 if shape is not None and shape != self._shape():
                     raise ConfigError(f"train.resume: {ckpt} was written by a run with {shape}; this run has "
                                       f"{self._shape()}")
+                resumed = TrainState(**state)
                 self.acc.load_state(str(ckpt))
+                self.sched.load_state_dict(sched_state)
             except ConfigError:
                 raise
             except Exception as exc:  # truncated or garbage files: fall back to the previous checkpoint
                 print(f"switchkd: warning: skipping unreadable checkpoint {ckpt} ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''})", flush=True)
                 continue
-            self.state = TrainState(**state)
+            self.state = resumed
             self.source.load_state_dict(source_state)
             if self.lm is not None and lm_state is not None:
                 self.lm.load_state_dict(lm_state)

@@ -177,3 +177,27 @@ def test_demo_gap_lines_say_which_differences_exceed_the_noise():
     assert "sft: 34.0 ± 1.5 — closes 60% of the gap" in lines
     assert lines[-1] == ("beyond twice the sampling noise (3.0): sft > gkd (+4.0); sft > init (+24.0); "
                          "kd > init (+21.5); gkd > init (+20.0); 2 other pair(s) within it")
+
+
+def test_overrides_after_flags_and_one_line_refusals(tmp_path, capsys):
+    """Overrides are accepted after a flag; calibrate refuses a non-SWITCH config; eval refuses duplicate or
+    negative seeds; a seed numpy cannot take is a config error; each in one line with exit 2."""
+    from switchkd.cli import main
+
+    assert main(["train", "tiny/kd", "--print-config", "train.lr=0.123", "train.seed=7"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.123" in out and "seed: 7" in out
+    assert main(["train", "tiny/kd", "--print-config", "--bogus"]) == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    cases = [(["calibrate", "tiny/kd", "--target", "0.5", "train.seed=2"], "needs a SWITCH config"),
+             (["eval", "--model", "tiny:gpt2", "--data", "synthetic:test", "--seeds", "10", "10",
+               "--output", str(tmp_path / "e")], "distinct integers >= 0"),
+             (["eval", "--model", "tiny:gpt2", "--data", "synthetic:test", "--seeds", "-1",
+               "--output", str(tmp_path / "e")], "distinct integers >= 0"),
+             (["train", "tiny/kd", f"output.dir={tmp_path / 'r'}", "train.seed=4294967296"], "train.seed"),
+             (["eval", "--model", "tiny:gpt2", "--data", "synthetic:test", "extra.key=1"], "unrecognized arguments")]
+    for argv, msg in cases:
+        rc = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and msg in err and len(err.splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "r").exists()

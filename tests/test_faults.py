@@ -87,3 +87,34 @@ def test_corrupt_checkpoint_is_skipped_and_nan_stops_the_run(tmp_path, capsys):
     err = [x for x in capsys.readouterr().err.strip().splitlines() if "error" in x or "Traceback" in x]
     assert len(err) == 1 and "is not finite" in err[0] and err[0].startswith("switchkd: error: step "), err
     assert not (nan / "final").exists()
+
+
+class _Exploit:
+    """A pickle that would create a marker file when unpickled with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("target", ["source_state.pt", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
+def test_crafted_checkpoint_files_cannot_run_code(tmp_path, capsys, target):
+    """Checkpoints are shared between people and machines: resuming never unpickles arbitrary objects."""
+    import torch
+
+    out = tmp_path / "run"
+    kd = str(ROOT / "configs/tiny/kd.yaml")
+    common = [*SMALL[:-2], "model.name=tiny:gpt2,layers=1,dim=32,heads=2", "teacher.name=tiny:gpt2,layers=2,dim=32,heads=2,seed=1",
+              "train.max_steps=6", f"output.dir={out}"]
+    assert main(["train", kd, *common]) == 0
+    ckpts = sorted((out / "checkpoints").iterdir())
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Exploit(marker)}, ckpts[-1] / target)
+    capsys.readouterr()
+    assert main(["train", kd, *common, "train.resume=true"]) == 0
+    captured = capsys.readouterr().out
+    assert not marker.exists()
+    # refused as unreadable (accelerate also refuses a custom-object file no object is registered for)
+    assert "skipping unreadable checkpoint" in captured and f"resumed from {ckpts[-2]}" in captured
