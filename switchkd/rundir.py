@@ -1,8 +1,11 @@
-"""A run's output directory: refusing to overwrite a finished run, trimming the metrics log on resume."""
+"""A run's output directory: refusing to overwrite a finished run or to share it with a running one,
+checking it is writable before anything loads, trimming the metrics log on resume."""
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,12 +14,83 @@ from switchkd.config import Config, ConfigError
 RUN_FILES = ("metrics.jsonl", "config.yaml", "final", "best", "checkpoints")
 
 
+LOCK = ".switchkd.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_writable(out: Path) -> None:
+    """Prove ``out`` (or its nearest existing parent) can be written, leaving nothing behind."""
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        probe = base / f".switchkd-probe-{os.getpid()}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise ConfigError(f"output.dir={out}: cannot write there ({exc.strerror or exc} in {base})") from None
+
+
+def _holder(out: Path) -> int:
+    """The live process holding ``out``'s lock, else 0."""
+    try:
+        pid = int((out / LOCK).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+    return pid if pid and pid != os.getpid() and _alive(pid) else 0
+
+
+def acquire_lock(out: Path) -> Path:
+    """Hold ``out/.switchkd.lock`` (this process's id) for the life of the process: a second run into the same
+    directory refuses in one line while the first is alive; a lock left by a dead process is taken over."""
+    lock = out / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = _holder(out)
+            if pid:
+                raise ConfigError(f"output.dir={out}: another switchkd run (process {pid}) is writing there; wait "
+                                  "for it or choose another output.dir") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(release_lock, out)
+        return lock
+    raise ConfigError(f"output.dir={out}: cannot take {lock}")
+
+
+def release_lock(out: Path) -> None:
+    """Remove ``out``'s lock if this process holds it."""
+    lock = out / LOCK
+    try:
+        if lock.read_text().strip() == str(os.getpid()):
+            lock.unlink()
+    except OSError:
+        pass
+
+
 def check_output_dir(cfg: Config) -> None:
-    """Refuse an ``output.dir`` that already holds a run unless resuming it or ``output.overwrite``;
-    with ``output.overwrite`` remove only the run's own files (never anything else in the directory)."""
+    """Refuse an ``output.dir`` that is not writable, that another live run holds, or that already holds a
+    run unless resuming it or ``output.overwrite``; with ``output.overwrite`` remove only the run's own
+    files (never anything else in the directory)."""
     out = Path(cfg.output.dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output.dir={out}: exists and is not a directory")
+    check_writable(out)
+    if _holder(out):
+        raise ConfigError(f"output.dir={out}: another switchkd run (process {_holder(out)}) is writing there; "
+                          "wait for it or choose another output.dir")
     found = [name for name in RUN_FILES if (out / name).exists()]
     if not found or cfg.train.resume:
         return

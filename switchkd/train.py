@@ -44,7 +44,7 @@ from switchkd.losses import (
     token_loss,
 )
 from switchkd.models import load_model, load_pair, with_adapter
-from switchkd.rundir import check_output_dir, truncate_metrics
+from switchkd.rundir import acquire_lock, check_output_dir, release_lock, truncate_metrics
 from switchkd.sources import make_source, teacher_targets
 from switchkd.teacher_cache import TeacherCache
 
@@ -189,6 +189,7 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"output.dir={self.out}: cannot create it ({exc.strerror or exc})") from None
+            acquire_lock(self.out)  # a run started into the same directory meanwhile refuses from here on
             (self.out / "config.yaml").write_text(to_yaml(cfg))
             print(to_yaml(cfg), stats.line("train"), sep="\n", flush=True)
             if self.acc.num_processes > 1:
@@ -442,4 +443,7 @@ def _installed(tracker: str) -> bool:
 
 def train(cfg: Config) -> Path:
     """Run training for ``cfg``; returns ``<output.dir>/final``."""
-    return Trainer(cfg).fit()
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        release_lock(Path(cfg.output.dir))

@@ -195,7 +195,8 @@ def test_overrides_after_flags_and_one_line_refusals(tmp_path, capsys):
              (["eval", "--model", "tiny:gpt2", "--data", "synthetic:test", "--seeds", "-1",
                "--output", str(tmp_path / "e")], "distinct integers >= 0"),
              (["train", "tiny/kd", f"output.dir={tmp_path / 'r'}", "train.seed=4294967296"], "train.seed"),
-             (["eval", "--model", "tiny:gpt2", "--data", "synthetic:test", "extra.key=1"], "unrecognized arguments")]
+             (["eval", "--model", "tiny:gpt2", "--data", "synthetic:test", "extra.key=1"], "unrecognized arguments"),
+             (["train", "tiny/kd", "output.dir=/proc/switchkd-run"], "cannot write there")]
     for argv, msg in cases:
         rc = main(argv)
         err = capsys.readouterr().err.strip()

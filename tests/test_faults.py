@@ -118,3 +118,29 @@ def test_crafted_checkpoint_files_cannot_run_code(tmp_path, capsys, target):
     assert not marker.exists()
     # refused as unreadable (accelerate also refuses a custom-object file no object is registered for)
     assert "skipping unreadable checkpoint" in captured and f"resumed from {ckpts[-2]}" in captured
+
+
+def test_two_runs_into_one_output_dir(tmp_path):
+    """The second of two runs started into one output.dir refuses in one line and touches nothing, even with
+    output.overwrite=true; the lock a kill -9 leaves behind does not block the next run."""
+    out = tmp_path / "run"
+    first = subprocess.Popen(_cmd("tiny/kd", out, ["train.max_steps=100000", "train.save_every=0"]),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").is_file() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert (out / ".switchkd.lock").read_text() == str(first.pid)
+        second = subprocess.run(_cmd("tiny/kd", out, ["output.overwrite=true"]), capture_output=True, text=True,
+                                env=ENV)
+        err = [x for x in second.stderr.strip().splitlines() if "error" in x or "Traceback" in x]
+        assert second.returncode == 2 and len(err) == 1 and f"another switchkd run (process {first.pid})" in err[0]
+        assert first.poll() is None and (out / "config.yaml").is_file()  # the first run was left alone
+    finally:
+        first.kill()
+        first.wait()
+    assert (out / ".switchkd.lock").read_text() == str(first.pid)  # left by the killed run
+    ok = subprocess.run(_cmd("tiny/kd", out, ["output.overwrite=true", "train.max_steps=2"]), capture_output=True,
+                        text=True, env=ENV)
+    assert ok.returncode == 0, ok.stderr[-500:]
+    assert _steps(out) == [1, 2] and not (out / ".switchkd.lock").exists()
