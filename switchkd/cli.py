@@ -79,12 +79,26 @@ def _eval(args: argparse.Namespace) -> None:
         if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
             raise ConfigError(f"--seeds {' '.join(map(str, args.seeds))}: expected distinct integers >= 0")
         ecfg.seeds = args.seeds
+    if args.max_length <= args.max_prompt_length:
+        raise ConfigError(f"--max-length {args.max_length}: must be larger than --max-prompt-length "
+                          f"{args.max_prompt_length} (prompt and response share it)")
+    out = Path(args.output) if args.output else Path("runs") / "eval" / (Path(args.model).name or "model")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out}: exists and is not a directory")
+    from switchkd.rundir import check_writable
+
+    try:
+        check_writable(out)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("output.dir=", "--output ")) from None
     mcfg = ModelConfig(name=args.model, dtype=args.dtype)
     tok = load_tokenizer(mcfg)
     model = load_model(mcfg, tok, trainable=False)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and args.max_length > limit:
+        raise ConfigError(f"--max-length {args.max_length}: larger than the model's {limit} positions")
     if torch.cuda.is_available():
         model.cuda()
-    out = Path(args.output or (Path(args.model) / "eval" if Path(args.model).is_dir() else "eval"))
     fields = dict(item.partition("=")[::2] for item in args.field)
     if any(not k or not v for k, v in fields.items()):
         raise ConfigError(f"--field {args.field}: expected CANONICAL=NAME, e.g. instruction=question")
@@ -204,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="generate and score ROUGE-L on a data file or a MiniLLM-style directory")
     e.add_argument("--model", required=True, help="model directory or hub id")
     e.add_argument("--data", required=True, help="JSONL file, a directory with the five MiniLLM sets, or a built-in suite: synthetic:test, arith:test")
-    e.add_argument("--output", help="where scores.json and predictions.jsonl go (default MODEL/eval)")
+    e.add_argument("--output", help="where scores.json and predictions.jsonl go (default runs/eval/<model name>)")
     e.add_argument("--limit", type=positive, help="first N examples of each set")
     e.add_argument("--seeds", type=int, nargs="+", help="sampling seeds (default 10 20 30 40 50)")
     e.add_argument("--greedy", action="store_true", help="greedy decoding, one pass")

@@ -316,7 +316,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+            hint = "" if path.suffix in (".yaml", ".yml") or path.exists() else \
+                "; not a preset either (switchkd presets lists them, e.g. tiny/kd)"
+            raise ConfigError(f"{path}: config file not found{hint}")
         try:
             raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
         except Exception as exc:  # YAML syntax errors carry line numbers

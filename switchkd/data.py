@@ -60,6 +60,8 @@ def read_records(source: str) -> List[Dict[str, Any]]:
     """Rows of a local .jsonl/.json/.parquet file or a hub dataset id (``id`` or ``id:split``)."""
     path = Path(source)
     if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"{source}: is a directory; expected a .jsonl, .json or .parquet file")
         if not path.is_file():
             raise ConfigError(f"{source}: data file not found")
         if path.suffix == ".parquet":
@@ -95,6 +97,14 @@ def _read_json(path: Path) -> List[Dict[str, Any]]:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the file as UTF-8") from None
+    if path.suffix == ".json" and text.lstrip().startswith("{") and "\n" in text.strip():
+        try:
+            whole = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            whole = None
+        if isinstance(whole, dict):
+            raise ConfigError(f"{path}: holds one JSON object; expected a list of examples ([{{...}}, ...]) or JSONL "
+                              "(one object per line)")
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -129,7 +139,9 @@ def detect_format(row: Dict[str, Any], where: str) -> str:
         if all(k in row for k in required):
             return name
     accepted = "; ".join(f"{n}: {', '.join(r)}" for n, r in FORMATS.items())
-    raise ConfigError(f"{where}: record has fields {sorted(row)}; none of the accepted formats match ({accepted})")
+    raise ConfigError(f"{where}: record has fields {sorted(row)}; none of the accepted formats match ({accepted}); "
+                      "map your field names with data.fields (e.g. data.fields.instruction=question) or eval's "
+                      "--field instruction=question")
 
 
 def render_prompt(template: str, instruction: str, inp: str) -> str:

@@ -184,6 +184,10 @@ def test_overrides_after_flags_and_one_line_refusals(tmp_path, capsys):
     negative seeds; a seed numpy cannot take is a config error; each in one line with exit 2."""
     from switchkd.cli import main
 
+    file = tmp_path / "scores.txt"
+    file.write_text("keep")
+    dict_json = tmp_path / "d.json"
+    dict_json.write_text('{\n  "instruction": "Say hi.",\n  "output": "hi"\n}\n')
     assert main(["train", "tiny/kd", "--print-config", "train.lr=0.123", "train.seed=7"]) == 0
     out = capsys.readouterr().out
     assert "lr: 0.123" in out and "seed: 7" in out
@@ -196,9 +200,18 @@ def test_overrides_after_flags_and_one_line_refusals(tmp_path, capsys):
                "--output", str(tmp_path / "e")], "distinct integers >= 0"),
              (["train", "tiny/kd", f"output.dir={tmp_path / 'r'}", "train.seed=4294967296"], "train.seed"),
              (["eval", "--model", "tiny:gpt2", "--data", "synthetic:test", "extra.key=1"], "unrecognized arguments"),
-             (["train", "tiny/kd", "output.dir=/proc/switchkd-run"], "cannot write there")]
+             (["train", "tiny/kd", "output.dir=/proc/switchkd-run"], "cannot write there"),
+             (["eval", "--model", "tiny:gpt2", "--data", "synthetic:test", "--max-length", "5",
+               "--output", str(tmp_path / "e")], "must be larger than --max-prompt-length"),
+             (["eval", "--model", "tiny:gpt2", "--data", "synthetic:test", "--max-length", "100000",
+               "--max-prompt-length", "64", "--output", str(tmp_path / "e")], "larger than the model's 1024 positions"),
+             (["eval", "--model", "tiny:gpt2", "--data", "synthetic:test", "--output", str(file)], "is not a directory"),
+             (["eval", "--model", "tiny:gpt2", "--data", str(dict_json), "--output", str(tmp_path / "e")],
+              "holds one JSON object"),
+             (["train", "tiny/kd", f"data.train={tmp_path}", f"output.dir={tmp_path / 'r'}"], "is a directory"),
+             (["train", "tiny/kdd"], "switchkd presets lists them")]
     for argv, msg in cases:
         rc = main(argv)
         err = capsys.readouterr().err.strip()
         assert rc == 2 and msg in err and len(err.splitlines()) == 1, (argv, err)
-    assert not (tmp_path / "e").exists() and not (tmp_path / "r").exists()
+    assert not (tmp_path / "e").exists() and not (tmp_path / "r").exists() and file.read_text() == "keep"
