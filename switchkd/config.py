@@ -423,6 +423,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config error: teacher.lora: the teacher is frozen; load a LoRA-tuned teacher with teacher.adapter")
     if cfg.output.merge and not lora.r:
         raise ConfigError("config error: output.merge=true needs a LoRA student (model.lora.r > 0)")
+    if lora.target_modules is not None and not lora.r:
+        raise ConfigError("config error: model.lora.target_modules is set but model.lora.r is 0 (LoRA off: the whole "
+                          "model would train); set model.lora.r, e.g. 16")
+    if lora.target_modules is not None and not lora.target_modules:
+        raise ConfigError("config error: model.lora.target_modules=[] adapts nothing; name modules (e.g. [q_proj, "
+                          "v_proj]) or leave it unset for every linear layer")
+    if lora.r > 4096:
+        raise ConfigError(f"config error: model.lora.r={lora.r}: expected a rank much smaller than the model's width "
+                          "(typically 8-64)")
+    if m.lm_weight != 1.0 and not m.lm_data:
+        raise ConfigError(f"config error: method.lm_weight={m.lm_weight} has no effect without method.lm_data "
+                          "(the pre-training text it weights)")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError("config error: data.max_prompt_length must be smaller than data.max_length")
 

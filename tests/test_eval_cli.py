@@ -209,7 +209,11 @@ def test_overrides_after_flags_and_one_line_refusals(tmp_path, capsys):
              (["eval", "--model", "tiny:gpt2", "--data", str(dict_json), "--output", str(tmp_path / "e")],
               "holds one JSON object"),
              (["train", "tiny/kd", f"data.train={tmp_path}", f"output.dir={tmp_path / 'r'}"], "is a directory"),
-             (["train", "tiny/kdd"], "switchkd presets lists them")]
+             (["train", "tiny/kdd"], "switchkd presets lists them"),
+             (["train", "tiny/kd", "model.lora.target_modules=[q_proj]"], "model.lora.r is 0"),
+             (["train", "tiny/kd", "model.lora.r=8", "model.lora.target_modules=[]"], "adapts nothing"),
+             (["train", "tiny/kd", "model.lora.r=100000"], "much smaller"),
+             (["train", "tiny/kd", "method.lm_weight=0.5"], "without method.lm_data")]
     for argv, msg in cases:
         rc = main(argv)
         err = capsys.readouterr().err.strip()
