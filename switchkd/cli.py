@@ -308,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA or host allocation failure (torch raises OutOfMemoryError, or RuntimeError on the CPU)."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
+        "out of memory" in text or "can't allocate memory" in text
+
+
 def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
     """Parse ``argv``; ``dotted.key=value`` overrides are accepted anywhere after the config (also after
     a flag, e.g. ``calibrate CONFIG --target 0.53 train.seed=2``), anything else unknown is an error."""
@@ -320,7 +327,17 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argpars
     return args
 
 
+def quiet_third_parties() -> None:
+    """DeepSpeed announces "Setting accelerator to CPU" on every import on a machine without a GPU: name
+    the accelerator up front there (a user's own DS_ACCELERATOR is kept)."""
+    import os
+
+    if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    quiet_third_parties()
     try:
         args = parse(build_parser(), argv)
     except SystemExit as exc:  # --help / --version (0) or a usage error (2, already reported in one line)
@@ -330,14 +347,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"switchkd: error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        if type(exc).__name__ != "TrainingError":
-            raise
-        print(f"switchkd: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("switchkd: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        if type(exc).__name__ == "TrainingError":
+            print(f"switchkd: error: {exc}", file=sys.stderr)
+            return 1
+        if not is_out_of_memory(exc):
+            raise
+        print(f"switchkd: error: out of memory ({str(exc).splitlines()[0][:120]}); lower train.batch_size (keep the "
+              "effective batch with train.grad_accum), set train.loss_chunk=128 and train.gradient_checkpointing=true, "
+              "or eval/generate --batch-size", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -190,6 +190,18 @@ def compiled_forward(model: Any) -> Callable:
     return fn
 
 
+def cache_arg(model: Any) -> str:
+    """The forward's KV-cache keyword: ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class Stepper:
     """One model's KV cache, attention mask (with holes), per-row next positions and latest logits.
 
@@ -212,8 +224,9 @@ class Stepper:
             self.cache, self.mask = DynamicCache(config=model.config), attention_mask.clone()
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # no [B, P, V] prefill logits
-        out = model(input_ids=input_ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-                    use_cache=True, **keep)
+        self.cache_kw = cache_arg(model)
+        out = model(input_ids=input_ids, attention_mask=self.mask, position_ids=pos, use_cache=True,
+                    **{self.cache_kw: self.cache}, **keep)
         self.next_pos = pos[:, -1] + 1  # [B] position of the next fed token
         self.logits = out.logits[:, -1, :vocab].float()  # [B, V]
 
@@ -229,7 +242,7 @@ class Stepper:
             self.mask = mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], n)], dim=1)
         pos = self.next_pos[:, None] + torch.arange(n, device=tokens.device)
         fn = self.step if n == 1 else self.model
-        out = fn(input_ids=tokens, attention_mask=mask, position_ids=pos, past_key_values=self.cache, use_cache=True)
+        out = fn(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True, **{self.cache_kw: self.cache})
         self.length, self.next_pos, self.forwards = self.length + n, self.next_pos + n, self.forwards + 1
         logits = out.logits[..., : self.vocab].float()
         if fn is not self.model:

@@ -92,6 +92,11 @@ def check_output_dir(cfg: Config) -> None:
         raise ConfigError(f"output.dir={out}: another switchkd run (process {_holder(out)}) is writing there; "
                           "wait for it or choose another output.dir")
     found = [name for name in RUN_FILES if (out / name).exists()]
+    if found == ["config.yaml"]:  # a run that stopped before its first step (e.g. out of memory): nothing to keep
+        found = [] if cfg.train.resume else found
+        if not cfg.train.resume:
+            (out / "config.yaml").unlink()
+            return
     if not found or cfg.train.resume:
         return
     if not cfg.output.overwrite:

@@ -219,3 +219,22 @@ def test_overrides_after_flags_and_one_line_refusals(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert rc == 2 and msg in err and len(err.splitlines()) == 1, (argv, err)
     assert not (tmp_path / "e").exists() and not (tmp_path / "r").exists() and file.read_text() == "keep"
+
+
+def test_out_of_memory_is_one_line_with_remedies_and_the_rerun_is_not_blocked(tmp_path, capsys, monkeypatch):
+    from switchkd import train as train_mod
+    from switchkd.cli import main
+
+    def boom(self, *a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99999999999 bytes")
+
+    monkeypatch.setattr(train_mod.Trainer, "fit", boom)
+    out = tmp_path / "run"
+    args = ["train", "tiny/kd", f"output.dir={out}", "data.synthetic_size=16", "train.max_steps=1"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("switchkd: error: out of memory") and "train.grad_accum" in err[0]
+    assert (out / "config.yaml").is_file() and not (out / "metrics.jsonl").exists()
+    monkeypatch.undo()
+    assert main(args) == 0  # the config.yaml of a run that never stepped does not block the rerun
+    assert (out / "final").is_dir()
