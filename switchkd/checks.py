@@ -56,7 +56,7 @@ RULES: Dict[str, Rule] = {
     "method.distillm.init_student_prob": PROB, "method.distillm.max_student_prob": PROB, "method.distillm.student_prob_step": COUNT0,
     "method.distillm.loss_eps": COUNT0, "method.minillm.teacher_mix": PROB, "method.minillm.gamma": PROB,
     "method.minillm.reward_scale": gt(0), "method.minillm.reward_clip": gt(0), "method.minillm.clip": PROB,
-    "method.minillm.ppo_epochs": COUNT, "method.imitkd.base": gt(1), "method.distillm.dev_limit": COUNT, "method.lm_weight": COUNT0, "method.instruction_weight": COUNT0, "method.switch.draft_k": COUNT, "method.switch.max_draft_k": COUNT,
+    "method.minillm.ppo_epochs": COUNT, "method.imitkd.base": gt(1), "method.skd.top_k": COUNT, "method.distillm.dev_limit": COUNT, "method.lm_weight": COUNT0, "method.instruction_weight": COUNT0, "method.switch.draft_k": COUNT, "method.switch.max_draft_k": COUNT,
     "eval.temperature": gt(0), "eval.top_p": in_range(0.0, 1.0, lo_open=True), "eval.top_k": COUNT0,
     "eval.max_length": ge(2), "eval.max_prompt_length": COUNT, "eval.max_new_tokens": optional(COUNT),
     "eval.batch_size": COUNT, "eval.limit": optional(COUNT),

@@ -83,6 +83,13 @@ class MixtureConfig:
 
 
 @dataclass
+class SkdConfig:
+    """SKD (``source: skd``; Xu et al., ICLR 2025)."""
+
+    top_k: int = 25  # the teacher replaces a student token outside its top K (the paper's K)
+
+
+@dataclass
 class ImitkdConfig:
     """ImitKD (``source: imitkd``; Lin et al. 2020, asappresearch/imitkd's configs)."""
 
@@ -125,7 +132,7 @@ class MethodConfig:
     """Which sequences we train on x which per-token loss; per-source settings in their own sections."""
 
     name: str = "sft"  # a label only (logs, reports): behaviour comes from source, divergence and their parameters
-    source: str = "dataset"  # dataset | teacher | student | imitkd | mixture | distillm | switch | minillm
+    source: str = "dataset"  # dataset | teacher | student | imitkd | mixture | distillm | switch | minillm | skd
     divergence: str = "ce"  # a divergence from the registry; "ce" = cross-entropy on the sequences alone
     params: Dict[str, float] = field(default_factory=dict)  # divergence parameters
     temperature: float = 1.0
@@ -140,6 +147,7 @@ class MethodConfig:
     switch: SwitchConfig = field(default_factory=SwitchConfig)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     imitkd: ImitkdConfig = field(default_factory=ImitkdConfig)
+    skd: SkdConfig = field(default_factory=SkdConfig)
     distillm: DistillmConfig = field(default_factory=DistillmConfig)
     minillm: MinillmConfig = field(default_factory=MinillmConfig)
     instruction_weight: float = 0.0  # BiLD's instruction loss: + weight x forward KL (T = 1) on the prompt tokens
@@ -226,7 +234,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "teacher.dtype": ("float32", "bfloat16", "float16"),
     "data.format": ("auto", "minillm", "dolly", "messages"),
-    "method.source": ("dataset", "teacher", "student", "imitkd", "mixture", "distillm", "switch", "minillm"),
+    "method.source": ("dataset", "teacher", "student", "imitkd", "mixture", "distillm", "switch", "minillm", "skd"),
     "method.minillm.length_norm": ("count", "discounted", "none"),
     "method.imitkd.schedule": ("exponential", "linear"),
     "method.distillm.validate": ("epoch", "eval_every"),
@@ -404,7 +412,7 @@ def validate(cfg: Config) -> None:
     if argmax and m.priming != "none":
         raise ConfigError("config error: method.imitkd.targets=argmax labels the student's own sequences with the "
                           "teacher's argmax; it works with method.priming=none")
-    needs_teacher = (distils or argmax or m.source in ("teacher", "switch", "minillm") or (m.source == "mixture" and m.mixture.seq_kd)) \
+    needs_teacher = (distils or argmax or m.source in ("teacher", "switch", "minillm", "skd") or (m.source == "mixture" and m.mixture.seq_kd)) \
         and not m.teacher_cache
     if needs_teacher and cfg.teacher is None:
         why = f"method.divergence={m.divergence} (kd_ratio {m.kd_ratio})" if distils else f"method.source={m.source}"

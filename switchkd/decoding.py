@@ -37,6 +37,12 @@ GATES: Dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     # speculative decoding's greedy acceptance: 1 where the two argmaxes differ (with tau 0.5, const)
     "argmax": lambda s, t: (s.argmax(-1) != t.argmax(-1)).to(s.dtype),
 }
+#: gates of the student's proposed token ``y [...]``: gate(q_logits, p_logits, y)
+TOKEN_GATES: Dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    # SKD (Xu et al., ICLR 2025): the token's rank under the teacher (0 = its argmax); with tau = K - 0.5
+    # (const) the teacher replaces every proposal outside its top K
+    "rank": lambda s, t, y: (t > t.gather(-1, y[..., None])).sum(-1).to(s.dtype),
+}
 
 
 @dataclass
@@ -117,11 +123,12 @@ def thresholds(t: Tensor, cfg: RolloutConfig) -> Tensor:
 
 
 def switch_gate(q_logits: Tensor, p_logits: Tensor, t: Union[int, Tensor], cfg: RolloutConfig,
-                gate_fn: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+                gate_fn: Callable[..., Tensor], draft: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The SWITCH rule, the one place it is computed: student logits ``q [..., V]``, teacher
-    ``p [..., V]`` at response positions ``t`` (an int, or a tensor of the batch shape) ->
+    ``p [..., V]`` at response positions ``t`` (an int, or a tensor of the batch shape) and, for a
+    token gate (SKD's ``rank``), the student's proposed tokens ``draft [...]`` ->
     ``(gate d [...], exceed [...])`` where ``exceed`` = the teacher writes the token (d > tau_t)."""
-    d = gate_fn(q_logits, p_logits)
+    d = gate_fn(q_logits, p_logits) if draft is None else gate_fn(q_logits, p_logits, draft)
     tau = threshold(t, cfg) if isinstance(t, int) else thresholds(t, cfg).to(d.dtype)
     return d, d > tau
 
@@ -168,7 +175,7 @@ def setup(ref: Any, cfg: RolloutConfig, device: torch.device) -> tuple[int, Tens
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(ref.config, "pad_token_id", None)
     pad = int(pad if pad is not None else eos_ids[0])
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    return vocab, eos_ids, pad, chooser(cfg, gen), GATES[cfg.gate]
+    return vocab, eos_ids, pad, chooser(cfg, gen), {**GATES, **TOKEN_GATES}[cfg.gate]
 
 
 def head_rows(model: Any) -> int:

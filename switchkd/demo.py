@@ -41,7 +41,7 @@ COMMON = ["data.train=synthetic", "data.dev=synthetic:dev", "data.max_prompt_len
 #: method name -> the ``method`` section of its preset ``configs/tiny/<name>.yaml``, laid over COMMON
 #: (student, teacher, data and budget are the demo's, shared by all methods)
 METHODS: Dict[str, List[str]] = {name: preset_method(f"tiny/{name}")
-                                 for name in ("sft", "kd", "seqkd", "imitkd", "imitkd_argmax", "gkd", "distillm", "bild", "switch",
+                                 for name in ("sft", "kd", "seqkd", "imitkd", "imitkd_argmax", "skd", "gkd", "distillm", "bild", "switch",
                                               "minillm")}
 DEFAULT_METHODS = ("sft", "kd", "gkd", "switch")  # the demo's; --methods picks others
 SHIPPED = Path(__file__).resolve().parent / "demo_models" / "teacher"

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from switchkd.decoding import (  # noqa: F401  (re-exported: the public names of the engine)
     GATES,
+    TOKEN_GATES,
     Record,
     RolloutConfig,
     RolloutOutput,
@@ -104,6 +105,10 @@ def rollout(
             q = torch.log_softmax(s.logits, -1)
             tok, by_t = choose(mix_logprobs(q, torch.log_softmax(tt.logits, -1), cfg.teacher_mix)), torch.zeros_like(rec.done)
             lp = q.gather(-1, tok[:, None])  # the student's log-probability of the token: MiniLLM's q_old
+        elif cfg.gate in TOKEN_GATES:  # SKD: the student proposes, the teacher replaces what its gate rejects
+            draft = choose(s.logits)
+            d, by_t = switch_gate(s.logits, tt.logits, t, cfg, gate_fn, draft)
+            tok = torch.where(by_t, choose(tt.logits), draft)
         else:
             d, by_t = switch_gate(s.logits, tt.logits, t, cfg, gate_fn)
             tok = torch.where(by_t, choose(tt.logits), choose(s.logits))

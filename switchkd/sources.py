@@ -63,6 +63,10 @@ class DatasetSource:
     def __call__(self, batch: Batch, step: int) -> Batch:
         return batch
 
+    def rollout_config(self, rcfg: Any) -> Any:
+        """The :class:`RolloutConfig` this source decodes with (a source changes the engine's rule here)."""
+        return rcfg
+
     def step_batches(self, batches: Iterator[Batch], step: int, n: int) -> List[Batch]:
         """The ``n`` micro-batches of one optimizer step, drawn from ``batches`` (the trainer's iterator)."""
         return [self(next(batches), step) for _ in range(n)]
@@ -99,6 +103,7 @@ class DatasetSource:
         device, P = batch["prompt_ids"].device, batch["prompt_ids"].shape[1]
         rcfg = from_method(self.cfg.method, source, min(self.cfg.method.max_new_tokens, self.cfg.data.max_length - P),
                            self.tok, self.vocab, keep_teacher)
+        rcfg = self.rollout_config(rcfg)
         rcfg.seed = self.rng.getrandbits(62)  # sampling from the source's own (checkpointed) RNG: resumes exactly
         rcfg.do_sample = rcfg.do_sample and not greedy
         student = self.unwrap(self.student)
@@ -336,6 +341,9 @@ class SwitchSource(DatasetSource):
     teacher-written tokens overall and by position bucket, and the mean gate by position.
     """
 
+    prefix = "switch"  # of the logged diagnostics
+    warn_saturation = True
+
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self._reset()
@@ -359,15 +367,17 @@ class SwitchSource(DatasetSource):
     def stats(self) -> Dict[str, float]:
         if self.n.sum() == 0:
             return {}
-        out = {"switch/teacher_frac": float(self.teacher_n.sum() / self.n.sum())}
-        warning = saturation_warning(out["switch/teacher_frac"], int(self.n.sum()), self.cfg.method.switch.tau0)
+        p = self.prefix
+        out = {f"{p}/teacher_frac": float(self.teacher_n.sum() / self.n.sum())}
+        warning = saturation_warning(out[f"{p}/teacher_frac"], int(self.n.sum()), self.cfg.method.switch.tau0) \
+            if self.warn_saturation else None
         if warning:
             print(f"switchkd: warning: {warning}", file=sys.stderr)
         for i, lo in enumerate(BUCKETS):
             if self.n[i] > 0:
                 name = f"{lo}-{BUCKETS[i + 1] - 1}" if i + 1 < len(BUCKETS) else f"{lo}+"
-                out[f"switch/teacher_frac@{name}"] = float(self.teacher_n[i] / self.n[i])
-                out[f"switch/gate@{name}"] = float(self.gate_sum[i] / self.n[i])
+                out[f"{p}/teacher_frac@{name}"] = float(self.teacher_n[i] / self.n[i])
+                out[f"{p}/gate@{name}"] = float(self.gate_sum[i] / self.n[i])
         self._reset()
         return out
 
@@ -384,4 +394,8 @@ def make_source(cfg: Config, student: Any, teacher: Optional[Any], tokenizer: An
         from switchkd.minillm import MinillmSource  # it builds on this module's DatasetSource
 
         return MinillmSource(cfg, student, teacher, tokenizer, vocab, unwrap, seed)
+    if cfg.method.source == "skd":
+        from switchkd.skd import SkdSource  # it builds on this module's SwitchSource
+
+        return SkdSource(cfg, student, teacher, tokenizer, vocab, unwrap, seed)
     return SOURCES[cfg.method.source](cfg, student, teacher, tokenizer, vocab, unwrap, seed)

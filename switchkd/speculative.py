@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from switchkd.decoding import Record, RolloutConfig, RolloutOutput, Stepper, setup, switch_gate
+from switchkd.decoding import TOKEN_GATES, Record, RolloutConfig, RolloutOutput, Stepper, setup, switch_gate
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
         drafts, q = torch.stack(D, 1), torch.stack(Q, 1)  # [B, kk], [B, kk, V]
         p = _verify(tt, pending, drafts)  # [B, kk, V] in one teacher forward
         idx = L[:, None] + torch.arange(kk, device=device)  # response positions [B, kk]
-        d, exceed = switch_gate(q, p, idx, cfg, gate_fn)
+        d, exceed = switch_gate(q, p, idx, cfg, gate_fn, drafts if cfg.gate in TOKEN_GATES else None)
         toks, by_t, n_dec = _decide(exceed, drafts, p, choose, active, N - L, eos_ids)
         row_checks += int(active.sum())
         cols = torch.where(torch.arange(kk, device=device) < n_dec[:, None], idx, N)
