@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo demo-teacher bench-real bench-long test lint bench bench-quality bench-crispr bench-gpu bench-priming clean
+.PHONY: demo demo-teacher test-fast bench-real bench-long test lint bench bench-quality bench-crispr bench-gpu bench-priming clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ demo-teacher: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/rollout.py

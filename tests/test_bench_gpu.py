@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses / multi-process runs: make test runs them, make test-fast skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

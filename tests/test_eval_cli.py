@@ -115,6 +115,7 @@ def test_eval_missing_data_file(tiny_model_dir, tmp_path):
     assert r.returncode == 2 and "no such file or directory" in r.stderr
 
 
+@pytest.mark.slow
 def test_demo_quick_runs(tmp_path, monkeypatch):
     """The demo's whole path at a tiny budget, in two worker processes: shipped teacher (checksum),
     layer-dropped student, the default methods, the report with the gap lines and plots."""

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from switchkd.cli import main
 
+pytestmark = pytest.mark.slow  # subprocesses / multi-process runs: make test runs them, make test-fast skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic_size=48", "train.max_steps=8", "train.save_every=2", "train.batch_size=4", "train.log_every=1",
          "train.eval_every=0", "eval.limit=4", "train.keep_best=false", "method.max_new_tokens=24",

@@ -87,6 +87,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """2 CPU processes (gloo, accelerate launch) with batch 2 each == 1 process with batch 4."""
     common = [sys.executable, "-m", "switchkd", "train", str(ROOT / "configs/tiny/kd.yaml"), "train.max_steps=3",
