@@ -137,7 +137,8 @@ def train_method(method: str, teacher: Path, init: Path, out: Path, b: Budget, s
                  extra: Sequence[str] = ()) -> Path:
     """Distil from ``init`` with ``method``; returns the final model directory."""
     every = max(b.eval_every, 10) if "method.source=distillm" in METHODS[method] else b.eval_every
-    cfg = load_config(None, COMMON + METHODS[method] + ["method.max_new_tokens=160",
+    # the demo's runs are a fraction of an epoch: DistiLLM checks its dev CE every `every` steps instead
+    cfg = load_config(None, COMMON + METHODS[method] + ["method.max_new_tokens=160", "method.distillm.validate=eval_every",
         f"model.name={init}", f"teacher.name={teacher}", f"data.synthetic_size={b.size}", f"data.seed={seed}",
         f"train.max_steps={b.student_steps}", f"train.batch_size={b.batch}", f"train.lr={b.lr}", f"train.seed={seed}",
         "train.warmup_steps=0", f"train.eval_every={every}", f"eval.limit={b.dev}", f"output.dir={out}",

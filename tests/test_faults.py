@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow  # subprocesses / multi-process runs: make test ru
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic_size=48", "train.max_steps=8", "train.save_every=2", "train.batch_size=4", "train.log_every=1",
+         "method.distillm.dev_limit=8",
          "train.eval_every=0", "eval.limit=4", "train.keep_best=false", "method.max_new_tokens=24",
          "model.name=tiny:gpt2,layers=1,dim=32,heads=2", "teacher.name=tiny:gpt2,layers=2,dim=32,heads=2,seed=1"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
@@ -101,25 +102,30 @@ class _Exploit:
         return (open, (self.marker, "w"))
 
 
-@pytest.mark.parametrize("target", ["source_state.pt", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
-def test_crafted_checkpoint_files_cannot_run_code(tmp_path, capsys, target):
+def test_crafted_checkpoint_files_cannot_run_code(tmp_path, capsys):
     """Checkpoints are shared between people and machines: resuming never unpickles arbitrary objects."""
+    import shutil
+
     import torch
 
     out = tmp_path / "run"
     kd = str(ROOT / "configs/tiny/kd.yaml")
     common = [*SMALL[:-2], "model.name=tiny:gpt2,layers=1,dim=32,heads=2", "teacher.name=tiny:gpt2,layers=2,dim=32,heads=2,seed=1",
-              "train.max_steps=6", f"output.dir={out}"]
-    assert main(["train", kd, *common]) == 0
-    ckpts = sorted((out / "checkpoints").iterdir())
-    marker = tmp_path / "pwned"
-    torch.save({"x": _Exploit(marker)}, ckpts[-1] / target)
-    capsys.readouterr()
-    assert main(["train", kd, *common, "train.resume=true"]) == 0
-    captured = capsys.readouterr().out
-    assert not marker.exists()
-    # refused as unreadable (accelerate also refuses a custom-object file no object is registered for)
-    assert "skipping unreadable checkpoint" in captured and f"resumed from {ckpts[-2]}" in captured
+              "train.max_steps=6"]
+    assert main(["train", kd, *common, f"output.dir={out}"]) == 0
+    for target in ("source_state.pt", "random_states_0.pkl", "custom_checkpoint_0.pkl"):
+        run = tmp_path / target
+        shutil.copytree(out, run)
+        shutil.rmtree(run / "final")
+        ckpts = sorted((run / "checkpoints").iterdir())
+        marker = tmp_path / f"pwned-{target}"
+        torch.save({"x": _Exploit(marker)}, ckpts[-1] / target)
+        capsys.readouterr()
+        assert main(["train", kd, *common, f"output.dir={run}", "train.resume=true"]) == 0
+        captured = capsys.readouterr().out
+        assert not marker.exists(), target
+        # refused as unreadable (accelerate also refuses a custom-object file no object is registered for)
+        assert "skipping unreadable checkpoint" in captured and f"resumed from {ckpts[-2]}" in captured, target
 
 
 def test_two_runs_into_one_output_dir(tmp_path):

@@ -322,6 +322,7 @@ def test_smollm2_presets_train_on_a_model_with_the_same_properties(method, pair,
             f"data.dev={dolly / 'dev.jsonl'}", "data.limit=12", "data.max_prompt_length=120", "data.max_length=160",
             "method.max_new_tokens=8", "train.max_steps=2", "train.batch_size=2", "train.eval_every=1",
             "train.save_every=0", "train.keep_best=false", "eval.limit=2", "eval.max_new_tokens=4",
+            "method.distillm.dev_limit=4",
             f"output.dir={tmp_path / 'run'}"]
     if method == "sft":
         over = [o for o in over if not o.startswith("teacher.")]

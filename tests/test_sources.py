@@ -20,7 +20,7 @@ from switchkd.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["train.max_steps=3", "train.batch_size=4", "data.synthetic_size=24", "eval.limit=3", "eval.max_new_tokens=6",
-        "method.max_new_tokens=12", "train.eval_every=2"]
+        "method.max_new_tokens=12", "train.eval_every=2", "method.distillm.dev_limit=8"]
 
 
 @pytest.mark.parametrize("preset", ["seqkd", "imitkd", "imitkd_argmax", "student_fkl", "gkd", "distillm", "switch"])
