@@ -89,6 +89,7 @@ def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "switchkd", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
+@pytest.mark.slow
 def test_malformed_data_is_one_line_error_and_writes_nothing(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{not json}\n')
@@ -99,6 +100,7 @@ def test_malformed_data_is_one_line_error_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,fragment", [
     (["train", "configs/tiny/kd.yaml", "train.lrr=3"], "unknown key 'train.lrr'"),
     (["train", "configs/nope.yaml"], "config file not found"),
@@ -110,6 +112,7 @@ def test_cli_errors_are_one_line(args, fragment):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.slow
 def test_eval_missing_data_file(tiny_model_dir, tmp_path):
     r = _cli("eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "none.jsonl"))
     assert r.returncode == 2 and "no such file or directory" in r.stderr

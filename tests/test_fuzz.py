@@ -93,6 +93,7 @@ def _generated(n: int = 200, seed: int = 0):
     return cases
 
 
+@pytest.mark.slow
 def test_generated_bad_configs(capsys, tmp_path):
     for preset, overrides, key in _generated():
         rc, err, out = _run(capsys, tmp_path, ["train", preset, *overrides])
