@@ -9,9 +9,7 @@ Llama conversion does).  Tokenizer: the scored pieces become a SentencePiece-sty
 
 from __future__ import annotations
 
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import List, Tuple
 
@@ -141,14 +139,7 @@ def convert_llama2c(model_bin: str | Path, tokenizer_bin: str | Path, out_dir: s
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise ConfigError(f"{model_bin}: weights do not fit a Llama ({missing[:3]} missing, {unexpected[:3]} unexpected)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        build_tokenizer(pieces).save_pretrained(tmp)
-        if out.is_dir():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    from switchkd.rundir import write_new_dir
+
+    return write_new_dir(out, lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
+                                           build_tokenizer(pieces).save_pretrained(tmp)))

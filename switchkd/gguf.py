@@ -10,8 +10,6 @@ directory, renamed).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Tuple
 
@@ -83,6 +81,8 @@ def plain_model(model: Any) -> Any:
 def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     """Write ``save_pretrained`` model (safetensors, float32) and tokenizer to ``out_dir`` (new, or an
     empty directory) through a temporary directory renamed when complete; returns it."""
+    from switchkd.rundir import write_new_dir
+
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ConfigError(f"{out}: already exists; choose a new output directory (nothing is overwritten)")
@@ -91,17 +91,4 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     plain.config.pad_token_id = tok.pad_token_id
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:
-        raise ConfigError(f"{out}: cannot write here ({exc.strerror})") from None
-    try:
-        plain.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if out.is_dir():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return write_new_dir(out, lambda tmp: (plain.save_pretrained(tmp, safe_serialization=True), tok.save_pretrained(tmp)))

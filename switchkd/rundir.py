@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from switchkd.config import Config, ConfigError
 
@@ -25,6 +26,29 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def write_new_dir(out: Path, write: "Callable[[Path], None]") -> Path:
+    """Create the new (or empty) directory ``out`` by ``write(tmp)`` into a temporary sibling renamed when
+    complete, so that ``out`` is never half-written; one-line errors for an existing or unwritable ``out``."""
+    import tempfile
+
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ConfigError(f"{out}: already exists; choose a new output directory (nothing is overwritten)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot write here ({exc.strerror})") from None
+    try:
+        write(tmp)
+        tmp.chmod(0o755)
+        if out.is_dir():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def check_writable(out: Path) -> None:

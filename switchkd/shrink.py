@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from switchkd.config import ConfigError
+from switchkd.rundir import write_new_dir
 
 BLOCK = re.compile(r"\.(h|layers)\.(\d+)\.")
 PER_LAYER_CONFIG = ("layer_types",)  # config lists with one entry per decoder block
@@ -121,17 +120,5 @@ def shrink(src: str | Path, out_dir: str | Path, layers: Optional[int] = None,
             raise
         raise ConfigError(f"{src}: cannot load as a causal LM ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     student = cut(teacher, keep)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:
-        raise ConfigError(f"{out}: cannot write here ({exc.strerror})") from None
-    try:
-        student.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if out.is_dir():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_new_dir(out, lambda tmp: (student.save_pretrained(tmp, safe_serialization=True), tok.save_pretrained(tmp)))
     return out, keep
