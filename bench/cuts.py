@@ -57,8 +57,8 @@ def main() -> None:
     for name, keep in cuts(n).items():
         model = teacher if len(keep) == n else cut(teacher, keep)
         with torch.no_grad():
-            logits, target = shifted(model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                     batch["labels"], len(tok))
+            logits, target = shifted(model(batch.input_ids, attention_mask=batch.attention_mask).logits,
+                                     batch.labels, len(tok))
             ce = float(torch.nn.functional.cross_entropy(logits.float(), target))
         print(f"| {name} | {len(keep)} | {ce:.2f} |", flush=True)
 

@@ -4,7 +4,8 @@ Setting: the built-in synthetic suite (answers of 1 to 180 bytes, long ones made
 early error compounds), the demo's teacher and a half-depth student initialised from it
 (:func:`switchkd.demo.layer_dropped_init`).  SWITCH's decay is the paper's 1/10 and its tau0 is
 calibrated on the *dev* prompts (:func:`switchkd.calibrate.calibrate_config`) to the paper's teacher
-share (53% by default); nothing is chosen on test.  Every method (SFT, KD, GKD, SWITCH by default)
+share (53% by default); nothing is chosen on test.  Every method (SFT, KD, GKD, SWITCH and SKD, its
+closest published relative, by default)
 trains the same number of optimizer steps on the same batch size from the same initialisation, for
 each training seed, and is scored on the test split (sampled, the demo's two sampling seeds), overall
 and by reference length.  Writes ``results.json`` and ``report.md`` (mean ± 95% CI over training
@@ -105,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 50; cuda 300)")
-    ap.add_argument("--methods", default="sft,kd,gkd,switch")
+    ap.add_argument("--methods", default="sft,kd,gkd,switch,skd")
     ap.add_argument("--target", type=float, default=0.53, help="SWITCH teacher share to calibrate tau0 to (dev)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--workers", type=int, default=None)

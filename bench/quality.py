@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from switchkd.config import load_config  # noqa: E402
 from switchkd.demo import METHODS, Budget, prepare, score, train_method, write_report  # noqa: E402
 from switchkd.evaluate import ci95  # noqa: E402
-from switchkd.report import switch_profile  # noqa: E402
+from switchkd.report import teacher_share_profile  # noqa: E402
 from switchkd.train import train  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def sweep_switch(teacher: Path, init: Path, b: Budget, out: Path) -> tuple[List[
         if not (final / "config.json").is_file():  # finished sweep runs are reused
             final = train_method("switch", teacher, init, out / f"sweep-{tag}", replace(b, student_steps=40), seed=1,
                                  extra=extra)
-        prof = switch_profile(out / f"sweep-{tag}" / "metrics.jsonl")
+        prof = teacher_share_profile(out / f"sweep-{tag}" / "metrics.jsonl")
         frac = [json.loads(x).get("switch/teacher_frac") for x in (out / f"sweep-{tag}/metrics.jsonl").read_text().splitlines()]
         frac = [f for f in frac if f is not None]
         rows.append({"overrides": extra, "dev_rougeL": dev_score(final, b),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from typing import List, Tuple
 
-from switchkd.data import Example
+from switchkd.records import Example
 from switchkd.synthetic import SPLITS, split_of  # noqa: F401  (the same 80/10/10 hash split)
 
 TEMPLATE = "Q: {instruction}\nA: "

@@ -48,28 +48,46 @@ def read_bbq(paths: Sequence[str | Path]) -> List[Item]:
     items: List[Item] = []
     for path in paths:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a directory; expected a BBQ .jsonl file")
         if not path.is_file():
             raise ConfigError(f"{path}: BBQ file not found")
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{lineno}: invalid JSON line ({exc.msg})") from None
-            missing = [k for k in REQUIRED if k not in rec]
-            if missing:
-                raise ConfigError(f"{path}:{lineno}: not a BBQ record: missing '{missing[0]}' (needs {', '.join(REQUIRED)})")
-            if rec["label"] not in (0, 1, 2):
-                raise ConfigError(f"{path}:{lineno}: label must be 0, 1 or 2, got {rec['label']!r}")
-            cond = rec.get("context_condition", "ambig")
-            if cond not in ("ambig", "disambig"):
-                raise ConfigError(f"{path}:{lineno}: context_condition must be ambig or disambig, got {cond!r}")
-            items.append(Item(rec["context"], rec["question"], (rec["ans0"], rec["ans1"], rec["ans2"]), rec["label"],
-                              cond, rec.get("category", "")))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); expected a BBQ .jsonl file") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                items.append(_record(line, f"{path}:{lineno}"))
     if not items:
         raise ConfigError(f"{', '.join(map(str, paths))}: no BBQ records")
     return items
+
+
+def _record(line: str, where: str) -> Item:
+    """One BBQ JSONL line as an :class:`Item`; a one-line error naming ``where`` (file:line) otherwise."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: invalid JSON line ({exc.msg})") from None
+    if not isinstance(rec, dict):
+        raise ConfigError(f"{where}: expected a JSON object (a BBQ record), got {type(rec).__name__}")
+    missing = [k for k in REQUIRED if k not in rec]
+    if missing:
+        raise ConfigError(f"{where}: not a BBQ record: missing '{missing[0]}' (needs {', '.join(REQUIRED)})")
+    for key in ("context", "question", "ans0", "ans1", "ans2"):
+        if not isinstance(rec[key], str):
+            raise ConfigError(f"{where}: {key} must be a string, got {json.dumps(rec[key])}")
+    if type(rec["label"]) is not int or rec["label"] not in (0, 1, 2):  # (not a bool: True == 1)
+        raise ConfigError(f"{where}: label must be 0, 1 or 2 (an integer), got {json.dumps(rec['label'])}")
+    cond = rec.get("context_condition", "ambig")
+    if cond not in ("ambig", "disambig"):
+        raise ConfigError(f"{where}: context_condition must be ambig or disambig, got {cond!r}")
+    category = rec.get("category", "")
+    return Item(rec["context"], rec["question"], (rec["ans0"], rec["ans1"], rec["ans2"]), rec["label"], cond,
+                category if isinstance(category, str) else str(category))
 
 
 def split(items: Sequence[Item], dev_fraction: float, seed: int) -> Tuple[List[Item], List[Item]]:

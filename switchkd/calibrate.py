@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 from torch import Tensor
 
+from switchkd.methods.switch import engine_config
 from switchkd.rollout import RolloutConfig, rollout
 
 
@@ -103,5 +104,6 @@ def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int =
     ids, mask = left_pad([x.prompt for x in items], tok.pad_token_id)
     rcfg = from_method(cfg.method, "switch", min(cfg.method.max_new_tokens, cfg.data.max_length - ids.shape[1]), tok,
                        vocab)
+    rcfg = engine_config(rcfg, cfg.method.switch)
     return calibrate_tau0(student, teacher, ids.to(device), mask.to(device), replace(rcfg, seed=cfg.train.seed), target,
                           log=log)

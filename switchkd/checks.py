@@ -1,4 +1,5 @@
-"""Range and consistency checks of a loaded config, next to the fields they guard.
+"""Range and consistency checks of a loaded config: the ranges declared in the schema, and the rules
+that span fields.
 
 Imports nothing heavy, so a mistake is reported before torch/transformers load.  Each rule
 raises :class:`switchkd.config.ConfigError` with the key and the valid range.
@@ -10,64 +11,16 @@ import math
 import string
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
-Rule = Tuple[Callable[[Any], bool], str]
+from switchkd.schema import FINITE_TEXT as FINITE, PROB, Rule, _num, ge, get, rules
 
-FINITE = "a finite number"
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def gt(lo: float) -> Rule:
-    return (lambda v: _num(v) and v > lo), f"a finite number > {lo:g}"
-
-
-def ge(lo: float) -> Rule:
-    return (lambda v: _num(v) and v >= lo), f"a finite number >= {lo:g}"
-
-
-def in_range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Rule:
-    def ok(v: Any) -> bool:
-        return _num(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    return ok, f"a value in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-
-
-def optional(rule: Rule) -> Rule:
-    fn, text = rule
-    return (lambda v: v is None or fn(v)), f"{text} (or null)"
-
-
-COUNT, COUNT0 = ge(1), ge(0)
-PROB = in_range(0.0, 1.0)
-RULES: Dict[str, Rule] = {
-    "train.lr": gt(0), "train.batch_size": COUNT, "train.grad_accum": COUNT, "train.epochs": COUNT,
-    "train.max_steps": optional(COUNT), "train.warmup_steps": COUNT0, "train.weight_decay": COUNT0,
-    "train.clip": COUNT0, "train.seed": in_range(0, 2**32 - 1), "train.loss_chunk": COUNT0, "train.eval_every": COUNT0,
-    "train.save_every": COUNT0, "train.log_every": COUNT,
-    "data.max_prompt_length": COUNT, "data.max_length": ge(2), "data.limit": optional(COUNT),
-    "data.synthetic_size": COUNT, "data.seed": in_range(0, 2**32 - 1),
-    "method.temperature": gt(0), "method.kd_ratio": PROB, "method.mixture.student_ratio": PROB,
-    "method.switch.ratio": PROB, "method.max_new_tokens": COUNT, "method.gen_temperature": gt(0),
-    "method.top_k": COUNT0, "method.top_p": in_range(0.0, 1.0, lo_open=True),
-    "method.switch.tau0": ((lambda v: isinstance(v, (int, float)) and v >= 0 and not math.isnan(v)),
-                    "a number >= 0 (inf: the teacher never writes)"),
-    "method.switch.decay": COUNT0, "method.distillm.replay_size": COUNT, "method.distillm.replay_ratio": PROB,
-    "method.distillm.init_student_prob": PROB, "method.distillm.max_student_prob": PROB, "method.distillm.student_prob_step": COUNT0,
-    "method.distillm.loss_eps": COUNT0, "method.minillm.teacher_mix": PROB, "method.minillm.gamma": PROB,
-    "method.minillm.reward_scale": gt(0), "method.minillm.reward_clip": gt(0), "method.minillm.clip": PROB,
-    "method.minillm.ppo_epochs": COUNT, "method.imitkd.base": gt(1), "method.skd.top_k": COUNT, "method.distillm.dev_limit": COUNT, "method.lm_weight": COUNT0, "method.instruction_weight": COUNT0, "method.switch.draft_k": COUNT, "method.switch.max_draft_k": COUNT,
-    "eval.temperature": gt(0), "eval.top_p": in_range(0.0, 1.0, lo_open=True), "eval.top_k": COUNT0,
-    "eval.max_length": ge(2), "eval.max_prompt_length": COUNT, "eval.max_new_tokens": optional(COUNT),
-    "eval.batch_size": COUNT, "eval.limit": optional(COUNT),
-    "model.lora.r": COUNT0, "model.lora.alpha": gt(0), "model.lora.dropout": in_range(0.0, 1.0, hi_open=True),
-}
 #: parameters each registry divergence accepts besides ``temperature`` (kept here, torch-free, so that a
 #: config is checked before torch loads; ``switchkd.divergences.PARAMS`` is this table)
 DIVERGENCE_PARAMS: Dict[str, tuple] = {
     "fkl": (), "rkl": (), "tvd": (), "jsd": ("beta",), "skl": ("alpha",), "srkl": ("alpha",),
     "topk_kl": ("k",), "topk_kl_renorm": ("k",), "bild": ("k",), "ce": (),
 }
+#: the registry entry that trains by cross-entropy on the sequences alone (no teacher, no divergence term)
+PLAIN = "ce"
 #: divergence parameters: name -> rule (``k``: at least 3 for BiLD, which needs pairs of pairs)
 PARAM_RULES: Dict[str, Rule] = {"alpha": PROB, "beta": PROB, "k": ge(1)}
 CANONICAL_FIELDS = ("instruction", "input", "output", "prompt", "messages", "context", "response")
@@ -77,19 +30,12 @@ LOGGERS = ("tensorboard", "wandb")
 TINY_KEYS = ("layers", "dim", "heads", "kv_heads", "ffn", "positions", "seed")
 
 
-def _get(cfg: Any, dotted: str) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
-
-
 def check(cfg: Any, error: Callable[[str], Exception]) -> None:
     """Raise ``error(message)`` at the first field outside its range or cross-field rule broken."""
-    for dotted, (ok, text) in RULES.items():
-        if dotted.startswith("teacher.") and cfg.teacher is None:
+    for dotted, ((ok, text), section) in rules(type(cfg)).items():
+        if section and getattr(cfg, section) is None:
             continue
-        value = _get(cfg, dotted)
+        value = get(cfg, dotted)
         if not ok(value):
             raise error(f"config error: {dotted}={value!r}; expected {text}")
     for key, value in cfg.method.params.items():
@@ -98,10 +44,6 @@ def check(cfg: Any, error: Callable[[str], Exception]) -> None:
             raise error(f"config error: method.params.{key}={value!r}; expected {text}{' (an integer)' if key == 'k' else ''}")
     if cfg.method.divergence == "bild" and cfg.method.params.get("k", 8) < 3:
         raise error(f"config error: method.params.k={cfg.method.params['k']!r}; BiLD needs k >= 3")
-    sw = cfg.method.switch
-    if sw.max_draft_k < sw.draft_k:
-        raise error(f"config error: method.switch.max_draft_k={sw.max_draft_k} is smaller than method.switch.draft_k="
-                    f"{sw.draft_k}")
     bad_loggers = [x for x in cfg.train.loggers if x not in LOGGERS]
     if bad_loggers:
         raise error(f"config error: train.loggers has {bad_loggers[0]!r}; valid: {', '.join(LOGGERS)}")

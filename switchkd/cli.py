@@ -83,14 +83,10 @@ def _eval(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-length {args.max_length}: must be larger than --max-prompt-length "
                           f"{args.max_prompt_length} (prompt and response share it)")
     out = Path(args.output) if args.output else Path("runs") / "eval" / (Path(args.model).name or "model")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output {out}: exists and is not a directory")
-    from switchkd.rundir import check_writable
+    from switchkd.evaluate import OUTPUTS
+    from switchkd.rundir import check_output_path
 
-    try:
-        check_writable(out)
-    except ConfigError as exc:
-        raise ConfigError(str(exc).replace("output.dir=", "--output ")) from None
+    check_output_path(out, "--output", "dir", [args.model, args.data, args.draft_for], reusable=OUTPUTS)
     mcfg = ModelConfig(name=args.model, dtype=args.dtype)
     tok = load_tokenizer(mcfg)
     model = load_model(mcfg, tok, trainable=False)
@@ -126,16 +122,22 @@ def _eval(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from switchkd.config import load_config
     from switchkd.generate import generate_dataset
+    from switchkd.rundir import check_output_path
 
-    n = generate_dataset(load_config(args.config, args.overrides), args.output, args.batch_size)
+    cfg = load_config(args.config, args.overrides)
+    check_output_path(args.output, "--output", "file", [cfg.data.train, cfg.data.dev, args.config])
+    n = generate_dataset(cfg, args.output, args.batch_size)
     print(f"wrote {n} teacher responses to {args.output}")
 
 
 def _cache_teacher(args: argparse.Namespace) -> None:
     from switchkd.config import load_config
+    from switchkd.rundir import check_output_path
     from switchkd.teacher_cache import build_cache
 
-    out = build_cache(load_config(args.config, args.overrides), args.output, args.k, args.batch_size)
+    cfg = load_config(args.config, args.overrides)
+    check_output_path(args.output, "--output", "dir", [cfg.data.train, cfg.data.dev, cfg.teacher and cfg.teacher.name])
+    out = build_cache(cfg, args.output, args.k, args.batch_size)
     print(f"wrote the teacher's top-{args.k} cache to {out}; train with method.teacher_cache={out}")
 
 
@@ -204,6 +206,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from switchkd import __version__
+    from switchkd.config import DataConfig, EvalConfig, ModelConfig
+    from switchkd.schema import add_flags
 
     p = _Parser(prog="switchkd", description="Distil a teacher causal LM into a student.")
     p.add_argument("--version", action="version", version=f"switchkd {__version__}")
@@ -219,17 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="model directory or hub id")
     e.add_argument("--data", required=True, help="JSONL file, a directory with the five MiniLLM sets, or a built-in suite: synthetic:test, arith:test")
     e.add_argument("--output", help="where scores.json and predictions.jsonl go (default runs/eval/<model name>)")
-    e.add_argument("--limit", type=positive, help="first N examples of each set")
     e.add_argument("--seeds", type=int, nargs="+", help="sampling seeds (default 10 20 30 40 50)")
     e.add_argument("--greedy", action="store_true", help="greedy decoding, one pass")
-    e.add_argument("--batch-size", type=positive, default=16)
-    e.add_argument("--max-prompt-length", type=positive, default=256)
-    e.add_argument("--max-length", type=positive, default=512)
-    e.add_argument("--max-new-tokens", type=positive)
-    e.add_argument("--template", default="alpaca", help="prompt template for records without 'prompt'")
-    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    e.add_argument("--metric", default="rougeL", choices=["rougeL", "accuracy"],
-                   help="rougeL (default) or accuracy of the final answer (GSM8K's '#### N', else the last number)")
+    # type, range, default and help of these come from the config schema (eval.*, model.dtype, data.template)
+    add_flags(e, EvalConfig, ("limit", "batch_size", "max_prompt_length", "max_length", "max_new_tokens", "metric"))
+    add_flags(e, DataConfig, ("template",))
+    add_flags(e, ModelConfig, ("dtype",))
     e.add_argument("--field", action="append", default=[], metavar="CANONICAL=NAME",
                    help="map a canonical field to yours, e.g. --field instruction=question --field output=answer")
     e.add_argument("--draft-for", metavar="TEACHER",

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
-from torch import Tensor
 
+from switchkd.batch import Batch, left_pad, right_pad  # noqa: F401  (the data pipeline's padding)
 from switchkd.config import ConfigError, DataConfig
+from switchkd.records import FORMATS, Example  # noqa: F401  (re-exported: readers return Examples)
 
 ALPACA = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -27,23 +27,6 @@ ALPACA_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-FORMATS = {
-    "minillm": ("instruction", "output"),  # + optional input, prompt
-    "dolly": ("instruction", "response"),  # + optional context
-    "messages": ("messages",),
-}
-
-
-@dataclass
-class Example:
-    """One instruction: the rendered prompt, its reference answers, and extra fields."""
-
-    prompt: str
-    references: List[str]
-    instruction: str = ""
-    meta: Dict[str, Any] = field(default_factory=dict)
-
-
 @dataclass
 class DataStats:
     total: int = 0
@@ -265,56 +248,13 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, max_prompt: int, max_l
     return out, stats
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Left-pad token lists; returns ``input_ids [B, L]`` and ``attention_mask [B, L]``."""
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, n - len(s):] = torch.tensor(s)
-            mask[i, n - len(s):] = 1
-    return ids, mask
-
-
-def right_pad(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> tuple:
-    """``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` for prompt+response, right-padded;
-    labels are -100 outside the response."""
-    n = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        seq = list(p) + list(r)
-        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[i, : len(seq)] = 1
-        if len(r):
-            labels[i, len(p): len(seq)] = torch.tensor(list(r), dtype=torch.long)
-    return ids, mask, labels
-
-
 def build_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
-                index: Sequence[int], teacher_prompts: Optional[Sequence[Sequence[int]]] = None) -> Dict[str, Any]:
-    """A training batch.
-
-    ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (right-padded prompt+response,
-    labels -100 outside the response); ``prompt_ids``, ``prompt_mask`` ``[B, P]`` (left-padded
-    prompts, for generation); ``index`` ``[B]``; with priming also ``teacher_input_ids``,
-    ``teacher_attention_mask``, ``teacher_labels`` and the left-padded ``teacher_prompt_ids``/``_mask``.
-    """
-    ids, mask, labels = right_pad(prompts, responses, pad_id)
-    p_ids, p_mask = left_pad(prompts, pad_id)
-    batch: Dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompt_ids": p_ids,
-                             "prompt_mask": p_mask, "index": torch.tensor(list(index))}
-    if teacher_prompts is not None:
-        t_ids, t_mask, t_labels = right_pad(teacher_prompts, responses, pad_id)
-        tp_ids, tp_mask = left_pad(teacher_prompts, pad_id)
-        batch |= {"teacher_input_ids": t_ids, "teacher_attention_mask": t_mask, "teacher_labels": t_labels,
-                  "teacher_prompt_ids": tp_ids, "teacher_prompt_mask": tp_mask}
-    return batch
+                index: Sequence[int], teacher_prompts: Optional[Sequence[Sequence[int]]] = None) -> Batch:
+    """A training :class:`~switchkd.batch.Batch` of prompt + response token lists."""
+    return Batch.build(prompts, responses, pad_id, index, teacher_prompts)
 
 
-def collate(items: Sequence[Tokenized], pad_id: int) -> Dict[str, Any]:
+def collate(items: Sequence[Tokenized], pad_id: int) -> Batch:
     """:func:`build_batch` for tokenized dataset examples."""
     primed = items[0].teacher_prompt is not None
     return build_batch([x.prompt for x in items], [x.response for x in items], pad_id, [x.index for x in items],

@@ -43,8 +43,11 @@ def load_any(model_dir: str) -> tuple[Any, Any]:
         cfg = AutoConfig.from_pretrained(model_dir)
         cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
         model, tok = cls.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model {model_dir!r}: cannot load ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # missing, truncated or garbage files (OSError, ValueError, SafetensorError, ...)
+        if isinstance(exc, (KeyboardInterrupt, MemoryError)):
+            raise
+        raise ConfigError(f"model {model_dir!r}: cannot load ({type(exc).__name__}: "
+                          f"{(str(exc).splitlines() or [''])[0]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.eval(), tok
@@ -77,10 +80,12 @@ def run_debias(model: Any, tok: Any, data: Sequence[str], output: str | Path, cf
     return report
 
 
-def check_output(out: Path) -> None:
-    """Refuse an output path that exists (never delete what the user has there)."""
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise ConfigError(f"--output {out}: already exists; choose a new directory (nothing is overwritten)")
+def check_output(out: Path, inputs: Sequence[Any] = ()) -> None:
+    """Refuse an output path that exists with content, is an input or cannot be written (never delete what
+    the user has there)."""
+    from switchkd.rundir import check_output_path
+
+    check_output_path(out, "--output", "dir", inputs)
 
 
 def write_outputs(model: Any, tok: Any, report: Dict[str, Any], out: Path) -> None:
@@ -150,7 +155,8 @@ def debias_cli(args: Any) -> Dict[str, Any]:
         raise ConfigError("--instances and --eval-limit must be >= 1, --limit >= 2")
     if any(n < 0 for n in cfg.candidates):
         raise ConfigError(f"--candidates {cfg.candidates}: expected counts >= 0")
-    check_output(Path(args.output))
+    check_output(Path(args.output), [args.model, *args.data])
+    read_bbq(args.data)  # the data's mistakes before the model loads
     model, tok = load_any(args.model)
     if torch.cuda.is_available():
         model.cuda()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -89,6 +89,10 @@ class RolloutOutput:
     teacher_logits: Optional[Tensor] = None
     forwards: Dict[str, int] = field(default_factory=dict)
     logprobs: Optional[Tensor] = None
+
+    def responses(self, prompt_len: int) -> List[List[int]]:
+        """Each row's response tokens (``sequences`` after the ``prompt_len`` prompt positions, EOS kept)."""
+        return [self.sequences[i, prompt_len:][self.response_mask[i]].tolist() for i in range(self.sequences.shape[0])]
 
 
 def use_compile(cfg: RolloutConfig, device: torch.device) -> bool:

@@ -5,11 +5,11 @@
    is checked before use).
 2. The student is the teacher with half its decoder blocks dropped (blocks 0 and 3 kept, the
    DistilBERT initialisation; :func:`switchkd.models.drop_layers`): the shared initialisation ``init``.
-3. Each method (default ``sft``, ``kd``, ``gkd``, ``switch``) continues from it for the same number of
+3. Each method (the presets ``configs/demo.yaml`` names) continues from it for the same number of
    steps; the students, ``init`` and the teacher are scored on the test split (sampled, two seeds).
    Tasks run in two worker processes (one thread each) on a multi-core CPU.
 4. ``report.md``: the table (± the standard deviation over sampling seeds), one "closes X% of the gap"
-   line per method, ROUGE-L by length and SWITCH's teacher-token profile (PNG).
+   line per method, ROUGE-L by length and, for an interleaved source, its teacher-token profile (PNG).
 
 The benchmarks (``bench/quality.py``) use :func:`prepare`: the same teacher and a warm-started student
 of a smaller shape.
@@ -29,7 +29,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-from switchkd.config import ConfigError, load_config, preset_method
+from switchkd.config import PRESET_DIR, ConfigError, load_config, preset_method
+from switchkd.methods import SOURCES
 from switchkd.evaluate import score_examples
 from switchkd.models import load_model, load_tokenizer
 from switchkd.train import train
@@ -38,12 +39,26 @@ TEACHER = "tiny:gpt2,layers=4,dim=128,heads=4,seed=1"
 STUDENT = "tiny:gpt2,layers=2,dim=64,heads=4,seed=2"
 COMMON = ["data.train=synthetic", "data.dev=synthetic:dev", "data.max_prompt_length=128", "data.max_length=320",
           "eval.max_prompt_length=128", "eval.max_length=320", "train.log_every=10", "method.max_new_tokens=160"]
-#: method name -> the ``method`` section of its preset ``configs/tiny/<name>.yaml``, laid over COMMON
-#: (student, teacher, data and budget are the demo's, shared by all methods)
-METHODS: Dict[str, List[str]] = {name: preset_method(f"tiny/{name}")
-                                 for name in ("sft", "kd", "seqkd", "imitkd", "imitkd_argmax", "skd", "gkd", "distillm", "bild", "switch",
-                                              "minillm")}
-DEFAULT_METHODS = ("sft", "kd", "gkd", "switch")  # the demo's; --methods picks others
+DEMO_FILE = PRESET_DIR / "demo.yaml"  # the default methods and the per-preset overrides
+
+
+def _demo_file() -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(DEMO_FILE)) or {}  # type: ignore[return-value]
+
+
+#: preset name -> the ``method`` section of ``configs/tiny/<name>.yaml`` (+ the demo's overrides for it),
+#: laid over COMMON (student, teacher, data and budget are the demo's, shared by all methods)
+METHODS: Dict[str, List[str]] = {p.stem: preset_method(f"tiny/{p.stem}") + list(_demo_file()["overrides"].get(p.stem, []))
+                                 for p in sorted((PRESET_DIR / "tiny").glob("*.yaml"))}
+DEFAULT_METHODS = tuple(_demo_file()["methods"])  # --methods picks others
+
+
+def source_of(method: str) -> type:
+    """The source class a demo method's preset selects."""
+    chosen = [x.split("=", 1)[1] for x in METHODS[method] if x.startswith("method.source=")]
+    return SOURCES[chosen[-1] if chosen else "dataset"]
 SHIPPED = Path(__file__).resolve().parent / "demo_models" / "teacher"
 KEEP = (0, 3)  # the teacher's blocks the demo student keeps
 
@@ -136,9 +151,9 @@ def layer_dropped_init(teacher: Path) -> Path:
 def train_method(method: str, teacher: Path, init: Path, out: Path, b: Budget, seed: int = 1,
                  extra: Sequence[str] = ()) -> Path:
     """Distil from ``init`` with ``method``; returns the final model directory."""
-    every = max(b.eval_every, 10) if "method.source=distillm" in METHODS[method] else b.eval_every
-    # the demo's runs are a fraction of an epoch: DistiLLM checks its dev CE every `every` steps instead
-    cfg = load_config(None, COMMON + METHODS[method] + ["method.max_new_tokens=160", "method.distillm.validate=eval_every",
+    # a source whose schedule reads the dev loss gets an evaluation at least every 10 steps
+    every = max(b.eval_every, 10) if source_of(method).reads_dev_loss else b.eval_every
+    cfg = load_config(None, COMMON + METHODS[method] + ["method.max_new_tokens=160",
         f"model.name={init}", f"teacher.name={teacher}", f"data.synthetic_size={b.size}", f"data.seed={seed}",
         f"train.max_steps={b.student_steps}", f"train.batch_size={b.batch}", f"train.lr={b.lr}", f"train.seed={seed}",
         "train.warmup_steps=0", f"train.eval_every={every}", f"eval.limit={b.dev}", f"output.dir={out}",
@@ -225,21 +240,21 @@ def noise_line(results: Dict[str, dict], noise: float) -> str:
             + (f"; {close} other pair(s) within it" if close else ""))
 
 
-def write_report(out: Path, results: Dict[str, List[dict]], switch_metrics: Optional[Path], header: str) -> Path:
+def write_report(out: Path, results: Dict[str, List[dict]], profile_metrics: Optional[Path], header: str) -> Path:
     """``report.md`` with the table and the plots (PNG, when matplotlib is installed)."""
-    from switchkd.report import method_table, plot_by_length, plot_switch_profile, switch_profile
+    from switchkd.report import method_table, plot_by_length, plot_teacher_share, teacher_share_profile
 
     out.mkdir(parents=True, exist_ok=True)
     parts = [header, "", method_table(results), ""]
     if plot_by_length(results, out / "rouge_by_length.png"):
         parts += ["![ROUGE-L by response length](rouge_by_length.png)", ""]
-    if switch_metrics is not None and switch_metrics.is_file():
-        prof = switch_profile(switch_metrics)
-        if plot_switch_profile(prof, out / "switch_profile.png"):
-            parts += ["![SWITCH teacher-token rate and gate by position](switch_profile.png)", ""]
+    if profile_metrics is not None and profile_metrics.is_file():
+        prof = teacher_share_profile(profile_metrics)
+        if plot_teacher_share(prof, out / "teacher_share.png"):
+            parts += [f"![{profile_metrics.parent.name}: teacher-written share and gate by position](teacher_share.png)", ""]
         rows = ["| positions | teacher-written share | mean gate |", "|---|---:|---:|"]
         rows += [f"| {k} | {v:.3f} | {prof['gate'].get(k, float('nan')):.4f} |" for k, v in prof["teacher_frac"].items()]
-        parts += ["SWITCH during training (mean over logged steps):", "", *rows, ""]
+        parts += [f"{profile_metrics.parent.name} during training (mean over logged steps):", "", *rows, ""]
     path = out / "report.md"
     path.write_text("\n".join(parts) + "\n")
     return path
@@ -256,7 +271,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, methods: Optional[
     teacher = shipped_teacher()
     init = layer_dropped_init(teacher)
     workers = workers or min(2, os.cpu_count() or 1)
-    tasks = [("method", m) for m in sorted(names, key=lambda m: m not in ("switch", "gkd", "minillm", "imitkd"))]
+    tasks = [("method", m) for m in sorted(names, key=lambda m: not source_of(m).decodes)]  # the slow ones first
     tasks += [("score", "teacher"), ("score", "init")]
     print(f"demo: teacher {SHIPPED.name} (shipped), student = its blocks {list(KEEP)}; methods {', '.join(names)}; "
           f"{b.student_steps} steps each, {workers} worker process(es); logs in {out / 'logs'}")
@@ -272,8 +287,9 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, methods: Optional[
               f"`{TEACHER}` (800 SFT steps); student (`init`): the teacher's blocks {list(KEEP)} of 4 (half its "
               f"layers), then {b.student_steps} steps of each method (batch {b.batch}, lr {b.lr}). "
               f"Run time {time.time() - t0:.0f} s.\n\n" + "\n".join(f"- {x}" for x in lines))
-    report = write_report(out, {k: [v] for k, v in ordered.items()}, out / "switch/metrics.jsonl" if "switch" in names else None,
-                          header)
+    profiled = [m for m in names if source_of(m).profiles_teacher_share]
+    report = write_report(out, {k: [v] for k, v in ordered.items()},
+                          out / profiled[0] / "metrics.jsonl" if profiled else None, header)
     from switchkd.report import method_table
 
     print(method_table({k: [v] for k, v in ordered.items()}))

@@ -126,6 +126,9 @@ def fkl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 
     return _fixed_teacher("fkl", student_logits, teacher_logits, temperature, 0.0)
 
 
+forward_kl = fkl  # KL(p_teacher || q_student) at temperature 1 (an instruction loss, the switch gate)
+
+
 def rkl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     """Reverse KL(q || p) (MiniLLM-style mode seeking)."""
     return _fixed_teacher("rkl", student_logits, teacher_logits, temperature, 0.0)
@@ -245,6 +248,9 @@ def ce(
     safe = labels.clamp(min=0).unsqueeze(-1)
     nll = -lq.gather(-1, safe).squeeze(-1)
     return torch.where(labels == -100, torch.zeros_like(nll), nll)
+
+
+cross_entropy = ce  # the (1 - kd_ratio) term of every objective
 
 
 @dataclass

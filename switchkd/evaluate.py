@@ -153,11 +153,14 @@ def evaluate(model: Any, tokenizer: Any, data: str, cfg: EvalConfig, data_cfg: O
     return summary
 
 
+#: the files ``eval`` writes into its output directory (an earlier evaluation's are replaced)
+OUTPUTS = ("scores.json", "predictions.jsonl")
+
+
 def write_outputs(out: Path, summary: Dict[str, Any], records: List[Dict[str, Any]]) -> None:
     """Write scores.json and predictions.jsonl (each via a temporary file and rename)."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("scores.json", json.dumps(summary, indent=2)),
-                       ("predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))):
+    for name, text in zip(OUTPUTS, (json.dumps(summary, indent=2), "".join(json.dumps(r) + "\n" for r in records))):
         tmp = out / (name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(out / name)

@@ -59,9 +59,9 @@ def _write(tmp: Path, teacher: Any, tok: Any, device: str, examples: List[Exampl
             chunk = items[i:i + batch_size]
             prompts = [x.teacher_prompt or x.prompt for x in chunk]
             b = build_batch(prompts, [[] for _ in chunk], tok.pad_token_id, [x.index for x in chunk])
-            P = b["prompt_ids"].shape[1]
+            P = b.prompt_ids.shape[1]
             rcfg = from_method(m, "teacher", min(m.max_new_tokens, cfg.data.max_length - P), tok, len(tok))
-            r = rollout(None, teacher, b["prompt_ids"].to(device), b["prompt_mask"].to(device), rcfg)
+            r = rollout(None, teacher, b.prompt_ids.to(device), b.prompt_mask.to(device), rcfg)
             for j, x in enumerate(chunk):
                 ex = examples[x.index]
                 text = tok.decode(r.sequences[j, P:][r.response_mask[j]], skip_special_tokens=True).strip()

@@ -15,43 +15,36 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from switchkd.batch import Batch, PolicyTerm
+from switchkd.checks import PLAIN
 from switchkd.config import MethodConfig
 from switchkd.distributed import is_sharded, max_over_ranks
-from switchkd.divergences import TopK, ce, divergence
+from switchkd.divergences import TopK, cross_entropy, divergence, forward_kl
 
 TeacherTargets = Union[Tensor, TopK]  # teacher logits [N, V] or cached top-k rows
 
 
 def kd_weight(method: MethodConfig) -> float:
-    """Weight of the divergence term (0 for methods trained by CE alone: ``divergence=ce``).  The
-    method's ``name`` is a label and never changes behaviour."""
-    return 0.0 if method.divergence == "ce" else method.kd_ratio
+    """Weight of the divergence term (0 for the divergence that trains by CE alone, ``checks.PLAIN``).
+    The method's ``name`` is a label and never changes behaviour."""
+    return 0.0 if method.divergence == PLAIN else method.kd_ratio
 
 
-#: per-response-token batch fields ``[N]`` of a MiniLLM rollout (:mod:`switchkd.minillm`)
-PG_KEYS = ("pg_advantage", "pg_old_logprob", "pg_weight")
-
-
-def pg_fields(batch: Dict[str, Any]) -> Optional[Dict[str, Tensor]]:
-    """The batch's policy-gradient fields (``PG_KEYS``), or None when it has none."""
-    return {k: batch[k] for k in PG_KEYS} if PG_KEYS[0] in batch else None
-
-
-def policy_loss(student_logits: Tensor, labels: Tensor, pg: Dict[str, Tensor], clip: float) -> Tensor:
-    """MiniLLM's clipped policy-gradient term per token ``[N]`` (LMOps ``_pg_loss``, per token):
+def policy_loss(student_logits: Tensor, labels: Tensor, pg: PolicyTerm) -> Tensor:
+    """A clipped policy-gradient term per token ``[N]`` (PPO; LMOps ``_pg_loss``, per token):
     ``max(-A r, -A clamp(r, 1 - clip, 1 + clip))`` with ``r = exp(log q(y) - log q_old(y)) * w``
     from logits ``[N, V]``, sampled ids ``labels [N]`` and ``pg``'s advantage, old log-prob and
     importance weight ``[N]``."""
     logp = torch.log_softmax(student_logits.float(), -1).gather(-1, labels[:, None]).squeeze(-1)
-    ratio = torch.exp(logp - pg["pg_old_logprob"]) * pg["pg_weight"]
-    adv = pg["pg_advantage"]
-    return torch.max(-adv * ratio, -adv * ratio.clamp(1.0 - clip, 1.0 + clip))
+    ratio = torch.exp(logp - pg.old_logprob) * pg.weight
+    adv = pg.advantage
+    return torch.max(-adv * ratio, -adv * ratio.clamp(1.0 - pg.clip, 1.0 + pg.clip))
 
 
 def token_loss(student_logits: Tensor, teacher_logits: Optional[TeacherTargets], labels: Tensor, method: MethodConfig,
-               pg: Optional[Dict[str, Tensor]] = None) -> Tensor:
-    """Per-token loss ``[N]`` from logits ``[N, V]`` and target ids ``[N]`` (+ MiniLLM's policy term
-    when ``pg`` holds its per-token fields)."""
+               pg: Optional[PolicyTerm] = None) -> Tensor:
+    """Per-token loss ``[N]`` from logits ``[N, V]`` and target ids ``[N]`` (+ the batch's policy term
+    when ``pg`` is given)."""
     w = kd_weight(method)
     out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     if w > 0:
@@ -61,10 +54,24 @@ def token_loss(student_logits: Tensor, teacher_logits: Optional[TeacherTargets],
         out = out + w * divergence(method.divergence, student_logits, teacher_logits, temperature=method.temperature,
                                    **params)
     if w < 1:
-        out = out + (1 - w) * ce(student_logits, labels=labels)
+        out = out + (1 - w) * cross_entropy(student_logits, labels=labels)
     if pg is not None:
-        out = out + policy_loss(student_logits, labels, pg, method.minillm.clip)
+        out = out + policy_loss(student_logits, labels, pg)
     return out
+
+
+@torch.no_grad()
+def teacher_targets(teacher: Any, batch: Batch, vocab: int) -> TeacherTargets:
+    """The teacher's logits at the response tokens, ``[N, V]``, aligned with the student's: the ones the
+    batch already carries (``teacher_selected``: kept from a rollout, or a cached ``TopK``), else one
+    teacher forward.  With priming the teacher reads ``teacher_input_ids`` (its prefix + the same
+    response); each side's own labels select the positions, so no offset arithmetic is involved."""
+    if batch.teacher_selected is not None:
+        return batch.teacher_selected
+    if batch.teacher_input_ids is not None:
+        return response_logits(teacher, batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_labels,
+                               vocab)[0]
+    return response_logits(teacher, batch.input_ids, batch.attention_mask, batch.labels, vocab)[0]
 
 
 def shifted(logits: Tensor, labels: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
@@ -98,33 +105,34 @@ def accepts_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def prompt_mask(batch: Dict[str, Tensor]) -> Tensor:
-    """``[B, T-1]``: next-token predictions whose target is a real prompt token (BiLD's instruction
+def prompt_mask(batch: Batch) -> Tensor:
+    """``[B, T-1]``: next-token predictions whose target is a real prompt token (the instruction
     positions: label -100, both the input and the target inside the attention mask)."""
-    m = batch["attention_mask"].bool()
-    return (batch["labels"][:, 1:] == -100) & m[:, 1:] & m[:, :-1]
+    m = batch.attention_mask.bool()
+    return (batch.labels[:, 1:] == -100) & m[:, 1:] & m[:, :-1]
 
 
-def instruction_logits(model: Any, batch: Dict[str, Tensor], vocab: int) -> tuple[Tensor, Tensor, Tensor]:
+def instruction_logits(model: Any, batch: Batch, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
     """One full forward: ``(response logits [N, vocab], targets [N], prompt logits [M, vocab])`` with
     the prompt positions of :func:`prompt_mask`."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    s, target = shifted(logits, batch["labels"], vocab)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    s, target = shifted(logits, batch.labels, vocab)
     return s, target, logits[:, :-1][prompt_mask(batch)][:, :vocab]
 
 
-def instruction_loss_sum(student: Any, teacher: Any, batch: Dict[str, Tensor], method: MethodConfig,
+def instruction_loss_sum(student: Any, teacher: Any, batch: Batch, method: MethodConfig,
                          vocab: int) -> tuple[Tensor, Tensor]:
-    """BiLD's objective terms for one micro-batch: ``(sum of token_loss over the response, sum of the
-    instruction loss)``, the instruction loss being forward KL(p_teacher || p_student) at temperature 1
-    over the prompt positions (fpcsong/BiLD ``trainers/custom_trainer.py``).  The teacher logits a
-    rollout kept (``teacher_selected``) serve the response; the prompt needs the teacher's forward."""
+    """The objective terms for one micro-batch with an instruction loss (``method.instruction_weight``):
+    ``(sum of token_loss over the response, sum of the instruction loss)``, the instruction loss being
+    forward KL(p_teacher || p_student) at temperature 1 over the prompt positions (Li et al. 2024,
+    ``trainers/custom_trainer.py`` of their code).  The teacher logits a rollout kept
+    (``teacher_selected``) serve the response; the prompt needs the teacher's forward."""
     s, target, s_prompt = instruction_logits(student, batch, vocab)
     with torch.no_grad():
         t_resp, _, t_prompt = instruction_logits(teacher, batch, vocab)
-    t = batch.get("teacher_selected")
-    resp = token_loss(s, t if t is not None else t_resp, target, method, pg_fields(batch)).sum()
-    return resp, divergence("fkl", s_prompt, t_prompt, temperature=1.0).sum()
+    t = batch.teacher_selected
+    resp = token_loss(s, t if t is not None else t_resp, target, method, batch.policy).sum()
+    return resp, forward_kl(s_prompt, t_prompt).sum()
 
 
 def response_tokens(labels: Tensor) -> int:
@@ -138,7 +146,7 @@ def _final_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor) -> tupl
     return out.hidden_states[-1], out.logits[:, -1]
 
 
-def chunked_loss_sum(student: Any, head: torch.nn.Module, batch: Dict[str, Tensor], teacher: Optional[Any],
+def chunked_loss_sum(student: Any, head: torch.nn.Module, batch: Batch, teacher: Optional[Any],
                      teacher_selected: Optional[TeacherTargets], method: MethodConfig, vocab: int, chunk: int) -> Tensor:
     """The same sum as ``token_loss(shifted(...)).sum()``, with the LM head and the divergence evaluated
     ``chunk`` response tokens at a time under activation checkpointing, so the loss's peak memory stays
@@ -150,23 +158,24 @@ def chunked_loss_sum(student: Any, head: torch.nn.Module, batch: Dict[str, Tenso
     the model's logits are not ``head(last hidden state)`` (soft-capping, scaling), checked on the
     last position.
     """
-    hidden, last = _final_hidden(student, batch["input_ids"], batch["attention_mask"])
+    hidden, last = _final_hidden(student, batch.input_ids, batch.attention_mask)
     if not torch.allclose(head(hidden[:, -1]).float(), last.float(), rtol=1e-3, atol=1e-3):
         raise ValueError("this model's logits are not its LM head applied to the last hidden state")
-    target = batch["labels"][:, 1:]
+    target = batch.labels[:, 1:]
     mask = target != -100
     h, tgt = hidden[:, :-1][mask], target[mask]
     t_src, t_head = teacher_selected, None
     if t_src is None and kd_weight(method) > 0:
-        t_labels = batch.get("teacher_labels", batch["labels"])[:, 1:]
+        primed = batch.teacher_input_ids is not None
+        t_labels = (batch.teacher_labels if primed else batch.labels)[:, 1:]
         with torch.no_grad():
-            t_hidden, _ = _final_hidden(teacher, batch.get("teacher_input_ids", batch["input_ids"]),
-                                        batch.get("teacher_attention_mask", batch["attention_mask"]))
+            t_hidden, _ = _final_hidden(teacher, batch.teacher_input_ids if primed else batch.input_ids,
+                                        batch.teacher_attention_mask if primed else batch.attention_mask)
         t_src, t_head = t_hidden[:, :-1][t_labels != -100], teacher.get_output_embeddings()
 
-    pg = pg_fields(batch)
+    pg = batch.policy
 
-    def piece(h_c: Tensor, t_c: Optional[TeacherTargets], y_c: Tensor, pg_c: Optional[Dict[str, Tensor]]) -> Tensor:
+    def piece(h_c: Tensor, t_c: Optional[TeacherTargets], y_c: Tensor, pg_c: Optional[PolicyTerm]) -> Tensor:
         t_logits = t_c if t_head is None else t_head(t_c).detach()
         if isinstance(t_logits, Tensor):  # a cached TopK is already over the vocabulary
             t_logits = t_logits[:, :vocab]
@@ -180,7 +189,7 @@ def chunked_loss_sum(student: Any, head: torch.nn.Module, batch: Dict[str, Tenso
     for j in range(steps):
         i = j * chunk if j < n else 0
         t_c = t_src[i:i + chunk] if t_src is not None else None
-        pg_c = {k: v[i:i + chunk] for k, v in pg.items()} if pg is not None else None
+        pg_c = pg.slice(i, i + chunk) if pg is not None else None
         part = checkpoint(piece, h[i:i + chunk], t_c, tgt[i:i + chunk], pg_c, use_reentrant=False)
         total = total + (part if j < n else 0.0 * part)
     return total

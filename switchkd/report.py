@@ -34,16 +34,17 @@ def method_table(results: Dict[str, List[dict]]) -> str:
     return "\n".join(lines)
 
 
-def switch_profile(metrics_file: Path) -> Dict[str, Dict[str, float]]:
-    """Mean teacher-token share and gate value per position bucket over a run's logged steps."""
+def teacher_share_profile(metrics_file: Path) -> Dict[str, Dict[str, float]]:
+    """Mean teacher-token share and gate value per position bucket over a run's logged steps (the
+    ``<source>/teacher_frac@<bucket>`` and ``<source>/gate@<bucket>`` diagnostics of interleaved sources)."""
     sums: Dict[str, Dict[str, List[float]]] = {"teacher_frac": {}, "gate": {}}
     for line in metrics_file.read_text().splitlines():
         rec = json.loads(line)
         for key, val in rec.items():
             for kind in sums:
-                prefix = f"switch/{kind}@"
-                if key.startswith(prefix):
-                    sums[kind].setdefault(key[len(prefix):], []).append(val)
+                name, sep, bucket = key.partition(f"/{kind}@")
+                if sep and "/" not in name:
+                    sums[kind].setdefault(bucket, []).append(val)
     return {kind: {b: statistics.fmean(v) for b, v in d.items()} for kind, d in sums.items()}
 
 
@@ -81,7 +82,7 @@ def plot_by_length(results: Dict[str, List[dict]], path: Path) -> Optional[Path]
     return path
 
 
-def plot_switch_profile(profile: Dict[str, Dict[str, float]], path: Path) -> Optional[Path]:
+def plot_teacher_share(profile: Dict[str, Dict[str, float]], path: Path) -> Optional[Path]:
     """SWITCH's teacher-token rate and mean gate value by response position."""
     plt = _plt()
     if plt is None or not profile["teacher_frac"]:

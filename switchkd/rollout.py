@@ -42,19 +42,15 @@ from switchkd.decoding import (  # noqa: F401  (re-exported: the public names of
 from switchkd.distributed import all_ranks, is_sharded
 from switchkd.speculative import speculative_switch
 
-_chooser = chooser  # earlier name, kept for callers
-
-
 def from_method(method: Any, source: str, max_new_tokens: int, tokenizer: Any, vocab: int,
                 keep_teacher_logits: bool = False) -> RolloutConfig:
-    """The :class:`RolloutConfig` that a training config's ``method`` section describes."""
-    m, sw = method, method.switch
+    """The :class:`RolloutConfig` of a training config's shared ``method`` decoding fields (a source then
+    sets its own rule with its ``rollout_config``)."""
+    m = method
     return RolloutConfig(source=source, max_new_tokens=max(1, max_new_tokens), do_sample=m.do_sample,
-                         temperature=m.gen_temperature, top_k=m.top_k, top_p=m.top_p, tau0=sw.tau0, decay=sw.decay,
-                         schedule=sw.schedule, gate=sw.gate, eos_token_id=tokenizer.eos_token_id,
+                         temperature=m.gen_temperature, top_k=m.top_k, top_p=m.top_p, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, vocab_size=vocab, keep_teacher_logits=keep_teacher_logits,
-                         speculative=sw.speculative, draft_k=sw.draft_k, max_draft_k=sw.max_draft_k, compile=m.compile,
-                         teacher_mix=m.minillm.teacher_mix)
+                         compile=m.compile)
 
 
 @torch.no_grad()

@@ -51,8 +51,9 @@ def write_new_dir(out: Path, write: "Callable[[Path], None]") -> Path:
     return out
 
 
-def check_writable(out: Path) -> None:
-    """Prove ``out`` (or its nearest existing parent) can be written, leaving nothing behind."""
+def check_writable(out: Path, name: str = "output.dir=") -> None:
+    """Prove ``out`` (or its nearest existing parent) can be written, leaving nothing behind; ``name``
+    prefixes the path in the error (``output.dir=``, ``--output ``)."""
     base = out
     while not base.exists() and base != base.parent:
         base = base.parent
@@ -61,7 +62,50 @@ def check_writable(out: Path) -> None:
         probe.mkdir()
         probe.rmdir()
     except OSError as exc:
-        raise ConfigError(f"output.dir={out}: cannot write there ({exc.strerror or exc} in {base})") from None
+        raise ConfigError(f"{name}{out}: cannot write there ({exc.strerror or exc} in {base})") from None
+
+
+def check_output_path(out: "str | Path", flag: str, kind: str, inputs: "tuple | list" = (),
+                      reusable: "tuple | list" = ()) -> Path:
+    """Check a path a command will write before anything loads; returns it.
+
+    ``kind`` ``file``: not a directory (an existing file is replaced atomically by the command); ``dir``: new,
+    empty, or holding only names in ``reusable`` (the command's own earlier outputs).  Refused with one line:
+    the output equal to (or, for a directory, containing) one of ``inputs``, the wrong kind, a directory with
+    other content, a place that cannot be written."""
+    out = Path(out)
+    here = out.resolve()
+    for src in inputs:
+        if not src or not Path(src).exists():
+            continue
+        s = Path(src).resolve()
+        if s == here or (kind == "dir" and here in s.parents):
+            raise ConfigError(f"{flag} {out}: is (or holds) the input {src}; write the output elsewhere")
+    if kind == "dir" and here == Path.cwd().resolve():
+        raise ConfigError(f"{flag} {out}: is the current directory; name a new directory for the output")
+    if kind == "file" and out.is_dir():
+        raise ConfigError(f"{flag} {out}: is a directory; expected a file name")
+    if kind == "dir" and out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"{flag} {out}: exists and is not a directory")
+        other = sorted(p.name for p in out.iterdir() if p.name not in reusable)
+        if other:
+            raise ConfigError(f"{flag} {out}: already exists with other files in it ({other[0]}, ...); name a new "
+                              "or empty directory (nothing is overwritten)")
+    check_writable(out if kind == "dir" else out.parent, f"{flag} ")
+    return out
+
+
+def write_text_atomic(path: "str | Path", text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling renamed when complete (never half-written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _holder(out: Path) -> int:

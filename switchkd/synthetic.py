@@ -13,7 +13,7 @@ import hashlib
 import random
 from typing import Callable, Dict, List, Tuple
 
-from switchkd.data import Example
+from switchkd.records import Example
 
 WORDS = (
     "apple river stone cloud tiger maple ocean pencil garden rocket silver window candle forest yellow "

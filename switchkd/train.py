@@ -30,6 +30,7 @@ from transformers import get_scheduler
 
 from switchkd import distributed
 from switchkd.config import Config, ConfigError, LoraConfig, to_yaml
+from switchkd.batch import Batch
 from switchkd.data import Tokenized, collate, load_examples, tokenize
 from switchkd.evaluate import generate_texts, rouge_l
 from switchkd.lmdata import LMStream, lm_loss
@@ -37,16 +38,16 @@ from switchkd.losses import (
     chunked_loss_sum,
     instruction_loss_sum,
     kd_weight,
-    pg_fields,
     prompt_mask,
     response_logits,
     response_tokens,
+    teacher_targets,
     token_loss,
 )
+from switchkd.methods import make_source
 from switchkd.models import load_model, load_pair, with_adapter
 from switchkd.rundir import acquire_lock, check_output_dir, release_lock, truncate_metrics
-from switchkd.sources import make_source, teacher_targets
-from switchkd.teacher_cache import TeacherCache
+from switchkd.teacher_cache import TeacherCache, read_meta
 
 
 class _TiedWeights(logging.Filter):
@@ -94,12 +95,12 @@ def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, t
     pre-training text batch per micro-batch) the objective gains ``method.lm_weight`` x the mean of
     the micro-batches' LM cross-entropies (averaged over processes); ``stats["lm_loss"]`` gets it.
     """
-    local = sum(response_tokens(b["labels"]) for b in group)
+    local = sum(response_tokens(b.labels) for b in group)
     total = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum"))
     scale = accelerator.num_processes / max(total, 1)
     loss_sum, lm_sum = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     inst_w, inst_sum = cfg.method.instruction_weight, torch.zeros((), device=accelerator.device)
-    if inst_w > 0:  # BiLD's instruction loss: a mean over the step's prompt positions, like the response mean
+    if inst_w > 0:  # the instruction loss: a mean over the step's prompt positions, like the response mean
         n_prompt = sum(int(prompt_mask(b).sum()) for b in group)
         n_prompt = int(accelerator.reduce(torch.tensor(n_prompt, device=accelerator.device), reduction="sum"))
         inst_scale = accelerator.num_processes / max(n_prompt, 1)
@@ -111,15 +112,15 @@ def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, t
         with sync, accelerator.autocast():
             if cfg.train.loss_chunk > 0:
                 head = accelerator.unwrap_model(student).get_output_embeddings()
-                loss = chunked_loss_sum(student, head, b, teacher, b.get("teacher_selected"), cfg.method, vocab,
+                loss = chunked_loss_sum(student, head, b, teacher, b.teacher_selected, cfg.method, vocab,
                                         cfg.train.loss_chunk)
             elif inst_w > 0:
                 loss, inst = instruction_loss_sum(student, teacher, b, cfg.method, vocab)
                 inst_sum += inst.detach()
             else:
                 t = teacher_targets(teacher, b, vocab) if needs_teacher else None
-                s, target = response_logits(student, b["input_ids"], b["attention_mask"], b["labels"], vocab)
-                loss = token_loss(s, t, target, cfg.method, pg_fields(b)).sum()
+                s, target = response_logits(student, b.input_ids, b.attention_mask, b.labels, vocab)
+                loss = token_loss(s, t, target, cfg.method, b.policy).sum()
             if extra:  # DeepSpeed steps its engine at every backward that accelerate marks as a boundary
                 accelerator.gradient_state._set_sync_gradients(i == len(group) - 1)
             objective = loss * scale + (inst_w * inst * inst_scale if inst_w > 0 else 0.0)
@@ -143,6 +144,8 @@ class Trainer:
         self.cfg, self.out = cfg, Path(cfg.output.dir)
         if int(os.environ.get("RANK", "0")) == 0:
             check_output_dir(cfg)
+        if cfg.method.teacher_cache:
+            read_meta(cfg.method.teacher_cache, cfg)  # before any model loads
         trackers = [t for t in cfg.train.loggers if _installed(t)]
         self.acc = distributed.make_accelerator(cfg, trackers)
         self.sharded = distributed.kind(self.acc) != "replicated"
@@ -155,6 +158,8 @@ class Trainer:
         examples = load_examples(cfg.data.train, cfg.data, self.tok, cfg.data.limit)
         self.items, stats = tokenize(examples, self.tok, cfg.data.max_prompt_length, cfg.data.max_length,
                                      cfg.method.priming)
+        if self.cache is not None:
+            self.cache.check(self.items)
         self.dev = load_examples(cfg.data.dev, cfg.data, self.tok, cfg.eval.limit or 100) if cfg.data.dev else None
         self.dev_items = tokenize(self.dev, self.tok, cfg.data.max_prompt_length, cfg.data.max_length,
                                   cfg.method.priming)[0] if self.dev else []
@@ -163,7 +168,8 @@ class Trainer:
                               f"{self.acc.num_processes} processes) is larger than the {len(self.items)} training examples")
         per_epoch = math.ceil(math.ceil(len(self.items) / (cfg.train.batch_size * self.acc.num_processes)) / cfg.train.grad_accum)
         self.total = cfg.train.max_steps or per_epoch * cfg.train.epochs
-        opt = torch.optim.AdamW(param_groups(self.student, cfg.train.weight_decay), lr=cfg.train.lr)
+        opt = torch.optim.AdamW(param_groups(self.student, cfg.train.weight_decay), lr=cfg.train.lr,
+                                betas=tuple(cfg.train.betas))
         sched = get_scheduler(cfg.train.scheduler, opt, num_warmup_steps=cfg.train.warmup_steps,
                               num_training_steps=self.total)
         if distributed.kind(self.acc) == "zero3":
@@ -219,8 +225,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.resume:
             self._resume()
-        if self.source.dev_metric == "ce" and self.dev is not None and getattr(self.source, "reference", 0) is None:
-            self.source.on_validation(self._source_dev_loss())  # DistiLLM's evaluation before training
+        if self.dev is not None and self.source.wants_reference():
+            self.source.on_validation(self._source_dev_loss())  # the reference evaluation before training
         batches = self._micro_batches()
         bar = tqdm(total=self.total, initial=self.state.step, desc="train", disable=not self.acc.is_main_process)
         while self.state.step < self.total:
@@ -243,7 +249,7 @@ class Trainer:
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
             self.state.step += 1
-            tokens = sum(int(b["attention_mask"].sum()) for b in group) * self.acc.num_processes
+            tokens = sum(int(b.attention_mask.sum()) for b in group) * self.acc.num_processes
             step_s = time.perf_counter() - t0  # sequences (rollouts included) + losses + optimizer step
             rec = {"step": self.state.step, "epoch": self.state.epoch, "loss": loss, "lr": self.sched.get_last_lr()[0],
                    "step_s": step_s, "tokens_per_s": tokens / step_s, "response_tokens": n_tok} | extra
@@ -255,10 +261,10 @@ class Trainer:
                 self.source.on_validation(rec["dev_ce_epoch"])
             if self.dev is not None and ((cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0) or last):
                 rec["dev_loss"] = self._dev_loss()
-                if self.source.dev_metric == "ce":
-                    rec["dev_ce"] = self._dev_loss(ce=True)
+                if self.source.dev_metric == "cross_entropy":
+                    rec["dev_ce"] = self._dev_loss(cross_entropy=True)
                 if self.source.validation == "eval_every":
-                    self.source.on_validation(rec["dev_ce"] if self.source.dev_metric == "ce" else rec["dev_loss"])
+                    self.source.on_validation(rec["dev_ce"] if self.source.dev_metric == "cross_entropy" else rec["dev_loss"])
                 rec["dev_rougeL"] = self._evaluate_dev()
             if self.state.step % max(cfg.train.log_every, 1) == 0 or last or "dev_rougeL" in rec or "dev_ce_epoch" in rec:
                 self._log(rec | self.source.stats())
@@ -267,11 +273,10 @@ class Trainer:
         bar.close()
         return self._finish()
 
-    def _with_cache(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+    def _with_cache(self, batch: Batch) -> Batch:
         """Attach the cached teacher targets (``teacher_selected``, a sparse ``TopK``) when a cache is in use."""
         if self.cache is not None:
-            lengths = (batch["labels"][:, 1:] != -100).sum(1).tolist()
-            batch["teacher_selected"] = self.cache.targets(batch["index"].tolist(), lengths).to(self.acc.device)
+            batch.teacher_selected = self.cache.targets(batch.index.tolist(), batch.response_lengths()).to(self.acc.device)
         return batch
 
     def _epoch_ended(self, before: tuple) -> bool:
@@ -285,26 +290,26 @@ class Trainer:
 
     def _source_dev_loss(self) -> float:
         """What the source's ``on_validation`` receives: its dev metric on its dev set, reduced its way."""
-        return self._dev_loss(ce=self.source.dev_metric == "ce", items=self.source_dev,
+        return self._dev_loss(cross_entropy=self.source.dev_metric == "cross_entropy", items=self.source_dev,
                               batch_mean=self.source.dev_batch_mean)
 
     @torch.no_grad()
-    def _dev_loss(self, ce: bool = False, items: Optional[List[Tokenized]] = None, batch_mean: bool = False) -> float:
-        """The training objective (or, with ``ce``, the student's cross-entropy) on the dev set's reference
+    def _dev_loss(self, cross_entropy: bool = False, items: Optional[List[Tokenized]] = None, batch_mean: bool = False) -> float:
+        """The training objective (or, with ``cross_entropy``, the student's cross-entropy) on the dev set's reference
         responses (``items``, default the dev set), as a token mean or (``batch_mean``) the mean of the
         per-batch token means (every process computes it)."""
         items = self.dev_items if items is None else items
         total, n, means = 0.0, 0, []
         model = self.acc.unwrap_model(self.student).eval()
         method = self.cfg.method
-        if ce or (self.teacher is None and kd_weight(method) > 0):  # a cached teacher covers train only: dev CE
+        if cross_entropy or (self.teacher is None and kd_weight(method) > 0):  # a cached teacher covers train only: dev CE
             method = replace(method, kd_ratio=0.0)
         needs_teacher = kd_weight(method) > 0
         for i in range(0, len(items), self.cfg.train.batch_size):
             b = collate(items[i:i + self.cfg.train.batch_size], self.tok.pad_token_id)
-            b = {k: v.to(self.acc.device) for k, v in b.items()}
+            b = b.to(self.acc.device)
             t = teacher_targets(self.teacher, b, self.vocab) if needs_teacher else None
-            s, target = response_logits(model, b["input_ids"], b["attention_mask"], b["labels"], self.vocab)
+            s, target = response_logits(model, b.input_ids, b.attention_mask, b.labels, self.vocab)
             loss = float(token_loss(s, t, target, method).sum())
             total, n = total + loss, n + int(target.numel())
             means.append(loss / max(int(target.numel()), 1))

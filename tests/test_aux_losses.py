@@ -65,8 +65,8 @@ def test_lm_term_gradients_equal_brute_force(tmp_path):
     student.zero_grad()
     ce_sum, n = 0.0, 0
     for b in group:
-        logits = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-        target = b["labels"][:, 1:]
+        logits = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+        target = b.labels[:, 1:]
         ce_sum = ce_sum + torch.nn.functional.cross_entropy(logits[target != -100][:, :vocab], target[target != -100],
                                                            reduction="sum")
         n += int((target != -100).sum())
@@ -101,11 +101,11 @@ def test_bild_instruction_loss_equals_the_official_formula():
     got = {k: p.grad.clone() for k, p in student.named_parameters()}
     student.zero_grad()
     student64, teacher64 = student.double(), teacher.double()
-    logits_s = student64(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[..., :vocab]
+    logits_s = student64(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[..., :vocab]
     with torch.no_grad():
-        logits_t = teacher64(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[..., :vocab]
-    shift_labels = b["labels"][..., 1:]
-    ls, lt, am = logits_s[..., :-1, :], logits_t[..., :-1, :], b["attention_mask"][..., :-1].double()
+        logits_t = teacher64(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[..., :vocab]
+    shift_labels = b.labels[..., 1:]
+    ls, lt, am = logits_s[..., :-1, :], logits_t[..., :-1, :], b.attention_mask[..., :-1].double()
 
     def vanilla_kl(s, t):  # BiLD's vanilla_kl_loss at temperature 1
         return torch.nn.functional.kl_div(s.log_softmax(-1), t.softmax(-1), reduction="none").sum(-1)

@@ -92,11 +92,11 @@ def test_collate_masks_prompt_and_padding():
     from switchkd.data import Tokenized
 
     batch = collate([Tokenized([5, 6, 7], [8, 1], 0), Tokenized([5], [9, 10, 1], 1)], pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 1], [5, 9, 10, 1, 0]]
-    assert batch["labels"].tolist() == [[-100, -100, -100, 8, 1], [-100, 9, 10, 1, -100]]
-    assert batch["prompt_ids"].tolist() == [[5, 6, 7], [0, 0, 5]]
-    assert batch["prompt_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert torch.equal(batch["attention_mask"], (batch["input_ids"] != 0).long() | torch.tensor([[0] * 5, [0] * 5]))
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 1], [5, 9, 10, 1, 0]]
+    assert batch.labels.tolist() == [[-100, -100, -100, 8, 1], [-100, 9, 10, 1, -100]]
+    assert batch.prompt_ids.tolist() == [[5, 6, 7], [0, 0, 5]]
+    assert batch.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert torch.equal(batch.attention_mask, (batch.input_ids != 0).long() | torch.tensor([[0] * 5, [0] * 5]))
 
 
 def test_synthetic_splits_are_disjoint_and_deterministic():

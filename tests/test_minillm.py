@@ -21,7 +21,8 @@ from oracle_minillm import (
 from switchkd.config import MethodConfig, load_config
 from switchkd.divergences import divergence
 from switchkd.losses import policy_loss
-from switchkd.minillm import advantages, importance_weight, rewards
+from switchkd.batch import PolicyTerm
+from switchkd.methods.minillm import advantages, importance_weight, rewards
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T, V = 3, 7, 11
@@ -78,8 +79,8 @@ def test_single_step_and_policy_terms_equal_trl_in_value_and_gradient():
     trl.backward()
 
     b = s_logits.clone().requires_grad_(True)
-    pg = {"pg_advantage": adv[mask], "pg_old_logprob": old[mask], "pg_weight": torch.ones_like(old[mask])}
-    ours = (divergence("rkl", b[mask], t_logits[mask]) + policy_loss(b[mask], y[mask], pg, 0.2)).sum() / mask.sum()
+    pg = PolicyTerm(adv[mask], old[mask], torch.ones_like(old[mask]), 0.2)
+    ours = (divergence("rkl", b[mask], t_logits[mask]) + policy_loss(b[mask], y[mask], pg)).sum() / mask.sum()
     ours.backward()
     torch.testing.assert_close(ours.double(), trl, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
@@ -100,8 +101,8 @@ def test_rewards_advantages_weights_and_losses_equal_lmops():
     torch.testing.assert_close(adv.double(), want_adv.double(), rtol=1e-5, atol=1e-6)
 
     old = s_lp - 0.25  # a later PPO epoch: the policy moved
-    pg = {"pg_advantage": adv[mask].double(), "pg_old_logprob": old[mask], "pg_weight": w[mask]}
-    got = policy_loss(s_logits[mask], y[mask], pg, 0.2).sum() / mask.sum()
+    pg = PolicyTerm(adv[mask].double(), old[mask], w[mask], 0.2)
+    got = policy_loss(s_logits[mask], y[mask], pg).sum() / mask.sum()
     torch.testing.assert_close(got.double(), lmops_pg_loss(s_lp, old, want_adv.double(), mask.double(), want_w))
     reg = divergence("rkl", s_logits[mask], t_logits[mask]).sum() / mask.sum()
     torch.testing.assert_close(reg.double(), lmops_reg_loss(s_logits, t_logits, mask.double()).double(),
@@ -134,7 +135,7 @@ def test_mixed_sampling_draws_from_the_teacher_mixture():
 def test_source_fields_are_recomputed_and_reused_for_ppo_epochs(tmp_path):
     from switchkd.data import build_batch
     from switchkd.models import load_pair
-    from switchkd.sources import make_source
+    from switchkd.methods import make_source
 
     cfg = load_config(ROOT / "configs/tiny/minillm.yaml", ["method.max_new_tokens=12", "method.minillm.ppo_epochs=2",
                                                           f"output.dir={tmp_path}"])
@@ -152,23 +153,23 @@ def test_source_fields_are_recomputed_and_reused_for_ppo_epochs(tmp_path):
     it = batches()
     [a], [b], [c] = src.step_batches(it, 0, 1), src.step_batches(it, 1, 1), src.step_batches(it, 2, 1)
     assert len(drawn) == 2  # the second step reuses the held rollout without drawing a prompt batch
-    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pg_advantage"], b["pg_advantage"])
-    assert not torch.equal(a["input_ids"], c["input_ids"])  # a fresh rollout after ppo_epochs uses
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.policy.advantage, b.policy.advantage)
+    assert not torch.equal(a.input_ids, c.input_ids)  # a fresh rollout after ppo_epochs uses
     # the fields, recomputed from plain forwards of both models over the rolled-out batch
-    m = a["labels"][:, 1:] != -100
+    m = a.labels[:, 1:] != -100
     with torch.no_grad():
-        y = a["labels"][:, 1:][m]
-        s_lp = torch.log_softmax(student(a["input_ids"], attention_mask=a["attention_mask"]).logits[:, :-1][m][:, :vocab], -1)
-        t_lp = torch.log_softmax(teacher(a["input_ids"], attention_mask=a["attention_mask"]).logits[:, :-1][m][:, :vocab], -1)
+        y = a.labels[:, 1:][m]
+        s_lp = torch.log_softmax(student(a.input_ids, attention_mask=a.attention_mask).logits[:, :-1][m][:, :vocab], -1)
+        t_lp = torch.log_softmax(teacher(a.input_ids, attention_mask=a.attention_mask).logits[:, :-1][m][:, :vocab], -1)
     s_lp, t_lp = s_lp.gather(-1, y[:, None]).squeeze(-1), t_lp.gather(-1, y[:, None]).squeeze(-1)
-    torch.testing.assert_close(a["pg_old_logprob"], s_lp, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(a["pg_weight"], importance_weight(s_lp, t_lp, 0.2), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.policy.old_logprob, s_lp, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.policy.weight, importance_weight(s_lp, t_lp, 0.2), rtol=1e-4, atol=1e-5)
     n = m.sum(1)
     resp = torch.arange(int(n.max()))[None, :] < n[:, None]
     spread = lambda v: torch.zeros(resp.shape).masked_scatter(resp, v)  # noqa: E731
     want = advantages(rewards(spread(t_lp), spread(s_lp), resp, 0.5, 100.0), resp, 0.95, "count", True)[resp]
-    torch.testing.assert_close(a["pg_advantage"], want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(a["teacher_selected"][:, :vocab].log_softmax(-1).gather(-1, y[:, None]).squeeze(-1), t_lp,
+    torch.testing.assert_close(a.policy.advantage, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.teacher_selected[:, :vocab].log_softmax(-1).gather(-1, y[:, None]).squeeze(-1), t_lp,
                                rtol=1e-4, atol=1e-5)
 
 
@@ -209,15 +210,15 @@ def test_grad_accum_holds_distinct_rollouts_per_step_and_ppo_moves_the_ratio(tmp
                 yield next(batches)
         group = step_batches(counted(), step, n)
         assert tr.student.training is False or not tr.source.dropout
-        seen.append([(b["input_ids"].clone(), b["pg_old_logprob"].clone()) for b in group])
+        seen.append([(b.input_ids.clone(), b.policy.old_logprob.clone()) for b in group])
         if step == 1:  # before the second update of the held rollouts: the first update moved the policy
             model = tr.acc.unwrap_model(tr.student).eval()
             with torch.no_grad():
                 for b in group:
-                    m = b["labels"][:, 1:] != -100
-                    lp = torch.log_softmax(model(b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1][m]
-                                           .float(), -1).gather(-1, b["labels"][:, 1:][m][:, None]).squeeze(-1)
-                    ratio = torch.exp(lp - b["pg_old_logprob"])
+                    m = b.labels[:, 1:] != -100
+                    lp = torch.log_softmax(model(b.input_ids, attention_mask=b.attention_mask).logits[:, :-1][m]
+                                           .float(), -1).gather(-1, b.labels[:, 1:][m][:, None]).squeeze(-1)
+                    ratio = torch.exp(lp - b.policy.old_logprob)
                     assert (ratio - 1).abs().max() > 1e-3
         return group
 
@@ -238,9 +239,47 @@ def test_gkd_preset_follows_trl_loss_temperature_and_dropout():
 
     from trl.experimental.gkd.gkd_trainer import GKDTrainer
 
-    from switchkd.sources import SOURCES
+    from switchkd.methods import SOURCES
 
     cfg = load_config(ROOT / "configs/tiny/gkd.yaml", [])
     assert cfg.method.gen_temperature == 0.9
     assert cfg.method.temperature == inspect.signature(GKDTrainer.generalized_jsd_loss).parameters["temperature"].default
     assert SOURCES["mixture"].dropout is False and SOURCES["dataset"].dropout is True
+
+
+def test_source_whitens_over_the_fixed_generation_block_as_lmops():
+    """LMOps pads every generation to its fixed length and whitens the advantages over that whole
+    [B, R] block (zeros included); the source does the same with R = min(method.max_new_tokens,
+    data.max_length - data.max_prompt_length), not over the longest response of the batch."""
+    from switchkd.batch import Batch
+    from switchkd.methods import make_source
+
+    cfg = load_config(ROOT / "configs/tiny/minillm.yaml", ["method.max_new_tokens=9", "data.max_length=200",
+                                                          "data.max_prompt_length=100"])
+    src = make_source(cfg, None, None, type("Tok", (), {"pad_token_id": 0})(), V)
+    lengths = [4, 2, 3]  # every row shorter than the block R = 9
+    batch = Batch.build([[1, 2], [3], [4, 5, 6]], [[7] * n for n in lengths], 0, [0, 1, 2])
+    g = torch.Generator().manual_seed(0)
+    N = sum(lengths)  # predicted response tokens (every response token follows a prompt token)
+    batch.teacher_selected = torch.randn(N, V, generator=g)
+    s_lp = -torch.rand(N, generator=g) * 3
+    got = src.policy(batch, s_lp)
+    n = (batch.labels[:, 1:] != -100).sum(1)
+    R = 9
+    mask = torch.arange(R)[None, :] < n[:, None]
+    y = batch.labels[:, 1:][batch.labels[:, 1:] != -100]
+    t_lp = torch.log_softmax(batch.teacher_selected, -1).gather(-1, y[:, None]).squeeze(-1)
+    spread = lambda v: torch.zeros(mask.shape).masked_scatter(mask, v)  # noqa: E731
+    want_r, _ = lmops_rewards_and_weight(spread(t_lp), spread(s_lp), mask, 0.2, 0.5, 100.0)
+    want = lmops_get_advantages_and_returns(want_r, R, mask, 0.95)[mask]
+    torch.testing.assert_close(got.advantage, want.float(), rtol=1e-5, atol=1e-5)
+    narrow = mask[:, : int(n.max())]  # whitening over the longest response only gives other values
+    other = lmops_get_advantages_and_returns(want_r[:, : narrow.shape[1]], narrow.shape[1], narrow, 0.95)[narrow]
+    assert (other.float() - want.float()).abs().max() > 0.05
+    assert got.clip == cfg.method.minillm.clip
+
+
+@pytest.mark.parametrize("family", ["tiny", "gpt2-xl_to_gpt2", "smollm2"])
+def test_minillm_presets_use_lmops_adamw(family):
+    cfg = load_config(ROOT / f"configs/{family}/minillm.yaml")
+    assert list(cfg.train.betas) == [0.9, 0.95] and cfg.train.weight_decay == 1e-6

@@ -181,9 +181,9 @@ def test_chat_prompts_and_eos_labels_with_pad_equal_to_eos(shared, pair):
     b = build_batch([x.prompt for x in items], [x.response for x in items], tok.pad_token_id, [x.index for x in items])
     for i, x in enumerate(items):  # the real EOS is a label; the pads after it (same id) are not
         end = len(x.prompt) + len(x.response)
-        assert b["labels"][i, end - 1] == tok.eos_token_id
-        assert (b["labels"][i, end:] == -100).all() and (b["attention_mask"][i, end:] == 0).all()
-        assert (b["labels"][i, : len(x.prompt)] == -100).all()
+        assert b.labels[i, end - 1] == tok.eos_token_id
+        assert (b.labels[i, end:] == -100).all() and (b.attention_mask[i, end:] == 0).all()
+        assert (b.labels[i, : len(x.prompt)] == -100).all()
 
 
 def test_generation_stops_at_the_template_end_token(shared):
@@ -297,7 +297,7 @@ def test_eval_draft_for_reports_the_draft(pair, shared, tmp_path, capsys):
 
 def test_saturation_warning_and_ln2_note():
     from switchkd.calibrate import ln2_note
-    from switchkd.sources import saturation_warning
+    from switchkd.methods.switch import saturation_warning
 
     assert saturation_warning(0.5, 100, 0.1) is None
     assert "teacher wrote 100%" in saturation_warning(1.0, 100, 0.1)

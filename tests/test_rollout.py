@@ -203,7 +203,7 @@ def test_speculative_sampling_has_the_lockstep_distribution():
 
 
 def test_sampler_draws_from_the_warped_distribution():
-    from switchkd.rollout import _chooser
+    from switchkd.rollout import chooser as _chooser
 
     logits = torch.tensor([[0.0, 1.0, -2.0, float("-inf"), 0.5, -0.5]]).expand(60_000, -1)
     for cfg, expect in [(_cfg(do_sample=True), torch.softmax(logits[0], -1)),

@@ -145,7 +145,7 @@ def test_per_batch_choices_agree_across_processes(preset):
     """Whether a batch is rolled out is drawn alike on every process (sharded rollouts are collective),
     while row-level sampling seeds differ per process."""
     from switchkd.config import load_config
-    from switchkd.sources import make_source
+    from switchkd.methods import make_source
 
     cfg = load_config(str(ROOT / f"configs/tiny/{preset}.yaml"), ["method.mixture.student_ratio=0.5", "method.switch.ratio=0.5"])
     a, b = (make_source(cfg, None, None, None, 0, seed=cfg.train.seed * 1000 + rank) for rank in (0, 1))

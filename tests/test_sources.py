@@ -15,7 +15,9 @@ from switchkd.config import load_config
 from switchkd.data import collate, load_examples, tokenize
 from switchkd.losses import shifted
 from switchkd.models import load_pair
-from switchkd.sources import DistillmSource, make_source, teacher_targets
+from switchkd.losses import teacher_targets
+from switchkd.methods import make_source
+from switchkd.methods.distillm import DistillmSource
 from switchkd.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,8 +83,8 @@ def test_priming_aligns_teacher_positions_with_student_responses():
     assert got.shape == want.shape == (sum(len(x.response) for x in items), vocab)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # and the student reads exactly as many positions, in the same order (its targets are the same tokens)
-    s_logits, s_target = shifted(student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                 batch["labels"], vocab)
+    s_logits, s_target = shifted(student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                                 batch.labels, vocab)
     assert s_target.tolist() == [t for x in items for t in x.response]
     assert s_logits.shape[0] == got.shape[0]
 
@@ -102,7 +104,7 @@ def test_switch_rollout_logits_equal_a_teacher_forward():
     items, _ = tokenize(examples[:4], tok, 400, 600, "teacher")
     source = make_source(cfg, student, teacher, tok, vocab)
     batch = source(collate(items, tok.pad_token_id), step=0)
-    kept = batch.pop("teacher_selected")
+    kept, batch.teacher_selected = batch.teacher_selected, None
     recomputed = teacher_targets(teacher, batch, vocab)
     torch.testing.assert_close(kept, recomputed, rtol=1e-4, atol=1e-4)
     assert source.stats()["switch/teacher_frac"] > 0
@@ -117,7 +119,7 @@ def test_seqkd_source_generates_once_and_matches_generate_command(tmp_path):
     first = source(collate(items, tok.pad_token_id), 0)
     assert len(source.cache) == 4
     second = source(collate(items, tok.pad_token_id), 1)
-    assert torch.equal(first["input_ids"], second["input_ids"])
+    assert torch.equal(first.input_ids, second.input_ids)
     # the offline path: switchkd generate writes the same greedy teacher responses
     from switchkd.cli import main
 
@@ -197,7 +199,7 @@ def test_distillm_schedule_follows_the_official_rules():
     for step in range(9, 10):
         replay = src(collate(items, tok.pad_token_id), step)
     assert src.counts["replay"] == 1
-    rows = lambda b: {tuple(r[r != -100].tolist()) for r in b["labels"]}  # noqa: E731
+    rows = lambda b: {tuple(r[r != -100].tolist()) for r in b.labels}  # noqa: E731
     assert rows(replay) <= rows(fresh)  # replayed responses are the stored fresh ones
     again = DistillmSource(cfg, student, teacher, tok, vocab)
     again.load_state_dict(src.state_dict())
@@ -213,7 +215,7 @@ def test_distillm_without_dev_data_is_an_error():
 
 def test_imitkd_anneals_from_dataset_to_student_greedy():
     from switchkd.rollout import RolloutConfig, rollout
-    from switchkd.sources import ImitkdSource
+    from switchkd.methods.imitkd import ImitkdSource
 
     cfg, student, teacher, tok, vocab, examples = _setup(["method.name=imitkd", "method.source=imitkd",
                                                           "method.divergence=fkl", "method.max_new_tokens=8",
@@ -225,13 +227,13 @@ def test_imitkd_anneals_from_dataset_to_student_greedy():
     batch = collate(items, tok.pad_token_id)
     assert src(batch, 0) is batch  # beta 1: the dataset batch unchanged
     last = src(batch, 10)  # beta 0: every response is the student's greedy decoding
-    greedy = rollout(student, None, batch["prompt_ids"], batch["prompt_mask"],
+    greedy = rollout(student, None, batch.prompt_ids, batch.prompt_mask,
                      RolloutConfig(source="student", max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
                                    pad_token_id=tok.pad_token_id, vocab_size=vocab))
-    P = batch["prompt_ids"].shape[1]
+    P = batch.prompt_ids.shape[1]
     for i in range(8):
         want = greedy.sequences[i, P:][greedy.response_mask[i]].tolist()
-        assert last["labels"][i][last["labels"][i] != -100].tolist() == want
+        assert last.labels[i][last.labels[i] != -100].tolist() == want
     src.stats()
     for _ in range(20):
         src(batch, 5)  # beta 0.5: about half the rows are the student's
@@ -245,7 +247,7 @@ def test_imitkd_exponential_schedule_is_the_official_one(base, share):
     of the rows (81% with the translation configs' 200, 61% with the summarisation configs' 10)."""
     import math
 
-    from switchkd.sources import ImitkdSource
+    from switchkd.methods.imitkd import ImitkdSource
 
     cfg = load_config(None, ["method.source=imitkd", "method.divergence=fkl", "teacher.name=tiny:gpt2",
                              f"method.imitkd.base={base}"])
@@ -261,7 +263,7 @@ def test_imitkd_exponential_schedule_is_the_official_one(base, share):
 def test_imitkd_argmax_targets_are_the_teachers_tokens_on_student_rows():
     """The paper's ImitKD: CE on the teacher's argmax over student prefixes, gold tokens on dataset rows."""
     from switchkd.config import ConfigError
-    from switchkd.sources import ImitkdSource
+    from switchkd.methods.imitkd import ImitkdSource
 
     cfg, student, teacher, tok, vocab, examples = _setup(["method.name=imitkd", "method.source=imitkd",
                                                           "method.divergence=ce", "method.kd_ratio=0",
@@ -274,15 +276,15 @@ def test_imitkd_argmax_targets_are_the_teachers_tokens_on_student_rows():
     src.rng.random = lambda: next(draws)
     out = src(batch, 1)
     with torch.no_grad():
-        pred = teacher(out["input_ids"], attention_mask=out["attention_mask"]).logits[:, :, :vocab].argmax(-1)
+        pred = teacher(out.input_ids, attention_mask=out.attention_mask).logits[:, :, :vocab].argmax(-1)
     changed = 0
     for i in range(8):
-        m = out["labels"][i, 1:] != -100
+        m = out.labels[i, 1:] != -100
         if i % 2 == 0:  # a student row: the teacher's argmax after each student prefix
-            assert torch.equal(out["labels"][i, 1:][m], pred[i, :-1][m])
-            changed += int((out["input_ids"][i, 1:][m] != pred[i, :-1][m]).sum())
+            assert torch.equal(out.labels[i, 1:][m], pred[i, :-1][m])
+            changed += int((out.input_ids[i, 1:][m] != pred[i, :-1][m]).sum())
         else:  # a dataset row: its gold tokens
-            assert out["labels"][i, 1:][m].tolist() == items[i].response
+            assert out.labels[i, 1:][m].tolist() == items[i].response
     assert changed > 0
     with pytest.raises(ConfigError, match="method.divergence=ce"):
         load_config(None, ["method.source=imitkd", "method.imitkd.targets=argmax", "method.divergence=fkl",
@@ -290,7 +292,7 @@ def test_imitkd_argmax_targets_are_the_teachers_tokens_on_student_rows():
 
 
 def test_gkd_seq_kd_uses_teacher_samples_off_policy():
-    from switchkd.sources import MixtureSource
+    from switchkd.methods.gkd import MixtureSource
 
     cfg, student, teacher, tok, vocab, examples = _setup(["method.name=gkd", "method.source=mixture",
                                                           "method.divergence=jsd", "method.mixture.student_ratio=0.0",
@@ -301,12 +303,12 @@ def test_gkd_seq_kd_uses_teacher_samples_off_policy():
     out = MixtureSource(cfg, student, teacher, tok, vocab)(batch, 0)
     from switchkd.rollout import RolloutConfig, rollout
 
-    ref = rollout(None, teacher, batch["prompt_ids"], batch["prompt_mask"],
+    ref = rollout(None, teacher, batch.prompt_ids, batch.prompt_mask,
                   RolloutConfig(source="teacher", max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
                                 pad_token_id=tok.pad_token_id, vocab_size=vocab))
-    P = batch["prompt_ids"].shape[1]
+    P = batch.prompt_ids.shape[1]
     for i in range(4):
-        assert out["labels"][i][out["labels"][i] != -100].tolist() == ref.sequences[i, P:][ref.response_mask[i]].tolist()
+        assert out.labels[i][out.labels[i] != -100].tolist() == ref.sequences[i, P:][ref.response_mask[i]].tolist()
 
 
 def test_distillm_validates_after_each_epoch_on_the_mean_of_batch_means(tmp_path):
@@ -334,9 +336,9 @@ def test_distillm_validates_after_each_epoch_on_the_mean_of_batch_means(tmp_path
     with torch.no_grad():
         for i in range(0, 10, 4):
             b = collate(tr.source_dev[i:i + 4], tr.tok.pad_token_id)
-            logits, target = shifted(model(b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"],
+            logits, target = shifted(model(b.input_ids, attention_mask=b.attention_mask).logits, b.labels,
                                      tr.vocab)
             means.append(float(torch.nn.functional.cross_entropy(logits.float(), target)))
-    got = tr._dev_loss(ce=True, items=tr.source_dev, batch_mean=True)
+    got = tr._dev_loss(cross_entropy=True, items=tr.source_dev, batch_mean=True)
     assert got == pytest.approx(sum(means) / len(means), rel=1e-5)
-    assert got != pytest.approx(tr._dev_loss(ce=True, items=tr.source_dev), rel=1e-6)  # not the token mean
+    assert got != pytest.approx(tr._dev_loss(cross_entropy=True, items=tr.source_dev), rel=1e-6)  # not the token mean

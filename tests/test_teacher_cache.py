@@ -100,5 +100,5 @@ def test_cache_mismatch_and_misuse_are_clear_errors(tmp_path):
                                         "data.synthetic_size=40", f"output.dir={tmp_path / 'x'}"]))
     with pytest.raises(ConfigError, match="method.source=dataset only"):
         load_config(None, BASE + ["method.source=student", f"method.teacher_cache={tmp_path / 'c'}"])
-    with pytest.raises(ConfigError, match="no teacher cache here"):
+    with pytest.raises(ConfigError, match="not a directory .run switchkd cache-teacher first"):
         train(load_config(None, BASE + [f"method.teacher_cache={tmp_path / 'none'}", f"output.dir={tmp_path / 'y'}"]))

@@ -132,8 +132,8 @@ def test_response_logits_equal_the_full_forward(spec):
     model, _, tok, vocab = load_pair(cfg.model, None)
     ex = load_examples("synthetic", cfg.data, tok)[:5]
     b = collate(tokenize(ex, tok, 128, 320)[0], tok.pad_token_id)
-    assert (b["labels"][:, 1:] != -100).any(0).nonzero()[0] > 1  # the prompt part really is skipped
-    full = shifted(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"], vocab)
-    kept = response_logits(model, b["input_ids"], b["attention_mask"], b["labels"], vocab)
+    assert (b.labels[:, 1:] != -100).any(0).nonzero()[0] > 1  # the prompt part really is skipped
+    full = shifted(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b.labels, vocab)
+    kept = response_logits(model, b.input_ids, b.attention_mask, b.labels, vocab)
     torch.testing.assert_close(kept[0], full[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(kept[1], full[1])

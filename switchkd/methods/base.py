@@ -1,0 +1,128 @@
+"""The base of every sequence source: what a method declares and the helpers sources share.
+
+A method is one module of this package: a :class:`Source` subclass that says which sequences a
+training batch holds, declares its config section (a dataclass of :func:`switchkd.schema.opt` fields,
+``cfg.method.<section>``), its cross-field rules, whether it needs a teacher, its rollouts for a whole
+optimizer step, its train/eval-mode (dropout) policy, its extra per-token terms, its checkpointable
+state and its dev metric.  Nothing outside the method's module depends on its name.
+
+Imports nothing heavy at module level, so that a config is checked before torch loads; the engine
+and the batch code are imported when a source first decodes.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterator, List, Optional
+
+if TYPE_CHECKING:
+    from switchkd.batch import Batch
+    from switchkd.config import Config
+    from switchkd.decoding import RolloutConfig, RolloutOutput
+
+Error = Callable[[str], Exception]
+
+
+class Source:
+    """Ground-truth responses, unchanged (SFT, word-level KD, BiLD): the base every source extends."""
+
+    #: ``method.source`` value that selects this class
+    name: ClassVar[str] = "dataset"
+    #: the method's own config section (``cfg.method.<section>``) and its dataclass, or None
+    section: ClassVar[Optional[str]] = None
+    Section: ClassVar[Optional[type]] = None
+    #: whether it decodes during training (such runs are slower: the demo starts them first)
+    decodes: ClassVar[bool] = False
+    #: whether its schedule reads the dev loss (``on_validation``): such runs need dev evaluations
+    reads_dev_loss: ClassVar[bool] = False
+    #: whether it logs the teacher-written share by position (``<prefix>/teacher_frac@...``)
+    profiles_teacher_share: ClassVar[bool] = False
+    #: whether the teacher's logits may come from ``method.teacher_cache`` (sequences fixed in advance)
+    fixed_sequences: ClassVar[bool] = False
+    #: train the student with dropout on (False: eval mode during the update too, as RL-style methods do)
+    dropout = True
+    dev_metric = "objective"  # what on_validation receives: the training objective on dev, or "cross_entropy"
+    validation = "eval_every"  # when on_validation is called: at train.eval_every steps, or after each "epoch"
+    dev_limit: Optional[int] = None  # on_validation's own dev set (the first N of data.dev; None: eval.limit's)
+    dev_batch_mean = False  # on_validation's loss: the mean of per-batch means (True) or of all tokens
+    total_steps = 1  # optimizer steps of the run (set by the trainer; schedules read it)
+    sharded = False  # set by the trainer under FSDP / ZeRO-3: rollouts are collective
+
+    # -- declarations read while the config is checked (class level, no models) --
+    @classmethod
+    def teacher_reason(cls, cfg: "Config") -> Optional[str]:
+        """Why this source needs a teacher model whatever the loss (None: only if the loss does)."""
+        return None
+
+    @classmethod
+    def check(cls, cfg: "Config", error: Error) -> None:
+        """Cross-field rules of this source; raise ``error(message)`` at the first broken one."""
+
+    # -- the run --
+    def __init__(self, cfg: "Config", student: Any, teacher: Optional[Any], tokenizer: Any, vocab: int,
+                 unwrap: Callable[[Any], Any] = lambda m: m, seed: int = 0) -> None:
+        self.cfg, self.student, self.teacher, self.tok, self.vocab = cfg, student, teacher, tokenizer, vocab
+        self.unwrap, self.rng = unwrap, random.Random(seed)
+        # per-batch choices (rollout or not) draw from an RNG that every process seeds alike, so that with
+        # sharded models (collective forwards) all processes roll out together; row-level draws use ``rng``
+        self.shared = random.Random(cfg.train.seed * 1000 + 999)
+
+    @property
+    def settings(self) -> Any:
+        """This source's config section (``cfg.method.<section>``)."""
+        return getattr(self.cfg.method, self.section) if self.section else None
+
+    def __call__(self, batch: "Batch", step: int) -> "Batch":
+        """The batch the loss sees for one dataset micro-batch at optimizer step ``step`` (0-based)."""
+        return batch
+
+    def step_batches(self, batches: Iterator["Batch"], step: int, n: int) -> List["Batch"]:
+        """The ``n`` micro-batches of one optimizer step, drawn from ``batches`` (the trainer's iterator)."""
+        return [self(next(batches), step) for _ in range(n)]
+
+    def rollout_config(self, rcfg: "RolloutConfig") -> "RolloutConfig":
+        """The :class:`RolloutConfig` this source decodes with (a source changes the engine's rule here)."""
+        return rcfg
+
+    def stats(self) -> Dict[str, float]:
+        """Diagnostics to log since the last call."""
+        return {}
+
+    def wants_reference(self) -> bool:
+        """Whether ``on_validation`` should also be called once before the first step (a reference loss)."""
+        return False
+
+    def on_validation(self, dev_loss: float) -> None:
+        """Called with the dev loss (``dev_metric``) at each evaluation."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"rng": self.rng.getstate(), "shared": self.shared.getstate()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+        if "shared" in state:
+            self.shared.setstate(state["shared"])
+
+    def _rollout(self, batch: "Batch", mode: str, keep_teacher: bool = False,
+                 greedy: bool = False) -> "tuple[Batch, RolloutOutput]":
+        """Decode responses for the batch's prompts with the engine's ``mode`` (student, teacher, switch,
+        mixed; ``greedy``: argmax whatever ``method.do_sample``) and rebuild the batch around them
+        (``teacher_selected``: the teacher's logits at the response tokens, with ``keep_teacher``)."""
+        from switchkd.rollout import from_method, rollout
+
+        P = batch.prompt_ids.shape[1]
+        rcfg = from_method(self.cfg.method, mode, min(self.cfg.method.max_new_tokens, self.cfg.data.max_length - P),
+                           self.tok, self.vocab, keep_teacher)
+        rcfg = self.rollout_config(rcfg)
+        rcfg.seed = self.rng.getrandbits(62)  # sampling from the source's own (checkpointed) RNG: resumes exactly
+        rcfg.do_sample = rcfg.do_sample and not greedy
+        student = self.unwrap(self.student)
+        was_training = student.training
+        student.eval()
+        out = rollout(student, self.teacher, batch.prompt_ids, batch.prompt_mask, rcfg,
+                      batch.teacher_prompt_ids, batch.teacher_prompt_mask)
+        student.train(was_training)
+        new = batch.with_responses(out.responses(P), self.tok.pad_token_id)
+        if keep_teacher:
+            new.teacher_selected = out.teacher_logits[out.response_mask]
+        return new, out

@@ -1,0 +1,47 @@
+"""SKD, Speculative Knowledge Distillation (Xu et al., ICLR 2025; ``source: skd``).
+
+Algorithm 1 of the paper: the student samples each response token y_i; when y_i is not among the
+teacher's top K tokens at that position, the teacher's own sample replaces it; the student is then
+trained by a divergence D(teacher || student) on these sequences (``method.divergence``).  K =
+``method.skd.top_k`` (25 in the paper).
+
+This is SWITCH's interleaved decoding with another rule, so it runs through the same engine and the
+same decision code (:func:`switchkd.decoding.switch_gate`): the ``rank`` token gate (the proposal's
+rank under the teacher, 0 for its argmax) against a constant threshold K - 1/2, in the lockstep loop and
+in the draft-and-verify loop alike (a student draft is an SKD proposal; the first rejected one is
+replaced by a teacher sample).  ``method.switch.ratio`` and its speculative settings apply.
+Diagnostics are logged under ``skd/`` (teacher share by position).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, ClassVar, Optional
+
+from switchkd.methods.switch import SwitchSource
+from switchkd.schema import COUNT, opt
+
+if TYPE_CHECKING:
+    from switchkd.decoding import RolloutConfig
+
+
+@dataclass
+class SkdConfig:
+    """``method.skd``: SKD's acceptance rule."""
+
+    top_k: int = opt(25, "K: a student token outside the teacher's top K is replaced by a teacher sample (the "
+                     "paper's K = 25)", rule=COUNT)
+
+
+class SkdSource(SwitchSource):
+    """SKD sequences (with probability ``method.switch.ratio``, else dataset batches)."""
+
+    name: ClassVar[str] = "skd"
+    section: ClassVar[Optional[str]] = "skd"
+    Section: ClassVar[Optional[type]] = SkdConfig
+    prefix = "skd"
+    warn_saturation = False  # a teacher share near 0 or 1 is SKD's own schedule, not a mis-set threshold
+
+    def rollout_config(self, rcfg: "RolloutConfig") -> "RolloutConfig":
+        rcfg = super().rollout_config(rcfg)
+        return replace(rcfg, gate="rank", schedule="const", tau0=self.settings.top_k - 0.5)

@@ -1,0 +1,20 @@
+"""On-policy distillation (``source: student``): fresh student samples for every batch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from switchkd.methods.base import Source
+
+if TYPE_CHECKING:
+    from switchkd.batch import Batch
+
+
+class StudentSource(Source):
+    """The student's own sampled responses (``method.do_sample``, ``method.gen_temperature``, ...)."""
+
+    name: ClassVar[str] = "student"
+    decodes: ClassVar[bool] = True
+
+    def __call__(self, batch: "Batch", step: int) -> "Batch":
+        return self._rollout(batch, "student")[0]
