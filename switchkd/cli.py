@@ -61,6 +61,14 @@ def _train(args: argparse.Namespace) -> None:
     print(f"final model: {final}")
 
 
+def _launch(args: argparse.Namespace) -> None:
+    from switchkd.launch import launch
+
+    rc = launch(preset_path(args.config), args.overrides, args.accelerate, args.num_processes, args.launch_arg)
+    if rc:
+        raise SystemExit(rc)
+
+
 def _eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -87,21 +95,22 @@ def _eval(args: argparse.Namespace) -> None:
     from switchkd.rundir import check_output_path
 
     check_output_path(out, "--output", "dir", [args.model, args.data, args.draft_for], reusable=OUTPUTS)
+    fields = dict(item.partition("=")[::2] for item in args.field)
+    if any(not k or not v for k, v in fields.items()):
+        raise ConfigError(f"--field {args.field}: expected CANONICAL=NAME, e.g. instruction=question")
+    from switchkd.checks import _check_fields
+    from switchkd.evaluate import read_sets
+
+    _check_fields(fields, ConfigError)
     mcfg = ModelConfig(name=args.model, dtype=args.dtype)
     tok = load_tokenizer(mcfg)
+    sets = read_sets(args.data, tok, ecfg, DataConfig(template=args.template, fields=fields))  # before the model
     model = load_model(mcfg, tok, trainable=False)
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit and args.max_length > limit:
         raise ConfigError(f"--max-length {args.max_length}: larger than the model's {limit} positions")
     if torch.cuda.is_available():
         model.cuda()
-    fields = dict(item.partition("=")[::2] for item in args.field)
-    if any(not k or not v for k, v in fields.items()):
-        raise ConfigError(f"--field {args.field}: expected CANONICAL=NAME, e.g. instruction=question")
-    dcfg = DataConfig(template=args.template, fields=fields)
-    from switchkd.checks import _check_fields
-
-    _check_fields(fields, ConfigError)
     target = None
     if args.draft_for:
         from switchkd.models import check_compatible
@@ -111,7 +120,7 @@ def _eval(args: argparse.Namespace) -> None:
         target = load_model(tcfg, tok, trainable=False)
         if torch.cuda.is_available():
             target.cuda()
-    summary = evaluate(model, tok, args.data, ecfg, dcfg, out, target, args.draft_k)
+    summary = evaluate(model, tok, sets, ecfg, None, out, target, args.draft_k)
     print(format_table(summary))
     for name, d in summary.get("draft", {}).items():
         print(f"draft for {args.draft_for} on {name}: {d['tokens_per_verification']:.2f} tokens per verification "
@@ -286,6 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-limit", type=int, help="score N test records before/after")
     b.set_defaults(func=_debias)
 
+    la = sub.add_parser("launch", help="train on several processes or machines through accelerate launch, the "
+                        "config checked first")
+    la.add_argument("config", help="YAML file or preset name, as for train")
+    la.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    la.add_argument("--accelerate", required=True, metavar="FILE",
+                    help="accelerate config, e.g. configs/accelerate/fsdp.yaml")
+    la.add_argument("--num-processes", type=positive, help="processes in all (default: the accelerate config's)")
+    la.add_argument("--launch-arg", action="append", default=[], metavar="ARG",
+                    help="passed to accelerate launch as is, e.g. --launch-arg=--machine_rank=1 (repeatable)")
+    la.set_defaults(func=_launch)
+
     pr = sub.add_parser("presets", help="list the shipped presets (usable as switchkd train NAME)")
     pr.set_defaults(func=_presets)
 
@@ -335,6 +355,18 @@ def quiet_third_parties() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def report_user_error(message: str) -> None:
+    """``switchkd: error: message`` on stderr, once: under a multi-process launcher only rank 0 prints (every
+    rank meets the same mistake) and, for ``switchkd launch``, records it in ``SWITCHKD_ERROR_FILE``."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    print(f"switchkd: error: {message}", file=sys.stderr, flush=True)
+    if os.environ.get("SWITCHKD_ERROR_FILE"):
+        Path(os.environ["SWITCHKD_ERROR_FILE"]).write_text(message)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     quiet_third_parties()
     try:
@@ -343,11 +375,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(exc.code or 0)
     try:
         args.func(args)
+    except SystemExit as exc:  # a command's own exit status (switchkd launch: the processes')
+        return int(exc.code or 0)
     except ConfigError as exc:
-        print(f"switchkd: error: {exc}", file=sys.stderr)
+        report_user_error(str(exc))
         return 2
-    except KeyboardInterrupt:
-        print("switchkd: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # on a new line (a progress bar may hold the current one)
+        hint = "; continue it with the same command and train.resume=true" if args.command == "train" else ""
+        print(f"\nswitchkd: interrupted{hint}", file=sys.stderr, flush=True)
         return 130
     except (MemoryError, RuntimeError) as exc:
         if type(exc).__name__ == "TrainingError":

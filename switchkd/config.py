@@ -238,9 +238,12 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
                 "; not a preset either (switchkd presets lists them, e.g. tiny/kd)"
             raise ConfigError(f"{path}: config file not found{hint}")
         try:
-            raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+            raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
         except Exception as exc:  # YAML syntax errors carry line numbers
             raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+        if raw is None or raw == {}:
+            raise ConfigError(f"{path}: the config file is empty; expected sections such as model, teacher, data, "
+                              "method (see switchkd presets)")
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         _check_unknown(raw, Config(), str(path))

@@ -128,9 +128,9 @@ def build_tokenizer(pieces: List[Tuple[str, float]]) -> PreTrainedTokenizerFast:
 def convert_llama2c(model_bin: str | Path, tokenizer_bin: str | Path, out_dir: str | Path) -> Path:
     """Write a ``save_pretrained`` Llama model and tokenizer to ``out_dir`` (which must not exist, or be an
     empty directory), through a temporary directory renamed when complete; returns it."""
-    out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise ConfigError(f"{out}: already exists; choose a new output directory (nothing is overwritten)")
+    from switchkd.rundir import check_output_path
+
+    out = check_output_path(out_dir, "OUT_DIR", "dir", [model_bin, tokenizer_bin])  # before anything is read
     cfg, sd = read_llama2c(model_bin)
     pieces = read_llama2c_tokenizer(tokenizer_bin)
     if len(pieces) != cfg.vocab_size:

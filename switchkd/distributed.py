@@ -29,6 +29,9 @@ def make_accelerator(cfg: Config, trackers: List[str]) -> Accelerator:
 
     from accelerate.state import AcceleratorState
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError(f"FSDP: fsdp_version {os.environ.get('FSDP_VERSION', '1')} is not supported; set fsdp_version: 2 "
+                          "in the accelerate config (configs/accelerate/fsdp.yaml)")  # before accelerate fails on it
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
     cpu_deepspeed_backend()

@@ -134,13 +134,21 @@ def resolve_suite(data: str) -> Dict[str, str]:
     return {path.parent.name if path.name == "valid.jsonl" else path.stem: data}
 
 
-def evaluate(model: Any, tokenizer: Any, data: str, cfg: EvalConfig, data_cfg: Optional[DataConfig] = None,
-             output: Optional[str | Path] = None, draft_for: Any = None, draft_k: int = 4) -> Dict[str, Any]:
-    """Score a file or suite; writes ``scores.json`` and ``predictions.jsonl`` to ``output`` atomically.
-    With ``draft_for`` (a target model sharing the tokenizer), also ``model``'s speculative-decoding
-    draft statistics for it on the same prompts (``summary["draft"][set]``)."""
+def read_sets(data: str, tokenizer: Any, cfg: EvalConfig, data_cfg: Optional[DataConfig] = None
+              ) -> Dict[str, List[Example]]:
+    """``{set name: examples}`` of a file or suite (read, and its mistakes reported, before a model loads)."""
     data_cfg = data_cfg or DataConfig()
-    sets = {name: load_examples(src, data_cfg, tokenizer, cfg.limit) for name, src in resolve_suite(data).items()}
+    return {name: load_examples(src, data_cfg, tokenizer, cfg.limit) for name, src in resolve_suite(data).items()}
+
+
+def evaluate(model: Any, tokenizer: Any, data: "str | Dict[str, List[Example]]", cfg: EvalConfig,
+             data_cfg: Optional[DataConfig] = None, output: Optional[str | Path] = None, draft_for: Any = None,
+             draft_k: int = 4) -> Dict[str, Any]:
+    """Score a file or suite (or the sets :func:`read_sets` read); writes ``scores.json`` and
+    ``predictions.jsonl`` to ``output`` atomically.  With ``draft_for`` (a target model sharing the
+    tokenizer), also ``model``'s speculative-decoding draft statistics for it on the same prompts
+    (``summary["draft"][set]``)."""
+    sets = read_sets(data, tokenizer, cfg, data_cfg) if isinstance(data, str) else data
     results, records, drafts = {}, [], {}
     for name, examples in sets.items():
         results[name], recs = score_examples(model, tokenizer, examples, cfg, name)

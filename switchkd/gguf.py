@@ -83,9 +83,9 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     empty directory) through a temporary directory renamed when complete; returns it."""
     from switchkd.rundir import write_new_dir
 
-    out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise ConfigError(f"{out}: already exists; choose a new output directory (nothing is overwritten)")
+    from switchkd.rundir import check_output_path
+
+    out = check_output_path(out_dir, "OUT_DIR", "dir", [gguf_file])  # before anything is read
     model, tok = load_gguf(gguf_file)
     plain = plain_model(model)
     if tok.pad_token is None:

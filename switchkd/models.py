@@ -8,11 +8,13 @@ Tiny models use transformers' byte-level ByT5 tokenizer, which needs no files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
+import huggingface_hub.utils as hf_hub_utils
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -25,11 +27,17 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from switchkd.config import ConfigError, LoraConfig, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_DEFAULTS = {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "ffn": 0, "positions": 1024, "seed": 0}
+
+# transformers' per-load "Loading weights" bars are noise around our own progress and errors; the hub's
+# download bars stay (a first download is worth watching)
+hf_logging.disable_progress_bar()
+hf_hub_utils.enable_progress_bars()
 
 
 @dataclass
@@ -89,6 +97,22 @@ def _local_path_missing(name: str) -> bool:
     return looks_local and not Path(name).expanduser().exists()
 
 
+@contextlib.contextmanager
+def unreadable(what: str) -> Iterator[None]:
+    """Turn a failure to read a model's files (missing, truncated or garbage weights, a config.json of the wrong
+    type, a bad adapter: OSError, ValueError, SafetensorError, TypeError, ...) into one ConfigError naming
+    ``what``; out of memory and ConfigErrors pass through."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"{what}: cannot load ({type(exc).__name__}: {first})") from None
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer for ``cfg``, left-padded, with a pad token."""
     name = cfg.tokenizer or cfg.name
@@ -97,10 +121,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     if name.startswith("tiny:"):
         tok = tiny_tokenizer()
     else:
-        try:
+        with unreadable(f"tokenizer {name!r}"):
             tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"tokenizer {name!r}: cannot load ({str(exc).splitlines()[0]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -112,10 +134,11 @@ def adapter_base(path: str) -> Optional[str]:
     f = Path(path) / "adapter_config.json"
     if not f.is_file():
         return None
-    try:
-        base = json.loads(f.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{f}: cannot read ({exc})") from None
+    with unreadable(str(f)):
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{f}: expected a JSON object (a peft adapter config), got {type(meta).__name__}")
+    base = meta.get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"{f}: base_model_name_or_path is empty; set model.name to the base and model.adapter to {path}")
     return str(base)
@@ -127,10 +150,8 @@ def with_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
         from peft import PeftModel
     except ImportError:
         raise ConfigError(f"adapter {adapter!r}: LoRA needs peft (pip install -e '.[peft]')") from None
-    try:
+    with unreadable(f"adapter {adapter!r}"):
         return PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"adapter {adapter!r}: cannot load ({str(exc).splitlines()[0]})") from None
 
 
 def add_lora(model: PreTrainedModel, lora: LoraConfig, base_name: str) -> Any:
@@ -163,12 +184,8 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, trainable: 
     if cfg.name.startswith("tiny:"):
         model = build_tiny(cfg.name, tokenizer).to(dtype)
     else:
-        try:
+        with unreadable(f"model {cfg.name!r}"):
             model = AutoModelForCausalLM.from_pretrained(cfg.name, revision=cfg.revision, dtype=dtype)
-        except Exception as exc:  # corrupt/truncated safetensors (SafetensorError), bad shapes, missing files
-            if isinstance(exc, (KeyboardInterrupt, MemoryError)):
-                raise
-            raise ConfigError(f"model {cfg.name!r}: cannot load ({str(exc).splitlines()[0]})") from None
     if len(tokenizer) > model.get_output_embeddings().weight.shape[0]:
         raise ConfigError(f"model {cfg.name!r}: tokenizer has {len(tokenizer)} tokens but the LM head only "
                           f"{model.get_output_embeddings().weight.shape[0]} rows")

@@ -87,7 +87,7 @@ def check_output_path(out: "str | Path", flag: str, kind: str, inputs: "tuple | 
         raise ConfigError(f"{flag} {out}: is a directory; expected a file name")
     if kind == "dir" and out.exists():
         if not out.is_dir():
-            raise ConfigError(f"{flag} {out}: exists and is not a directory")
+            raise ConfigError(f"{flag} {out}: already exists and is not a directory")
         other = sorted(p.name for p in out.iterdir() if p.name not in reusable)
         if other:
             raise ConfigError(f"{flag} {out}: already exists with other files in it ({other[0]}, ...); name a new "
@@ -155,6 +155,7 @@ def check_output_dir(cfg: Config) -> None:
     out = Path(cfg.output.dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output.dir={out}: exists and is not a directory")
+    _check_not_an_input(out, cfg)
     check_writable(out)
     if _holder(out):
         raise ConfigError(f"output.dir={out}: another switchkd run (process {_holder(out)}) is writing there; "
@@ -173,6 +174,21 @@ def check_output_dir(cfg: Config) -> None:
     for name in found:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _check_not_an_input(out: Path, cfg: Config) -> None:
+    """Refuse an ``output.dir`` that is (or holds) one of the run's local inputs: the run would write into it."""
+    here = out.resolve()
+    sections = [("model", cfg.model), ("teacher", cfg.teacher)]
+    inputs = [(f"{n}.{k}", getattr(m, k)) for n, m in sections if m is not None for k in ("name", "adapter")]
+    inputs += [("data.train", cfg.data.train), ("data.dev", cfg.data.dev), ("method.lm_data", cfg.method.lm_data),
+               ("method.teacher_cache", cfg.method.teacher_cache)]
+    for key, src in inputs:
+        if src and Path(src).exists():
+            s = Path(src).resolve()
+            if s == here or here in s.parents:
+                raise ConfigError(f"output.dir={out}: is (or holds) the run's input {key}={src}; a run writes "
+                                  "config.yaml, checkpoints/ and final/ there: choose another output.dir")
 
 
 def truncate_metrics(out: Path, step: int) -> None:

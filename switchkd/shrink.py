@@ -98,11 +98,9 @@ def shrink(src: str | Path, out_dir: str | Path, layers: Optional[int] = None,
 
     if (layers is None) == (keep is None):
         raise ConfigError("shrink: give exactly one of --layers N or --keep I,J,...")
-    out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise ConfigError(f"{out}: already exists; choose a new output directory (nothing is overwritten)")
-    if Path(src).resolve() == out.resolve():
-        raise ConfigError(f"{out}: is the source model; choose a new output directory")
+    from switchkd.rundir import check_output_path
+
+    out = check_output_path(out_dir, "OUT_DIR", "dir", [src])  # before anything is read
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 

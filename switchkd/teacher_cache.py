@@ -102,11 +102,12 @@ def _same_file(a: Any, b: Any) -> bool:
 class TeacherCache:
     """Reads a cache and returns, for a batch, the teacher's top-k distributions (:class:`TopK`)."""
 
-    def __init__(self, path: str | Path, vocab: int) -> None:
+    def __init__(self, path: str | Path, vocab: Optional[int] = None) -> None:
         path = Path(path)
+        self.path = path
         self.meta: Dict[str, Any] = read_meta(path)
-        if self.meta["vocab"] != vocab:
-            raise ConfigError(f"{path}: cache was built for vocabulary {self.meta['vocab']}, the student has {vocab}")
+        if vocab is not None:
+            self.check_vocab(vocab)
         file = path / "teacher_topk.safetensors"
         try:
             t = load_file(str(file))
@@ -121,6 +122,12 @@ class TeacherCache:
             raise ConfigError(f"{file}: not a switchkd teacher cache ({what}); build the cache again")
         self.logp, self.ids, self.offsets = t["logp"], t["ids"].long(), t["offsets"]
         self.row = {int(x): i for i, x in enumerate(t["index"])}
+        self.vocab = vocab
+
+    def check_vocab(self, vocab: int) -> None:
+        """The cache's vocabulary is the student's (``vocab`` tokens)."""
+        if self.meta["vocab"] != vocab:
+            raise ConfigError(f"{self.path}: cache was built for vocabulary {self.meta['vocab']}, the student has {vocab}")
         self.vocab = vocab
 
     def check(self, items: List[Any]) -> None:

@@ -145,7 +145,8 @@ class Trainer:
         if int(os.environ.get("RANK", "0")) == 0:
             check_output_dir(cfg)
         if cfg.method.teacher_cache:
-            read_meta(cfg.method.teacher_cache, cfg)  # before any model loads
+            read_meta(cfg.method.teacher_cache, cfg)  # its files are checked before any model loads
+        self.cache = TeacherCache(cfg.method.teacher_cache) if cfg.method.teacher_cache else None
         trackers = [t for t in cfg.train.loggers if _installed(t)]
         self.acc = distributed.make_accelerator(cfg, trackers)
         self.sharded = distributed.kind(self.acc) != "replicated"
@@ -154,7 +155,8 @@ class Trainer:
             cfg.model, None if cfg.method.teacher_cache else cfg.teacher)
         if cfg.train.gradient_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.cache = TeacherCache(cfg.method.teacher_cache, self.vocab) if cfg.method.teacher_cache else None
+        if self.cache is not None:
+            self.cache.check_vocab(self.vocab)
         examples = load_examples(cfg.data.train, cfg.data, self.tok, cfg.data.limit)
         self.items, stats = tokenize(examples, self.tok, cfg.data.max_prompt_length, cfg.data.max_length,
                                      cfg.method.priming)
@@ -229,48 +231,50 @@ class Trainer:
             self.source.on_validation(self._source_dev_loss())  # the reference evaluation before training
         batches = self._micro_batches()
         bar = tqdm(total=self.total, initial=self.state.step, desc="train", disable=not self.acc.is_main_process)
-        while self.state.step < self.total:
-            t0 = time.perf_counter()
-            before = (self.state.epoch, self.state.batch_in_epoch)
-            group = [self._with_cache(b) for b in self.source.step_batches(batches, self.state.step, cfg.train.grad_accum)]
-            self.student.train(self.source.dropout)
-            lm = [self.lm.next(cfg.train.batch_size, self.acc.device) for _ in group] if self.lm else None
-            extra: Dict[str, float] = {}
-            loss, n_tok = step_gradients(self.student, self.teacher, group, cfg, self.vocab, self.acc, lm, extra)
-            norm = self.acc.clip_grad_norm_(self.student.parameters(), cfg.train.clip if cfg.train.clip > 0 else float("inf"))
-            norm = float(norm) if norm is not None else 0.0  # DeepSpeed clips inside its step (None before it)
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                bar.close()
-                self.acc.end_training()
-                raise TrainingError(f"step {self.state.step + 1}: {'loss' if not math.isfinite(loss) else 'gradient norm'}"
-                                    f" is not finite (loss {loss}, gradient norm {norm}); stopped without saving it: "
-                                    f"the last good checkpoint in {self.out / 'checkpoints'} is kept (lower train.lr?)")
-            self.opt.step()
-            self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.state.step += 1
-            tokens = sum(int(b.attention_mask.sum()) for b in group) * self.acc.num_processes
-            step_s = time.perf_counter() - t0  # sequences (rollouts included) + losses + optimizer step
-            rec = {"step": self.state.step, "epoch": self.state.epoch, "loss": loss, "lr": self.sched.get_last_lr()[0],
-                   "step_s": step_s, "tokens_per_s": tokens / step_s, "response_tokens": n_tok} | extra
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            last = self.state.step == self.total
-            if self.source.validation == "epoch" and self.dev is not None and self._epoch_ended(before):
-                rec["dev_ce_epoch"] = self._source_dev_loss()
-                self.source.on_validation(rec["dev_ce_epoch"])
-            if self.dev is not None and ((cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0) or last):
-                rec["dev_loss"] = self._dev_loss()
-                if self.source.dev_metric == "cross_entropy":
-                    rec["dev_ce"] = self._dev_loss(cross_entropy=True)
-                if self.source.validation == "eval_every":
-                    self.source.on_validation(rec["dev_ce"] if self.source.dev_metric == "cross_entropy" else rec["dev_loss"])
-                rec["dev_rougeL"] = self._evaluate_dev()
-            if self.state.step % max(cfg.train.log_every, 1) == 0 or last or "dev_rougeL" in rec or "dev_ce_epoch" in rec:
-                self._log(rec | self.source.stats())
-            if cfg.train.save_every and self.state.step % cfg.train.save_every == 0 and not last:
-                self._checkpoint()
-        bar.close()
+        try:
+            while self.state.step < self.total:
+                t0 = time.perf_counter()
+                before = (self.state.epoch, self.state.batch_in_epoch)
+                group = [self._with_cache(b) for b in self.source.step_batches(batches, self.state.step, cfg.train.grad_accum)]
+                self.student.train(self.source.dropout)
+                lm = [self.lm.next(cfg.train.batch_size, self.acc.device) for _ in group] if self.lm else None
+                extra: Dict[str, float] = {}
+                loss, n_tok = step_gradients(self.student, self.teacher, group, cfg, self.vocab, self.acc, lm, extra)
+                norm = self.acc.clip_grad_norm_(self.student.parameters(), cfg.train.clip if cfg.train.clip > 0 else float("inf"))
+                norm = float(norm) if norm is not None else 0.0  # DeepSpeed clips inside its step (None before it)
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    bar.close()
+                    self.acc.end_training()
+                    raise TrainingError(f"step {self.state.step + 1}: {'loss' if not math.isfinite(loss) else 'gradient norm'}"
+                                        f" is not finite (loss {loss}, gradient norm {norm}); stopped without saving it: "
+                                        f"the last good checkpoint in {self.out / 'checkpoints'} is kept (lower train.lr?)")
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.state.step += 1
+                tokens = sum(int(b.attention_mask.sum()) for b in group) * self.acc.num_processes
+                step_s = time.perf_counter() - t0  # sequences (rollouts included) + losses + optimizer step
+                rec = {"step": self.state.step, "epoch": self.state.epoch, "loss": loss, "lr": self.sched.get_last_lr()[0],
+                       "step_s": step_s, "tokens_per_s": tokens / step_s, "response_tokens": n_tok} | extra
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                last = self.state.step == self.total
+                if self.source.validation == "epoch" and self.dev is not None and self._epoch_ended(before):
+                    rec["dev_ce_epoch"] = self._source_dev_loss()
+                    self.source.on_validation(rec["dev_ce_epoch"])
+                if self.dev is not None and ((cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0) or last):
+                    rec["dev_loss"] = self._dev_loss()
+                    if self.source.dev_metric == "cross_entropy":
+                        rec["dev_ce"] = self._dev_loss(cross_entropy=True)
+                    if self.source.validation == "eval_every":
+                        self.source.on_validation(rec["dev_ce"] if self.source.dev_metric == "cross_entropy" else rec["dev_loss"])
+                    rec["dev_rougeL"] = self._evaluate_dev()
+                if self.state.step % max(cfg.train.log_every, 1) == 0 or last or "dev_rougeL" in rec or "dev_ce_epoch" in rec:
+                    self._log(rec | self.source.stats())
+                if cfg.train.save_every and self.state.step % cfg.train.save_every == 0 and not last:
+                    self._checkpoint()
+        finally:  # the bar's last state ends its line before anything else is printed (Ctrl-C included)
+            bar.close()
         return self._finish()
 
     def _with_cache(self, batch: Batch) -> Batch:

@@ -41,7 +41,9 @@ def _steps(out: Path) -> list:
 # (DistiLLM at p 0.5 with grad_accum 2 covers dataset batches, student batches, the replay buffer and
 # accumulation; a separate KD case added 35 s to the suite and nothing these two do not check)
 @pytest.mark.parametrize("preset,extra", [("tiny/switch", ()),
-                                          ("tiny/distillm", ("train.grad_accum=2", "method.distillm.init_student_prob=0.5"))])
+                                          ("tiny/distillm", ("train.grad_accum=2", "method.distillm.init_student_prob=0.5")),
+                                          # rollouts held across steps (PPO epochs) are checkpointed with the run
+                                          ("tiny/minillm", ("train.grad_accum=2", "method.minillm.ppo_epochs=3"))])
 def test_kill_9_and_resume_gives_the_uninterrupted_weights(preset, extra, tmp_path):
     full = subprocess.run(_cmd(preset, tmp_path / "full", extra), env=ENV, capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr[-2000:]
@@ -152,3 +154,29 @@ def test_two_runs_into_one_output_dir(tmp_path):
                         text=True, env=ENV)
     assert ok.returncode == 0, ok.stderr[-500:]
     assert _steps(out) == [1, 2] and not (out / ".switchkd.lock").exists()
+
+
+def test_ctrl_c_leaves_a_resumable_run_and_a_clean_last_line(tmp_path):
+    """SIGINT mid-run: exit 130, the last line says how to continue, no traceback; resuming finishes with
+    the weights of an uninterrupted run."""
+    preset = "tiny/kd"
+    full = subprocess.run(_cmd(preset, tmp_path / "full"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(_cmd(preset, out, ("train.resume=true",)), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and max(_steps(out), default=0) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.strip()]
+    assert lines[-1] == "switchkd: interrupted; continue it with the same command and train.resume=true", lines[-3:]
+    assert "Traceback" not in err
+    assert not (out / ".switchkd.lock").exists()
+    done = subprocess.run(_cmd(preset, out, ("train.resume=true",)), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = load_file(tmp_path / "full/final/model.safetensors"), load_file(out / "final/model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)

@@ -1,0 +1,74 @@
+"""``switchkd launch``: accelerate launch with the run checked first; a user error is one line from rank 0
+with exit status 2 (the launcher's own failure report withheld); a good run trains on two processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from switchkd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+KD = str(ROOT / "configs/tiny/kd.yaml")
+DDP = str(ROOT / "configs/accelerate/ddp.yaml")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+SMALL = ["data.synthetic_size=32", "data.dev=null", "train.max_steps=2", "train.batch_size=2",
+         "model.name=tiny:gpt2,layers=1,dim=32,heads=2", "teacher.name=tiny:gpt2,layers=1,dim=32,heads=2,seed=1"]
+
+
+def _port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_mistakes_every_process_would_meet_are_refused_before_starting(capsys, tmp_path):
+    fsdp1 = tmp_path / "fsdp1.yaml"
+    fsdp1.write_text((ROOT / "configs/accelerate/fsdp.yaml").read_text().replace("fsdp_version: 2", "fsdp_version: 1"))
+    for argv, fragment in (([KD, "train.lr=-1", "--accelerate", DDP], "train.lr"),
+                           ([KD, "--accelerate", str(tmp_path / "none.yaml")], "none.yaml: no such file"),
+                           ([KD, f"output.dir={tmp_path / 'o'}", "--accelerate", str(fsdp1)], "fsdp_version 1"),
+                           ([KD, "output.dir=/proc/switchkd-x", "--accelerate", DDP], "output.dir")):
+        assert main(["launch", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("switchkd: error:") and fragment in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_fsdp_version_1_is_a_config_error_before_accelerate_builds_it(monkeypatch):
+    from switchkd.config import ConfigError, load_config
+    from switchkd.distributed import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="fsdp_version 1 is not supported"):
+        make_accelerator(load_config(KD), [])
+
+
+@pytest.mark.slow
+def test_an_error_inside_the_processes_is_one_line_from_rank_0_with_exit_2(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("garbage\n")
+    r = subprocess.run([sys.executable, "-m", "switchkd", "launch", KD, *SMALL, f"data.train={bad}",
+                        f"output.dir={tmp_path / 'o'}", "--accelerate", DDP, "--num-processes", "2",
+                        f"--launch-arg=--main_process_port={_port()}"], env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [x for x in r.stderr.splitlines() if "error" in x.lower() or "Traceback" in x]
+    assert errors == [f"switchkd: error: {bad}:1: invalid JSON line (Expecting value)"], r.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_a_good_run_trains_on_two_processes(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "switchkd", "launch", KD, *SMALL, f"output.dir={tmp_path / 'o'}",
+                        "--accelerate", DDP, "--num-processes", "2", f"--launch-arg=--main_process_port={_port()}"],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "distributed: 2 processes" in r.stdout and (tmp_path / "o/final/model.safetensors").is_file()
