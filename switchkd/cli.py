@@ -189,6 +189,8 @@ def _demo(args: argparse.Namespace) -> None:
     try:
         run_demo(out_dir=args.output, quick=args.quick, methods=args.methods.split(",") if args.methods else None,
                  workers=args.workers)
+    except ConfigError:
+        raise
     except ValueError as e:
         raise ConfigError(f"demo --methods: {e}") from None
 

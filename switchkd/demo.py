@@ -55,6 +55,17 @@ METHODS: Dict[str, List[str]] = {p.stem: preset_method(f"tiny/{p.stem}") + list(
 DEFAULT_METHODS = tuple(_demo_file()["methods"])  # --methods picks others
 
 
+#: what the demo writes into its output directory (a rerun replaces these, and nothing else is allowed there)
+OUTPUTS = ("logs", "report.md", "rouge_by_length.png", "teacher_share.png")
+
+
+def check_output(out: "str | Path") -> Path:
+    """The demo's output directory: new, or holding an earlier demo's files only; one-line errors otherwise."""
+    from switchkd.rundir import check_output_path
+
+    return check_output_path(out, "--output", "dir", reusable=(*OUTPUTS, *METHODS))
+
+
 def source_of(method: str) -> type:
     """The source class a demo method's preset selects."""
     chosen = [x.split("=", 1)[1] for x in METHODS[method] if x.startswith("method.source=")]
@@ -268,6 +279,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, methods: Optional[
     bad = [m for m in names if m not in METHODS]
     if bad:
         raise ValueError(f"unknown demo method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    check_output(out)
     teacher = shipped_teacher()
     init = layer_dropped_init(teacher)
     workers = workers or min(2, os.cpu_count() or 1)

@@ -191,6 +191,7 @@ WRITES: List[tuple] = [
      lambda w: w / "model", False),
     ("shrink", lambda o, w: ["shrink", str(w / "model"), str(o), "--layers", "1"], lambda w: w / "model", False),
     ("convert gguf", lambda o, w: ["convert", "gguf", str(w / "model.gguf"), str(o)], lambda w: w / "model.gguf", False),
+    ("demo", lambda o, w: ["demo", "--quick", "--methods", "sft", "--output", str(o)], None, False),
     ("convert llama2c", lambda o, w: ["convert", "llama2c", str(w / "stories260K.bin"), str(w / "tok512.bin"), str(o)],
      lambda w: w / "stories260K.bin", False),
 ]
@@ -198,7 +199,8 @@ WRITES: List[tuple] = [
 
 def _write_cases():
     for name, argv, same, is_file in WRITES:
-        variants = ["existing_dir_with_content", "unwritable", "same_as_input"] + ([] if is_file else ["existing_file"])
+        variants = ["existing_dir_with_content", "unwritable"] + (["same_as_input"] if same else []) + \
+            ([] if is_file else ["existing_file"])
         for v in variants:
             if name == "train" and v == "existing_dir_with_content":
                 v = "existing_run"
