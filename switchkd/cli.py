@@ -23,7 +23,7 @@ def preset_path(name: str) -> str:
 
 def _presets(args: argparse.Namespace) -> None:
     for f in sorted(PRESET_DIR.glob("*/*.yaml")):
-        if f.parent.name != "accelerate":
+        if f.parent.name != "accelerate" and not f.name.startswith("_"):  # _base.yaml: shared by a family
             print(f"{f.parent.name}/{f.stem}")
 
 
@@ -382,6 +382,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         report_user_error(str(exc))
         return 2
+    except BrokenPipeError:  # e.g. switchkd presets | head: the reader left; no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:  # on a new line (a progress bar may hold the current one)
         hint = "; continue it with the same command and train.resume=true" if args.command == "train" else ""
         print(f"\nswitchkd: interrupted{hint}", file=sys.stderr, flush=True)

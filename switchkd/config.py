@@ -227,28 +227,41 @@ def _dataclass_type(f: dataclasses.Field) -> Any:
     return section() if section is not None else None
 
 
+def _file_layers(path: Path, chain: tuple = ()) -> List[tuple]:
+    """The layers of a config file: those of its ``base:`` file first (a path relative to it, itself a
+    config file that may have a base), then its own keys."""
+    if not path.is_file():
+        hint = "" if path.suffix in (".yaml", ".yml") or path.exists() else \
+            "; not a preset either (switchkd presets lists them, e.g. tiny/kd)"
+        raise ConfigError(f"{chain[-1] if chain else path}: config file {path} not found{hint}" if chain else
+                          f"{path}: config file not found{hint}")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as exc:  # YAML syntax errors carry line numbers
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+    if raw is None or raw == {}:
+        raise ConfigError(f"{path}: the config file is empty; expected sections such as model, teacher, data, "
+                          "method (see switchkd presets)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    layers: List[tuple] = []
+    if "base" in raw:
+        base = raw.pop("base")
+        if not isinstance(base, str) or path.resolve() in chain:
+            raise ConfigError(f"{path}: base must name another config file (no cycles), got {base!r}")
+        layers = _file_layers(path.parent / base, chain + (path.resolve(),))
+    _check_unknown(raw, Config(), str(path))
+    _check_raw(raw, str(path))
+    return layers + [(str(path), OmegaConf.create(raw))]
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
-    """Merge defaults, the YAML file at ``path`` and ``key=value`` overrides into a :class:`Config`."""
+    """Merge defaults, the YAML file at ``path`` (after its ``base:`` file, if it names one) and
+    ``key=value`` overrides into a :class:`Config`."""
     base = OmegaConf.structured(Config)
     layers = []  # (where, layer)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            hint = "" if path.suffix in (".yaml", ".yml") or path.exists() else \
-                "; not a preset either (switchkd presets lists them, e.g. tiny/kd)"
-            raise ConfigError(f"{path}: config file not found{hint}")
-        try:
-            raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        except Exception as exc:  # YAML syntax errors carry line numbers
-            raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
-        if raw is None or raw == {}:
-            raise ConfigError(f"{path}: the config file is empty; expected sections such as model, teacher, data, "
-                              "method (see switchkd presets)")
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        _check_unknown(raw, Config(), str(path))
-        _check_raw(raw, str(path))
-        layers.append((str(path), OmegaConf.create(raw)))
+        layers += _file_layers(Path(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected dotted.key=value")

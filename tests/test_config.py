@@ -8,7 +8,7 @@ import pytest
 
 from switchkd.config import ConfigError, load_config
 
-PRESETS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml") if p.parent.name != "accelerate")
+PRESETS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml") if p.parent.name != "accelerate" and not p.name.startswith("_"))
 
 
 def test_there_are_presets():
