@@ -107,7 +107,7 @@ def seqkd_data(teacher: Path, strategy: str, out: Path, a: argparse.Namespace) -
     path = out / f"seqkd-{strategy}.jsonl"
     if not path.is_file():
         generate_dataset(load_config(None, COMMON + [
-            f"model.name={teacher}", f"teacher.name={teacher}", f"data.train={out / 'students_train.jsonl'}", f"method.priming={strategy}", "method.do_sample=false",
+            f"model.name={teacher}", f"teacher.name={teacher}", f"data.train={out / 'students_train.jsonl'}", f"method.priming={strategy}", "method.decoding.do_sample=false",
             "method.max_new_tokens=60"]), path, batch_size=50)
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     refs = {e.instruction: e.references for e in make_split("train", a.student_size, max_value=a.max_value)}

@@ -89,7 +89,7 @@ def ours(student: Path, teacher: Path, data: Path, method: list[str], args: argp
     cfg = load_config(None, [f"model.name={student}", f"teacher.name={teacher}", f"data.train={data}",
                              "data.template=none", "data.dev=null", f"data.max_prompt_length={args.prompt}",
                              f"data.max_length={args.prompt + args.new_tokens}", f"method.max_new_tokens={args.new_tokens}",
-                             "method.divergence=jsd", "method.params.beta=0.5", "method.gen_temperature=1.0",
+                             "method.divergence=jsd", "method.params.beta=0.5", "method.decoding.temperature=1.0",
                              f"train.batch_size={args.batch}", f"train.max_steps={args.steps}", "train.lr=1e-4",
                              "train.warmup_steps=0", "train.log_every=1", "train.keep_best=false",
                              f"train.loss_chunk={args.loss_chunk}", f"output.dir={run}", "output.overwrite=true", *method])

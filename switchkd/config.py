@@ -72,6 +72,22 @@ class DataConfig:
 
 
 @dataclass
+class DecodingConfig:
+    """How responses are sampled: by training rollouts (``method.decoding``), by evaluation (``eval``, which
+    extends it) and by the rollout engine (:class:`switchkd.decoding.RolloutConfig` extends it too)."""
+
+    do_sample: bool = opt(True, "sample (false: greedy)")
+    temperature: float = opt(1.0, "sampling temperature", rule=gt(0))
+    top_k: int = opt(0, "top-k sampling (0: off)", rule=COUNT0)
+    top_p: float = opt(1.0, "nucleus sampling", rule=in_range(0.0, 1.0, lo_open=True))
+
+
+def decoding_of(cfg: Any) -> Dict[str, Any]:
+    """The :class:`DecodingConfig` fields of ``cfg`` (a DecodingConfig, EvalConfig or RolloutConfig) by name."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DecodingConfig)}
+
+
+@dataclass
 class _MethodFields:
     """Which sequences we train on x which per-token loss; each source's settings in its own section."""
 
@@ -84,10 +100,7 @@ class _MethodFields:
     temperature: float = opt(1.0, "the divergence's temperature", rule=gt(0))
     kd_ratio: float = opt(1.0, "loss = kd_ratio x divergence + (1 - kd_ratio) x CE", rule=PROB)
     max_new_tokens: int = opt(128, "response tokens a training rollout may decode", rule=COUNT)
-    do_sample: bool = opt(True, "rollouts sample (false: greedy)")
-    gen_temperature: float = opt(1.0, "the rollouts' sampling temperature", rule=gt(0))
-    top_k: int = opt(0, "the rollouts' top-k sampling (0: off)", rule=COUNT0)
-    top_p: float = opt(1.0, "the rollouts' nucleus sampling", rule=in_range(0.0, 1.0, lo_open=True))
+    decoding: DecodingConfig = opt(factory=DecodingConfig, help="how training rollouts sample")
     compile: str = opt("auto", "static KV caches + a compiled one-token decode step: auto (on CUDA), true, false",
                        rule=((lambda v: str(v).lower() in ("auto", "true", "false")), "auto, true or false"))
     instruction_weight: float = opt(0.0, "an instruction loss (Li et al. 2024): + weight x forward KL (T = 1) on the prompt "
@@ -140,14 +153,11 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Generation and ROUGE-L scoring (the community protocol of Gu et al. 2024 and Ko et al. 2024 by default)."""
+class EvalConfig(DecodingConfig):
+    """Generation (the :class:`DecodingConfig` fields) and ROUGE-L scoring (the community protocol of Gu et
+    al. 2024 and Ko et al. 2024 by default; greedy is one pass)."""
 
     seeds: List[int] = opt(factory=lambda: [10, 20, 30, 40, 50], help="sampling seeds (the protocol's five)")
-    do_sample: bool = opt(True, "sample (false: greedy, one pass)")
-    temperature: float = opt(1.0, "sampling temperature", rule=gt(0))
-    top_p: float = opt(1.0, "nucleus sampling", rule=in_range(0.0, 1.0, lo_open=True))
-    top_k: int = opt(0, "top-k sampling (0: off)", rule=COUNT0)
     max_length: int = opt(512, "prompt + response tokens", rule=ge(2))
     max_prompt_length: int = opt(256, "longer prompts keep their last tokens", rule=COUNT)
     max_new_tokens: Optional[int] = opt(None, "response tokens (default: max_length - prompt)", rule=optional(COUNT))

@@ -27,6 +27,7 @@ from transformers.generation.logits_process import (
 )
 
 from switchkd.divergences import fkl, jsd, rkl, tvd
+from switchkd.config import DecodingConfig
 from switchkd.losses import accepts_logits_to_keep
 
 GATES: Dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -46,16 +47,13 @@ TOKEN_GATES: Dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
 
 
 @dataclass
-class RolloutConfig:
-    """How to decode. ``source``: ``student``, ``teacher``, ``switch`` or ``mixed`` (MiniLLM's
-    teacher-mixed sampling: each token from ``teacher_mix`` p + (1 - ``teacher_mix``) q)."""
+class RolloutConfig(DecodingConfig):
+    """How to decode: the :class:`~switchkd.config.DecodingConfig` sampling fields plus the engine's.
+    ``source``: ``student``, ``teacher``, ``switch`` or ``mixed`` (MiniLLM's teacher-mixed sampling: each
+    token from ``teacher_mix`` p + (1 - ``teacher_mix``) q)."""
 
     source: str = "student"
     max_new_tokens: int = 64
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
     tau0: float = 0.1
     decay: float = 0.1
     schedule: str = "exp"  # exp | linear | const

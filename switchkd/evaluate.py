@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from switchkd.config import ConfigError, DataConfig, EvalConfig
+from switchkd.config import ConfigError, DataConfig, EvalConfig, decoding_of
 from switchkd.data import Example, encode_prompt, left_pad, load_examples
 from switchkd.metrics import METRICS, rouge_l  # noqa: F401  (rouge_l: re-exported)
 from switchkd.rollout import RolloutConfig, head_rows, rollout
@@ -47,8 +47,7 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Eval
         ids, mask = left_pad(chunk, tokenizer.pad_token_id)
         budget = cfg.max_length - ids.shape[1]
         rcfg = RolloutConfig(source="student", max_new_tokens=max(1, min(cfg.max_new_tokens or budget, budget)),
-                             do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab)
+                             **decoding_of(cfg), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab)
         r = rollout(model, None, ids.to(device), mask.to(device), rcfg)
         P = ids.shape[1]
         out += [tokenizer.decode(r.sequences[i, P:][r.response_mask[i]], skip_special_tokens=True).strip()

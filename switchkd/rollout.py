@@ -39,6 +39,7 @@ from switchkd.decoding import (  # noqa: F401  (re-exported: the public names of
     thresholds,
     use_compile,
 )
+from switchkd.config import decoding_of
 from switchkd.distributed import all_ranks, is_sharded
 from switchkd.speculative import speculative_switch
 
@@ -47,8 +48,8 @@ def from_method(method: Any, source: str, max_new_tokens: int, tokenizer: Any, v
     """The :class:`RolloutConfig` of a training config's shared ``method`` decoding fields (a source then
     sets its own rule with its ``rollout_config``)."""
     m = method
-    return RolloutConfig(source=source, max_new_tokens=max(1, max_new_tokens), do_sample=m.do_sample,
-                         temperature=m.gen_temperature, top_k=m.top_k, top_p=m.top_p, eos_token_id=tokenizer.eos_token_id,
+    return RolloutConfig(source=source, max_new_tokens=max(1, max_new_tokens), **decoding_of(m.decoding),
+                         eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, vocab_size=vocab, keep_teacher_logits=keep_teacher_logits,
                          compile=m.compile)
 

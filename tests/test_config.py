@@ -110,3 +110,24 @@ def test_per_source_sections_and_earlier_flat_keys(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"old.yaml: unknown key 'method.replay_size' \(did you mean "
                                           r"method.distillm.replay_size\?\)"):
         load_config(p)
+
+
+def test_a_config_file_may_extend_a_base_file(tmp_path):
+    """``base:`` names a file (relative to the one naming it) whose keys come first; chains work, cycles
+    and missing bases are one-line errors; every shipped preset of a family shares its _base.yaml."""
+    (tmp_path / "_base.yaml").write_text("model: {name: 'tiny:gpt2'}\ntrain: {lr: 0.01, batch_size: 4}\n")
+    (tmp_path / "mid.yaml").write_text("base: _base.yaml\ntrain: {batch_size: 2}\n")
+    (tmp_path / "top.yaml").write_text("base: mid.yaml\ntrain: {epochs: 3}\n")
+    cfg = load_config(tmp_path / "top.yaml")
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.epochs) == (0.01, 2, 3)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="no cycles"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml not found"):
+        load_config(tmp_path / "c.yaml")
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for family in ("tiny", "smollm2", "gpt2-xl_to_gpt2"):
+        presets = [p for p in (root / family).glob("*.yaml") if not p.name.startswith("_")]
+        assert presets and all(p.read_text().count("base: _base.yaml") == 1 for p in presets), family

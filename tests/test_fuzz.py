@@ -31,8 +31,8 @@ LISTED = [  # (override, the key the message must name)
     ("method.temperature=0", "method.temperature"), ("method.temperature=-1", "method.temperature"),
     ("method.max_new_tokens=0", "method.max_new_tokens"), ("method.max_new_tokens=-1", "method.max_new_tokens"),
     ("method.switch.tau0=nan", "method.switch.tau0"), ("method.switch.tau0=-inf", "method.switch.tau0"), ("method.switch.decay=-1", "method.switch.decay"),
-    ("method.gen_temperature=0", "method.gen_temperature"), ("method.gen_temperature=-1", "method.gen_temperature"),
-    ("method.top_p=0", "method.top_p"), ("method.top_p=1.5", "method.top_p"), ("method.top_k=-1", "method.top_k"),
+    ("method.decoding.temperature=0", "method.decoding.temperature"), ("method.decoding.temperature=-1", "method.decoding.temperature"),
+    ("method.decoding.top_p=0", "method.decoding.top_p"), ("method.decoding.top_p=1.5", "method.decoding.top_p"), ("method.decoding.top_k=-1", "method.decoding.top_k"),
     ("method.distillm.replay_size=0", "method.distillm.replay_size"), ("method.distillm.student_prob_step=-1", "method.distillm.student_prob_step"),
     ("method.params.k=0", "method.params.k"), ("train.lr=[1", "train.lr"), ("method.switch.draft_k=0", "method.switch.draft_k"),
 ]
@@ -73,7 +73,7 @@ NUMERIC = {  # key -> generator of invalid values
     "train.epochs": ["0", "-1"], "train.clip": ["-0.5", "inf"], "train.weight_decay": ["-0.1", "nan"],
     "method.kd_ratio": ["-0.1", "1.5", "nan"], "method.mixture.student_ratio": ["2", "-1"], "method.switch.ratio": ["1.01"],
     "method.distillm.replay_ratio": ["-0.5"], "method.distillm.init_student_prob": ["3"], "method.distillm.max_student_prob": ["-2"],
-    "method.distillm.loss_eps": ["-0.1", "nan"], "method.top_p": ["-1", "0", "2"], "method.switch.max_draft_k": ["0"],
+    "method.distillm.loss_eps": ["-0.1", "nan"], "method.decoding.top_p": ["-1", "0", "2"], "method.switch.max_draft_k": ["0"],
     "data.max_prompt_length": ["0", "-5"], "data.max_length": ["0", "1"], "data.synthetic_size": ["0"],
     "eval.temperature": ["0", "-1"], "eval.top_p": ["0"], "eval.top_k": ["-2"], "eval.max_length": ["0"],
     "model.lora.r": ["-1"], "model.lora.alpha": ["0"], "model.lora.dropout": ["1", "-0.1"],
@@ -83,7 +83,7 @@ NUMERIC = {  # key -> generator of invalid values
 def _generated(n: int = 200, seed: int = 0):
     """Random bad overrides: an invalid value for one key, sometimes with valid noise around it."""
     rng = random.Random(seed)
-    valid_noise = ["train.log_every=5", "method.top_k=3", "data.synthetic_size=16", "train.lr=1e-4"]
+    valid_noise = ["train.log_every=5", "method.decoding.top_k=3", "data.synthetic_size=16", "train.lr=1e-4"]
     cases = []
     for _ in range(n):
         key = rng.choice(sorted(NUMERIC))

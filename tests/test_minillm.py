@@ -242,7 +242,7 @@ def test_gkd_preset_follows_trl_loss_temperature_and_dropout():
     from switchkd.methods import SOURCES
 
     cfg = load_config(ROOT / "configs/tiny/gkd.yaml", [])
-    assert cfg.method.gen_temperature == 0.9
+    assert cfg.method.decoding.temperature == 0.9
     assert cfg.method.temperature == inspect.signature(GKDTrainer.generalized_jsd_loss).parameters["temperature"].default
     assert SOURCES["mixture"].dropout is False and SOURCES["dataset"].dropout is True
 

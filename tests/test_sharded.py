@@ -40,7 +40,7 @@ def _launch(config: str, args: list, out: Path, launch: str = "") -> subprocess.
 
 # SWITCH: greedy (sampling draws differ between one batch of 4 and two of 2), a threshold that gives a
 # teacher/student mixture on these random models, and dev evaluation with keep_best (collective generation)
-SWITCH = ["method.do_sample=false", "method.switch.schedule=const", "method.switch.tau0=0.0087", "train.eval_every=2",
+SWITCH = ["method.decoding.do_sample=false", "method.switch.schedule=const", "method.switch.tau0=0.0087", "train.eval_every=2",
           "eval.limit=4", "eval.max_new_tokens=8"]
 
 

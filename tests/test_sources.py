@@ -112,7 +112,7 @@ def test_switch_rollout_logits_equal_a_teacher_forward():
 
 def test_seqkd_source_generates_once_and_matches_generate_command(tmp_path):
     cfg, student, teacher, tok, vocab, examples = _setup(["method.name=seqkd", "method.source=teacher",
-                                                          "method.kd_ratio=0", "method.do_sample=false",
+                                                          "method.kd_ratio=0", "method.decoding.do_sample=false",
                                                           "method.max_new_tokens=10"])
     items, _ = tokenize(examples[:4], tok, 400, 600)
     source = make_source(cfg, student, teacher, tok, vocab)
@@ -297,7 +297,7 @@ def test_gkd_seq_kd_uses_teacher_samples_off_policy():
     cfg, student, teacher, tok, vocab, examples = _setup(["method.name=gkd", "method.source=mixture",
                                                           "method.divergence=jsd", "method.mixture.student_ratio=0.0",
                                                           "method.mixture.seq_kd=true", "method.max_new_tokens=6",
-                                                          "method.do_sample=false"])
+                                                          "method.decoding.do_sample=false"])
     items, _ = tokenize(examples[:4], tok, 400, 600)
     batch = collate(items, tok.pad_token_id)
     out = MixtureSource(cfg, student, teacher, tok, vocab)(batch, 0)

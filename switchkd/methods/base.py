@@ -106,7 +106,7 @@ class Source:
     def _rollout(self, batch: "Batch", mode: str, keep_teacher: bool = False,
                  greedy: bool = False) -> "tuple[Batch, RolloutOutput]":
         """Decode responses for the batch's prompts with the engine's ``mode`` (student, teacher, switch,
-        mixed; ``greedy``: argmax whatever ``method.do_sample``) and rebuild the batch around them
+        mixed; ``greedy``: argmax whatever ``method.decoding.do_sample``) and rebuild the batch around them
         (``teacher_selected``: the teacher's logits at the response tokens, with ``keep_teacher``)."""
         from switchkd.rollout import from_method, rollout
 

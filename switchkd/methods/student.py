@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 
 class StudentSource(Source):
-    """The student's own sampled responses (``method.do_sample``, ``method.gen_temperature``, ...)."""
+    """The student's own sampled responses (``method.decoding``)."""
 
     name: ClassVar[str] = "student"
     decodes: ClassVar[bool] = True
