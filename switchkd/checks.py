@@ -7,11 +7,12 @@ raises :class:`switchkd.config.ConfigError` with the key and the valid range.
 
 from __future__ import annotations
 
-import math
 import string
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
-from switchkd.schema import FINITE_TEXT as FINITE, PROB, Rule, _num, ge, get, rules
+from switchkd.methods import SOURCES
+from switchkd.schema import FINITE_TEXT as FINITE
+from switchkd.schema import PROB, Rule, _num, choices, ge, get, rules
 
 #: parameters each registry divergence accepts besides ``temperature`` (kept here, torch-free, so that a
 #: config is checked before torch loads; ``switchkd.divergences.PARAMS`` is this table)
@@ -63,6 +64,72 @@ def check(cfg: Any, error: Callable[[str], Exception]) -> None:
         node = getattr(cfg, section)
         if node is not None and node.name.startswith("tiny:"):
             check_tiny(f"{section}.name", node.name, cfg.data.max_length, error)
+
+
+def validate(cfg: Any, error: Callable[[str], Exception]) -> None:
+    """Check choices, ranges and cross-field rules (each method's own included) of a loaded config; raise
+    ``error(message)`` at the first broken one."""
+    for dotted, (valid, section) in choices(type(cfg)).items():
+        if section and getattr(cfg, section) is None:
+            continue
+        value = get(cfg, dotted)
+        if value not in valid:
+            raise error(f"config error: {dotted}={value!r}; valid choices: {', '.join(valid)}")
+    m = cfg.method
+    bad = set(m.params) - set(DIVERGENCE_PARAMS[m.divergence])
+    if bad:
+        raise error(
+            f"config error: method.params.{sorted(bad)[0]} is not a parameter of {m.divergence!r}; "
+            f"valid: {', '.join(DIVERGENCE_PARAMS[m.divergence]) or 'none'}"
+        )
+    check(cfg, error)  # every field's range, parameters, fields, placeholders, tiny shapes
+    source = SOURCES[m.source]
+    source.check(cfg, error)
+    if m.teacher_cache and not source.fixed_sequences:
+        fixed = ", ".join(n for n, c in SOURCES.items() if c.fixed_sequences)
+        raise error(f"config error: method.teacher_cache works with method.source={fixed} only (sequences "
+                          f"known before training; method.source={m.source} makes new ones)")
+    distils = m.divergence != PLAIN and m.kd_ratio > 0
+    why = (f"method.divergence={m.divergence} (kd_ratio {m.kd_ratio})" if distils and not m.teacher_cache
+           else source.teacher_reason(cfg))
+    if why and cfg.teacher is None:
+        raise error(f"config error: {why} needs a teacher; set teacher.name")
+    _check_instruction_loss(cfg, error)
+    _check_lora(cfg, error)
+    if m.lm_weight != 1.0 and not m.lm_data:
+        raise error(f"config error: method.lm_weight={m.lm_weight} has no effect without method.lm_data "
+                          "(the pre-training text it weights)")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise error("config error: data.max_prompt_length must be smaller than data.max_length")
+
+
+def _check_instruction_loss(cfg: Any, error: Callable[[str], Exception]) -> None:
+    m = cfg.method
+    if m.instruction_weight > 0:
+        why = ("needs a teacher forward (not method.teacher_cache)" if m.teacher_cache else
+               "needs the teacher to read the student's prompt (method.priming=none)" if m.priming != "none" else
+               "is not computed by the chunked head (train.loss_chunk=0)" if cfg.train.loss_chunk else
+               "needs a teacher (teacher.name)" if cfg.teacher is None else "")
+        if why:
+            raise error(f"config error: method.instruction_weight={m.instruction_weight} (the instruction "
+                              f"loss) {why}")
+
+
+def _check_lora(cfg: Any, error: Callable[[str], Exception]) -> None:
+    lora = cfg.model.lora
+    if cfg.teacher is not None and cfg.teacher.lora.r:
+        raise error("config error: teacher.lora: the teacher is frozen; load a LoRA-tuned teacher with teacher.adapter")
+    if cfg.output.merge and not lora.r:
+        raise error("config error: output.merge=true needs a LoRA student (model.lora.r > 0)")
+    if lora.target_modules is not None and not lora.r:
+        raise error("config error: model.lora.target_modules is set but model.lora.r is 0 (LoRA off: the whole "
+                          "model would train); set model.lora.r, e.g. 16")
+    if lora.target_modules is not None and not lora.target_modules:
+        raise error("config error: model.lora.target_modules=[] adapts nothing; name modules (e.g. [q_proj, "
+                          "v_proj]) or leave it unset for every linear layer")
+    if lora.r > 4096:
+        raise error(f"config error: model.lora.r={lora.r}: expected a rank much smaller than the model's width "
+                          "(typically 8-64)")
 
 
 def _check_fields(fields: Dict[str, Any], error: Callable[[str], Exception]) -> None:

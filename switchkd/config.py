@@ -8,7 +8,7 @@ the key and what is valid.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from switchkd.checks import DIVERGENCE_PARAMS, PLAIN
 from switchkd.methods import SECTIONS, SOURCES
 from switchkd.records import FORMATS
-from switchkd.schema import COUNT, COUNT0, PROB, SEED, choices, entries, ge, get as schema_get, gt, in_range, opt, optional
+from switchkd.schema import COUNT, COUNT0, PROB, SEED, entries, ge, gt, in_range, opt, optional
 
 DTYPES = ("float32", "bfloat16", "float16")
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"  # the shipped presets (configs/<family>/<name>.yaml)
@@ -302,70 +302,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 
 
 def validate(cfg: Config) -> None:
-    """Check choices, ranges and cross-field rules (the method's own included); raise :class:`ConfigError`."""
-    for dotted, (valid, section) in choices(Config).items():
-        if section and getattr(cfg, section) is None:
-            continue
-        value = schema_get(cfg, dotted)
-        if value not in valid:
-            raise ConfigError(f"config error: {dotted}={value!r}; valid choices: {', '.join(valid)}")
-    m = cfg.method
-    bad = set(m.params) - set(DIVERGENCE_PARAMS[m.divergence])
-    if bad:
-        raise ConfigError(
-            f"config error: method.params.{sorted(bad)[0]} is not a parameter of {m.divergence!r}; "
-            f"valid: {', '.join(DIVERGENCE_PARAMS[m.divergence]) or 'none'}"
-        )
-    from switchkd.checks import check
+    """Check choices, ranges and cross-field rules (each method's own included); raise :class:`ConfigError`."""
+    from switchkd.checks import validate as check_all
 
-    check(cfg, ConfigError)  # every field's range, parameters, fields, placeholders, tiny shapes
-    source = SOURCES[m.source]
-    source.check(cfg, ConfigError)
-    if m.teacher_cache and not source.fixed_sequences:
-        fixed = ", ".join(n for n, c in SOURCES.items() if c.fixed_sequences)
-        raise ConfigError(f"config error: method.teacher_cache works with method.source={fixed} only (sequences "
-                          f"known before training; method.source={m.source} makes new ones)")
-    distils = m.divergence != PLAIN and m.kd_ratio > 0
-    why = (f"method.divergence={m.divergence} (kd_ratio {m.kd_ratio})" if distils and not m.teacher_cache
-           else source.teacher_reason(cfg))
-    if why and cfg.teacher is None:
-        raise ConfigError(f"config error: {why} needs a teacher; set teacher.name")
-    _check_instruction_loss(cfg)
-    _check_lora(cfg)
-    if m.lm_weight != 1.0 and not m.lm_data:
-        raise ConfigError(f"config error: method.lm_weight={m.lm_weight} has no effect without method.lm_data "
-                          "(the pre-training text it weights)")
-    if cfg.data.max_prompt_length >= cfg.data.max_length:
-        raise ConfigError("config error: data.max_prompt_length must be smaller than data.max_length")
-
-
-def _check_instruction_loss(cfg: Config) -> None:
-    m = cfg.method
-    if m.instruction_weight > 0:
-        why = ("needs a teacher forward (not method.teacher_cache)" if m.teacher_cache else
-               "needs the teacher to read the student's prompt (method.priming=none)" if m.priming != "none" else
-               "is not computed by the chunked head (train.loss_chunk=0)" if cfg.train.loss_chunk else
-               "needs a teacher (teacher.name)" if cfg.teacher is None else "")
-        if why:
-            raise ConfigError(f"config error: method.instruction_weight={m.instruction_weight} (the instruction "
-                              f"loss) {why}")
-
-
-def _check_lora(cfg: Config) -> None:
-    lora = cfg.model.lora
-    if cfg.teacher is not None and cfg.teacher.lora.r:
-        raise ConfigError("config error: teacher.lora: the teacher is frozen; load a LoRA-tuned teacher with teacher.adapter")
-    if cfg.output.merge and not lora.r:
-        raise ConfigError("config error: output.merge=true needs a LoRA student (model.lora.r > 0)")
-    if lora.target_modules is not None and not lora.r:
-        raise ConfigError("config error: model.lora.target_modules is set but model.lora.r is 0 (LoRA off: the whole "
-                          "model would train); set model.lora.r, e.g. 16")
-    if lora.target_modules is not None and not lora.target_modules:
-        raise ConfigError("config error: model.lora.target_modules=[] adapts nothing; name modules (e.g. [q_proj, "
-                          "v_proj]) or leave it unset for every linear layer")
-    if lora.r > 4096:
-        raise ConfigError(f"config error: model.lora.r={lora.r}: expected a rank much smaller than the model's width "
-                          "(typically 8-64)")
+    check_all(cfg, ConfigError)
 
 
 def preset_method(name: str) -> List[str]:

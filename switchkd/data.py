@@ -9,10 +9,9 @@ reported in :class:`DataStats`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
-
 
 from switchkd.batch import Batch, left_pad, right_pad  # noqa: F401  (the data pipeline's padding)
 from switchkd.config import ConfigError, DataConfig

@@ -26,8 +26,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from switchkd.divergences import fkl, jsd, rkl, tvd
 from switchkd.config import DecodingConfig
+from switchkd.divergences import fkl, jsd, rkl, tvd
 from switchkd.losses import accepts_logits_to_keep
 
 GATES: Dict[str, Callable[[Tensor, Tensor], Tensor]] = {

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from switchkd.config import PRESET_DIR, ConfigError, load_config, preset_method
-from switchkd.methods import SOURCES
 from switchkd.evaluate import score_examples
+from switchkd.methods import SOURCES
 from switchkd.models import load_model, load_tokenizer
 from switchkd.train import train
 

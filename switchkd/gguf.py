@@ -81,9 +81,7 @@ def plain_model(model: Any) -> Any:
 def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     """Write ``save_pretrained`` model (safetensors, float32) and tokenizer to ``out_dir`` (new, or an
     empty directory) through a temporary directory renamed when complete; returns it."""
-    from switchkd.rundir import write_new_dir
-
-    from switchkd.rundir import check_output_path
+    from switchkd.rundir import check_output_path, write_new_dir
 
     out = check_output_path(out_dir, "OUT_DIR", "dir", [gguf_file])  # before anything is read
     model, tok = load_gguf(gguf_file)

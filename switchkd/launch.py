@@ -97,7 +97,7 @@ def _relay(stream, error_file: Path) -> None:  # type: ignore[no-untyped-def]
             line = next((x for x in text.splitlines() if x.startswith("switchkd: error:")), None)
             if line is not None:  # the rank-0 line itself may share this chunk with the report
                 print(line, file=sys.stderr, flush=True)
-            for rest in iter(lambda: os.read(stream.fileno(), 65536), b""):
+            for _ in iter(lambda: os.read(stream.fileno(), 65536), b""):  # drain it
                 pass
             return
         if out is not None:

@@ -9,7 +9,7 @@ depend on how a step is split.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from switchkd.config import decoding_of
 from switchkd.decoding import (  # noqa: F401  (re-exported: the public names of the engine)
     GATES,
     TOKEN_GATES,
@@ -39,9 +40,9 @@ from switchkd.decoding import (  # noqa: F401  (re-exported: the public names of
     thresholds,
     use_compile,
 )
-from switchkd.config import decoding_of
 from switchkd.distributed import all_ranks, is_sharded
 from switchkd.speculative import speculative_switch
+
 
 def from_method(method: Any, source: str, max_new_tokens: int, tokenizer: Any, vocab: int,
                 keep_teacher_logits: bool = False) -> RolloutConfig:

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from switchkd import distributed
-from switchkd.config import Config, ConfigError, LoraConfig, to_yaml
 from switchkd.batch import Batch
+from switchkd.config import Config, ConfigError, LoraConfig, to_yaml
 from switchkd.data import Tokenized, collate, load_examples, tokenize
 from switchkd.evaluate import generate_texts, rouge_l
 from switchkd.lmdata import LMStream, lm_loss
@@ -233,49 +233,57 @@ class Trainer:
         bar = tqdm(total=self.total, initial=self.state.step, desc="train", disable=not self.acc.is_main_process)
         try:
             while self.state.step < self.total:
-                t0 = time.perf_counter()
                 before = (self.state.epoch, self.state.batch_in_epoch)
-                group = [self._with_cache(b) for b in self.source.step_batches(batches, self.state.step, cfg.train.grad_accum)]
-                self.student.train(self.source.dropout)
-                lm = [self.lm.next(cfg.train.batch_size, self.acc.device) for _ in group] if self.lm else None
-                extra: Dict[str, float] = {}
-                loss, n_tok = step_gradients(self.student, self.teacher, group, cfg, self.vocab, self.acc, lm, extra)
-                norm = self.acc.clip_grad_norm_(self.student.parameters(), cfg.train.clip if cfg.train.clip > 0 else float("inf"))
-                norm = float(norm) if norm is not None else 0.0  # DeepSpeed clips inside its step (None before it)
-                if not (math.isfinite(loss) and math.isfinite(norm)):
-                    bar.close()
-                    self.acc.end_training()
-                    raise TrainingError(f"step {self.state.step + 1}: {'loss' if not math.isfinite(loss) else 'gradient norm'}"
-                                        f" is not finite (loss {loss}, gradient norm {norm}); stopped without saving it: "
-                                        f"the last good checkpoint in {self.out / 'checkpoints'} is kept (lower train.lr?)")
-                self.opt.step()
-                self.sched.step()
-                self.opt.zero_grad(set_to_none=True)
-                self.state.step += 1
-                tokens = sum(int(b.attention_mask.sum()) for b in group) * self.acc.num_processes
-                step_s = time.perf_counter() - t0  # sequences (rollouts included) + losses + optimizer step
-                rec = {"step": self.state.step, "epoch": self.state.epoch, "loss": loss, "lr": self.sched.get_last_lr()[0],
-                       "step_s": step_s, "tokens_per_s": tokens / step_s, "response_tokens": n_tok} | extra
+                rec = self._step(batches)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                last = self.state.step == self.total
-                if self.source.validation == "epoch" and self.dev is not None and self._epoch_ended(before):
-                    rec["dev_ce_epoch"] = self._source_dev_loss()
-                    self.source.on_validation(rec["dev_ce_epoch"])
-                if self.dev is not None and ((cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0) or last):
-                    rec["dev_loss"] = self._dev_loss()
-                    if self.source.dev_metric == "cross_entropy":
-                        rec["dev_ce"] = self._dev_loss(cross_entropy=True)
-                    if self.source.validation == "eval_every":
-                        self.source.on_validation(rec["dev_ce"] if self.source.dev_metric == "cross_entropy" else rec["dev_loss"])
-                    rec["dev_rougeL"] = self._evaluate_dev()
-                if self.state.step % max(cfg.train.log_every, 1) == 0 or last or "dev_rougeL" in rec or "dev_ce_epoch" in rec:
-                    self._log(rec | self.source.stats())
-                if cfg.train.save_every and self.state.step % cfg.train.save_every == 0 and not last:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                self._validate_and_log(rec, before)
+                if cfg.train.save_every and self.state.step % cfg.train.save_every == 0 and self.state.step < self.total:
                     self._checkpoint()
         finally:  # the bar's last state ends its line before anything else is printed (Ctrl-C included)
             bar.close()
         return self._finish()
+
+    def _step(self, batches: Iterator[Batch]) -> Dict[str, Any]:
+        """One optimizer step: the source's micro-batches, the objective's gradients, the update; its log record."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        group = [self._with_cache(b) for b in self.source.step_batches(batches, self.state.step, cfg.train.grad_accum)]
+        self.student.train(self.source.dropout)
+        lm = [self.lm.next(cfg.train.batch_size, self.acc.device) for _ in group] if self.lm else None
+        extra: Dict[str, float] = {}
+        loss, n_tok = step_gradients(self.student, self.teacher, group, cfg, self.vocab, self.acc, lm, extra)
+        norm = self.acc.clip_grad_norm_(self.student.parameters(), cfg.train.clip if cfg.train.clip > 0 else float("inf"))
+        norm = float(norm) if norm is not None else 0.0  # DeepSpeed clips inside its step (None before it)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            self.acc.end_training()
+            raise TrainingError(f"step {self.state.step + 1}: {'loss' if not math.isfinite(loss) else 'gradient norm'}"
+                                f" is not finite (loss {loss}, gradient norm {norm}); stopped without saving it: "
+                                f"the last good checkpoint in {self.out / 'checkpoints'} is kept (lower train.lr?)")
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.state.step += 1
+        tokens = sum(int(b.attention_mask.sum()) for b in group) * self.acc.num_processes
+        step_s = time.perf_counter() - t0  # sequences (rollouts included) + losses + optimizer step
+        return {"step": self.state.step, "epoch": self.state.epoch, "loss": loss, "lr": self.sched.get_last_lr()[0],
+                "step_s": step_s, "tokens_per_s": tokens / step_s, "response_tokens": n_tok} | extra
+
+    def _validate_and_log(self, rec: Dict[str, Any], before: tuple) -> None:
+        """The source's own validation (after an epoch), the dev evaluation (every ``train.eval_every`` steps
+        and at the end), and the log line with the source's diagnostics."""
+        cfg, last = self.cfg, self.state.step == self.total
+        if self.source.validation == "epoch" and self.dev is not None and self._epoch_ended(before):
+            rec["dev_ce_epoch"] = self._source_dev_loss()
+            self.source.on_validation(rec["dev_ce_epoch"])
+        if self.dev is not None and ((cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0) or last):
+            rec["dev_loss"] = self._dev_loss()
+            if self.source.dev_metric == "cross_entropy":
+                rec["dev_ce"] = self._dev_loss(cross_entropy=True)
+            if self.source.validation == "eval_every":
+                self.source.on_validation(rec["dev_ce"] if self.source.dev_metric == "cross_entropy" else rec["dev_loss"])
+            rec["dev_rougeL"] = self._evaluate_dev()
+        if self.state.step % max(cfg.train.log_every, 1) == 0 or last or "dev_rougeL" in rec or "dev_ce_epoch" in rec:
+            self._log(rec | self.source.stats())
 
     def _with_cache(self, batch: Batch) -> Batch:
         """Attach the cached teacher targets (``teacher_selected``, a sparse ``TopK``) when a cache is in use."""

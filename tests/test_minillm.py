@@ -18,10 +18,10 @@ from oracle_minillm import (
     trl_single_step_decomposition_loss,
 )
 
+from switchkd.batch import PolicyTerm
 from switchkd.config import MethodConfig, load_config
 from switchkd.divergences import divergence
 from switchkd.losses import policy_loss
-from switchkd.batch import PolicyTerm
 from switchkd.methods.minillm import advantages, importance_weight, rewards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,8 +134,8 @@ def test_mixed_sampling_draws_from_the_teacher_mixture():
 
 def test_source_fields_are_recomputed_and_reused_for_ppo_epochs(tmp_path):
     from switchkd.data import build_batch
-    from switchkd.models import load_pair
     from switchkd.methods import make_source
+    from switchkd.models import load_pair
 
     cfg = load_config(ROOT / "configs/tiny/minillm.yaml", ["method.max_new_tokens=12", "method.minillm.ppo_epochs=2",
                                                           f"output.dir={tmp_path}"])

@@ -13,11 +13,10 @@ from safetensors.torch import load_file
 
 from switchkd.config import load_config
 from switchkd.data import collate, load_examples, tokenize
-from switchkd.losses import shifted
-from switchkd.models import load_pair
-from switchkd.losses import teacher_targets
+from switchkd.losses import shifted, teacher_targets
 from switchkd.methods import make_source
 from switchkd.methods.distillm import DistillmSource
+from switchkd.models import load_pair
 from switchkd.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,8 +213,8 @@ def test_distillm_without_dev_data_is_an_error():
 
 
 def test_imitkd_anneals_from_dataset_to_student_greedy():
-    from switchkd.rollout import RolloutConfig, rollout
     from switchkd.methods.imitkd import ImitkdSource
+    from switchkd.rollout import RolloutConfig, rollout
 
     cfg, student, teacher, tok, vocab, examples = _setup(["method.name=imitkd", "method.source=imitkd",
                                                           "method.divergence=fkl", "method.max_new_tokens=8",
