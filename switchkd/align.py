@@ -94,10 +94,11 @@ class Alignment:
     teacher: Any
     n: int
     paired: Any
+    view: Any = None  # the switchkd.cross.CrossView that built it (its loss and vocabularies)
 
     def to(self, device: Any, non_blocking: bool = False) -> "Alignment":
         return Alignment(*(t.to(device, non_blocking=non_blocking) for t in (self.student, self.teacher)), self.n,
-                         self.paired.to(device, non_blocking=non_blocking))
+                         self.paired.to(device, non_blocking=non_blocking), self.view)
 
 
 def batch_alignment(s_rows: Sequence[Sequence[int]], t_rows: Sequence[Sequence[int]], s_table: Sequence[bytes],

@@ -15,6 +15,8 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from switchkd.align import Alignment
+
 
 def _rows(ids: Tensor, mask: Tensor) -> List[List[int]]:
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
@@ -75,7 +77,9 @@ class Batch:
     teacher's own ``teacher_input_ids``/``teacher_attention_mask``/``teacher_labels`` ``[B, T']`` and
     ``teacher_prompt_ids``/``teacher_prompt_mask`` ``[B, P']``.  ``teacher_selected``: the teacher's
     logits at the ``N`` response tokens ``[N, V]`` when already known (kept from a rollout, or a sparse
-    :class:`switchkd.divergences.TopK` from the teacher cache); ``policy``: a policy-gradient term."""
+    :class:`switchkd.divergences.TopK` from the teacher cache); ``policy``: a policy-gradient term;
+    ``alignment``: with a teacher of another vocabulary, its ``teacher_*`` fields hold the teacher's own
+    tokens and this aligns the two responses (:class:`switchkd.cross.CrossView`)."""
 
     input_ids: Tensor
     attention_mask: Tensor
@@ -90,6 +94,7 @@ class Batch:
     teacher_prompt_mask: Optional[Tensor] = None
     teacher_selected: Optional[Any] = None
     policy: Optional[PolicyTerm] = None
+    alignment: Optional[Any] = None  # across vocabularies: the responses' switchkd.align.Alignment
 
     @classmethod
     def build(cls, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
@@ -135,6 +140,7 @@ class Batch:
         idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
         kw = {f.name: (getattr(self, f.name).index_select(0, idx) if isinstance(getattr(self, f.name), Tensor)
                        and f.name != "teacher_selected" else None) for f in dataclasses.fields(self)}
+        # (teacher_* of another vocabulary keep their rows; the alignment is rebuilt by the CrossView)
         return Batch(**kw)
 
     def to(self, device: Any, non_blocking: bool = False) -> "Batch":
@@ -147,6 +153,6 @@ class Batch:
 
 
 def _move(value: Any, device: Any, non_blocking: bool) -> Any:
-    if isinstance(value, (Tensor, PolicyTerm)):
+    if isinstance(value, (Tensor, PolicyTerm, Alignment)):
         return value.to(device, non_blocking=non_blocking)
     return value.to(device) if hasattr(value, "to") else value  # a TopK (teacher cache) or None

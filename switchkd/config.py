@@ -111,6 +111,13 @@ class _MethodFields:
                            rule=COUNT0)
     priming: str = opt("none", "response priming: a teacher-only prompt prefix (none, teacher, ground_truth, "
                        "confidence, or custom text with {reference})")
+    cross_tokenizer: str = opt("auto", "a teacher with another vocabulary: auto (gold when the vocabularies "
+                               "differ), off (refused), uld (sorted-probability L1), gold (exact on shared tokens + "
+                               "ULD on the rest); replaces the divergence term", choices=("auto", "off", "uld", "gold"))
+    cross_beta: float = opt(0.5, "gold: the generalized JSD's beta over the tokens both vocabularies share", rule=PROB)
+    cross_merge: str = opt("bayesian", "how a group of tokens' distributions merge into one: bayesian (the last "
+                           "position's) or observed (the first position's), times the group's other tokens' "
+                           "probabilities", choices=("bayesian", "observed"))
     teacher_cache: Optional[str] = opt(None, "a switchkd cache-teacher directory: the teacher's top-k targets from "
                                        "disk, no teacher loaded (sources with fixed sequences only)")
 
@@ -295,8 +302,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except (OmegaConfBaseException, TypeError, ValueError) as exc:
         raise ConfigError(f"config error: {_one_line(exc) if isinstance(exc, OmegaConfBaseException) else exc}") from None
-    if str(cfg.train.mixed_precision).lower() == "false":  # YAML reads a bare `no` as a boolean
+    if str(cfg.train.mixed_precision).lower() == "false":  # YAML reads a bare `no` (or `off`) as a boolean
         cfg.train.mixed_precision = "no"
+    if str(cfg.method.cross_tokenizer).lower() == "false":
+        cfg.method.cross_tokenizer = "off"
     validate(cfg)
     return cfg
 

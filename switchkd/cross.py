@@ -162,6 +162,7 @@ class CrossView:
         s_rows = [r for r in _predicted(batch.labels)]
         t_rows = [r for r in _predicted(batch.teacher_labels)]
         batch.alignment = batch_alignment(s_rows, t_rows, self.s_table, self.t_table).to(dev)
+        batch.alignment.view = self
         return batch
 
     def targets(self, teacher_logits: Tensor, batch: Any) -> Aligned:
@@ -171,11 +172,11 @@ class CrossView:
         y = batch.teacher_labels[:, 1:][batch.teacher_labels[:, 1:] != -100]
         return Aligned(merge(probs, a.teacher, y, a.n, self.strategy), a)
 
-    def token_loss(self, student_logits: Tensor, target: Aligned, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    def token_loss(self, student_logits: Tensor, target: Aligned, labels: Tensor) -> Tensor:
         """Per student response token ``[N_s]``: each paired group's loss spread evenly over its student tokens
-        (0 for tokens of groups the teacher has no tokens in)."""
+        (0 for tokens of groups the teacher has no tokens in).  Both sides at temperature 1 (TRL's default)."""
         a = target.alignment
-        s = merge(torch.softmax(student_logits.float() / temperature, -1), a.student, labels, a.n, self.strategy)
+        s = merge(torch.softmax(student_logits.float(), -1), a.student, labels, a.n, self.strategy)
         keep = a.paired.nonzero().squeeze(-1)
         kw = dict(student_matched=self.s_matched.to(s.device), teacher_matched=self.t_matched.to(s.device),
                   beta=self.beta, matched_weight=self.matched_weight,
@@ -184,6 +185,39 @@ class CrossView:
         per_group[keep] = LOSSES[self.loss](s[keep], target.probs[keep].to(s.dtype), **kw)
         count = torch.bincount(a.student, minlength=a.n).clamp_min(1)
         return (per_group / count)[a.student]
+
+
+def same_vocabulary(student_tok: Any, teacher_tok: Any) -> bool:
+    """Whether the two tokenizers map the same strings to the same ids."""
+    return student_tok.get_vocab() == teacher_tok.get_vocab()
+
+
+def view_for(cfg: Any, student_tok: Any, teacher_tok: Any) -> Optional[CrossView]:
+    """The :class:`CrossView` a run needs when the teacher's vocabulary differs from the student's (None when
+    they share one); one-line refusals when ``method.cross_tokenizer=off`` or the run cannot work across
+    vocabularies."""
+    from switchkd.config import ConfigError
+    from switchkd.methods import SOURCES
+
+    if same_vocabulary(student_tok, teacher_tok):
+        return None
+    m = cfg.method
+    names = (f"the teacher's tokenizer ({cfg.teacher.tokenizer or cfg.teacher.name}, {len(teacher_tok)} tokens) and "
+             f"the student's ({cfg.model.tokenizer or cfg.model.name}, {len(student_tok)} tokens)")
+    if m.cross_tokenizer == "off":
+        raise ConfigError(f"{names} have different vocabularies and method.cross_tokenizer=off: token ids cannot be "
+                          "compared; set method.cross_tokenizer=gold (or uld) to distil across vocabularies")
+    reason = SOURCES[m.source].cross_tokenizer_reason(cfg)
+    why = (f"method.source={m.source}: {reason}" if reason else
+           "method.teacher_cache (cached top-k ids are the teacher's)" if m.teacher_cache else
+           "method.instruction_weight > 0 (the instruction loss compares same-vocabulary prompts)"
+           if m.instruction_weight > 0 else
+           "train.loss_chunk > 0 (the chunked head works on one vocabulary)" if cfg.train.loss_chunk else None)
+    if why:
+        raise ConfigError(f"{names} differ, and {why}; distillation across vocabularies works with the dataset and "
+                          "student-generated sources (SFT, KD, GKD, DistiLLM, ImitKD+Full)")
+    return CrossView(student_tok, teacher_tok, "gold" if m.cross_tokenizer == "auto" else m.cross_tokenizer,
+                     beta=m.cross_beta, merge_strategy=m.cross_merge)
 
 
 def _predicted(labels: Tensor) -> List[List[int]]:

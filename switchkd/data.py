@@ -225,8 +225,10 @@ class Tokenized:
 
 
 def tokenize(examples: Sequence[Example], tokenizer: Any, max_prompt: int, max_length: int,
-             priming: str = "none") -> tuple:
-    """Tokenize with the length policy; returns ``(list[Tokenized], DataStats)``."""
+             priming: str = "none", teacher_tokenizer: Any = None) -> tuple:
+    """Tokenize with the length policy; returns ``(list[Tokenized], DataStats)``.  With
+    ``teacher_tokenizer`` (a teacher of another vocabulary) each item's ``teacher_prompt`` is the prompt
+    (primed or not) as the teacher's tokenizer and chat template render it."""
     from switchkd.priming import teacher_prompt
 
     stats, out = DataStats(total=len(examples)), []
@@ -239,7 +241,8 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, max_prompt: int, max_l
         if len(p) + len(r) > max_length:
             r = r[: max_length - len(p)]
             stats.truncated_response += 1
-        tp = None if priming == "none" else encode_prompt(tokenizer, teacher_prompt(priming, ex.prompt, ex.references[0]))
+        t_text = ex.prompt if priming == "none" else teacher_prompt(priming, ex.prompt, ex.references[0])
+        tp = encode_prompt(teacher_tokenizer or tokenizer, t_text) if priming != "none" or teacher_tokenizer else None
         out.append(Tokenized(p, r, i, tp))
     stats.kept = len(out)
     if not out:

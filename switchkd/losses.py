@@ -18,10 +18,11 @@ from torch.utils.checkpoint import checkpoint
 from switchkd.batch import Batch, PolicyTerm
 from switchkd.checks import PLAIN
 from switchkd.config import MethodConfig
+from switchkd.cross import Aligned
 from switchkd.distributed import is_sharded, max_over_ranks
 from switchkd.divergences import TopK, cross_entropy, divergence, forward_kl
 
-TeacherTargets = Union[Tensor, TopK]  # teacher logits [N, V] or cached top-k rows
+TeacherTargets = Union[Tensor, TopK, Aligned]  # teacher logits [N, V], cached top-k rows, or aligned groups
 
 
 def kd_weight(method: MethodConfig) -> float:
@@ -50,9 +51,12 @@ def token_loss(student_logits: Tensor, teacher_logits: Optional[TeacherTargets],
     if w > 0:
         if teacher_logits is None:
             raise ValueError(f"method {method.name!r} with kd_ratio={w} needs teacher logits")
-        params = {k: (int(v) if k == "k" else v) for k, v in method.params.items()}
-        out = out + w * divergence(method.divergence, student_logits, teacher_logits, temperature=method.temperature,
-                                   **params)
+        if isinstance(teacher_logits, Aligned):  # another vocabulary: ULD / GOLD over aligned groups
+            out = out + w * teacher_logits.alignment.view.token_loss(student_logits, teacher_logits, labels)
+        else:
+            params = {k: (int(v) if k == "k" else v) for k, v in method.params.items()}
+            out = out + w * divergence(method.divergence, student_logits, teacher_logits,
+                                       temperature=method.temperature, **params)
     if w < 1:
         out = out + (1 - w) * cross_entropy(student_logits, labels=labels)
     if pg is not None:
@@ -68,6 +72,11 @@ def teacher_targets(teacher: Any, batch: Batch, vocab: int) -> TeacherTargets:
     response); each side's own labels select the positions, so no offset arithmetic is involved."""
     if batch.teacher_selected is not None:
         return batch.teacher_selected
+    if batch.alignment is not None:  # another vocabulary: the teacher's own tokens, merged over aligned groups
+        view = batch.alignment.view
+        logits = response_logits(teacher, batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_labels,
+                                 view.teacher_vocab)[0]
+        return view.targets(logits, batch)
     if batch.teacher_input_ids is not None:
         return response_logits(teacher, batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_labels,
                                vocab)[0]

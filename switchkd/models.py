@@ -218,9 +218,10 @@ def check_compatible(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrain
 
 
 def load_pair(
-    student_cfg: ModelConfig, teacher_cfg: Optional[ModelConfig]
+    student_cfg: ModelConfig, teacher_cfg: Optional[ModelConfig], cross: bool = False
 ) -> Tuple[PreTrainedModel, Optional[PreTrainedModel], PreTrainedTokenizerBase, int]:
-    """Student (trainable), frozen teacher (or None), the shared tokenizer and the true vocab size."""
+    """Student (trainable), frozen teacher (or None), the student's tokenizer and its true vocab size; the
+    teacher's tokenizer must be the same unless ``cross`` (distillation across vocabularies)."""
     tok = load_tokenizer(student_cfg)
     student = load_model(student_cfg, tok)
     if student_cfg.lora.r:
@@ -229,7 +230,7 @@ def load_pair(
     vocab = len(tok)
     if teacher_cfg is not None:
         t_tok = load_tokenizer(teacher_cfg)
-        vocab = check_compatible(tok, t_tok)
+        vocab = vocab if cross else check_compatible(tok, t_tok)
         teacher = load_model(teacher_cfg, t_tok, trainable=False)
     return student, teacher, tok, vocab
 

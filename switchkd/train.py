@@ -151,20 +151,19 @@ class Trainer:
         self.acc = distributed.make_accelerator(cfg, trackers)
         self.sharded = distributed.kind(self.acc) != "replicated"
         set_seed(cfg.train.seed)
+        self.cross, self.teacher_tok = self._cross_view()
         self.student, self.teacher, self.tok, self.vocab = load_pair(
-            cfg.model, None if cfg.method.teacher_cache else cfg.teacher)
+            cfg.model, None if cfg.method.teacher_cache else cfg.teacher, cross=self.cross is not None)
         if cfg.train.gradient_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.cache is not None:
             self.cache.check_vocab(self.vocab)
         examples = load_examples(cfg.data.train, cfg.data, self.tok, cfg.data.limit)
-        self.items, stats = tokenize(examples, self.tok, cfg.data.max_prompt_length, cfg.data.max_length,
-                                     cfg.method.priming)
+        self.items, stats = self._tokenize(examples)
         if self.cache is not None:
             self.cache.check(self.items)
         self.dev = load_examples(cfg.data.dev, cfg.data, self.tok, cfg.eval.limit or 100) if cfg.data.dev else None
-        self.dev_items = tokenize(self.dev, self.tok, cfg.data.max_prompt_length, cfg.data.max_length,
-                                  cfg.method.priming)[0] if self.dev else []
+        self.dev_items = self._tokenize(self.dev)[0] if self.dev else []
         if cfg.train.batch_size * cfg.train.grad_accum * self.acc.num_processes > len(self.items):
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} (x grad_accum {cfg.train.grad_accum} x "
                               f"{self.acc.num_processes} processes) is larger than the {len(self.items)} training examples")
@@ -186,8 +185,7 @@ class Trainer:
         self.source.total_steps, self.source.sharded = self.total, self.sharded
         self.source_dev = self.dev_items
         if self.source.dev_limit and cfg.data.dev:  # the source's own validation set
-            self.source_dev = tokenize(load_examples(cfg.data.dev, cfg.data, self.tok, self.source.dev_limit), self.tok,
-                                       cfg.data.max_prompt_length, cfg.data.max_length, cfg.method.priming)[0]
+            self.source_dev = self._tokenize(load_examples(cfg.data.dev, cfg.data, self.tok, self.source.dev_limit))[0]
         self.epoch_len = 0  # micro-batches per epoch on this process (known once the first epoch starts)
         self.lm = LMStream(cfg.method.lm_data, self.tok, cfg.data.max_length, cfg.train.seed, self.acc.process_index,
                            self.acc.num_processes) if cfg.method.lm_data else None
@@ -204,6 +202,25 @@ class Trainer:
                 print(distributed.describe(self.acc, self.sharded, self.teacher_engine), flush=True)
         if trackers:
             self.acc.init_trackers("switchkd", config=json.loads(json.dumps(asdict(cfg), default=str)))
+
+    def _cross_view(self) -> tuple:
+        """``(CrossView or None, teacher tokenizer or None)``: a teacher of another vocabulary reads every batch
+        in its own tokens (:mod:`switchkd.cross`); refused in one line when the run cannot do that."""
+        cfg = self.cfg
+        if cfg.teacher is None or cfg.method.teacher_cache:
+            return None, None
+        from switchkd.cross import view_for
+        from switchkd.models import load_tokenizer
+
+        s_tok, t_tok = load_tokenizer(cfg.model), load_tokenizer(cfg.teacher)
+        view = view_for(cfg, s_tok, t_tok)
+        return view, (t_tok if view is not None else None)
+
+    def _tokenize(self, examples: List[Any]) -> tuple:
+        """``tokenize`` with the run's lengths and priming (and the teacher's own prompts across vocabularies)."""
+        c = self.cfg
+        return tokenize(examples, self.tok, c.data.max_prompt_length, c.data.max_length, c.method.priming,
+                        self.teacher_tok)
 
     def _micro_batches(self) -> Iterator[Dict[str, torch.Tensor]]:
         """Micro-batches in a seeded per-epoch order, resuming at ``state.batch_in_epoch``."""
@@ -286,7 +303,10 @@ class Trainer:
             self._log(rec | self.source.stats())
 
     def _with_cache(self, batch: Batch) -> Batch:
-        """Attach the cached teacher targets (``teacher_selected``, a sparse ``TopK``) when a cache is in use."""
+        """Attach the cached teacher targets (``teacher_selected``, a sparse ``TopK``) when a cache is in use, or
+        the teacher's own tokens and their alignment when its vocabulary differs."""
+        if self.cross is not None:
+            batch = self.cross.apply(batch)
         if self.cache is not None:
             batch.teacher_selected = self.cache.targets(batch.index.tolist(), batch.response_lengths()).to(self.acc.device)
         return batch
@@ -318,8 +338,8 @@ class Trainer:
             method = replace(method, kd_ratio=0.0)
         needs_teacher = kd_weight(method) > 0
         for i in range(0, len(items), self.cfg.train.batch_size):
-            b = collate(items[i:i + self.cfg.train.batch_size], self.tok.pad_token_id)
-            b = b.to(self.acc.device)
+            b = collate(items[i:i + self.cfg.train.batch_size], self.tok.pad_token_id).to(self.acc.device)
+            b = self.cross.apply(b) if self.cross is not None else b  # (a teacher cache covers train only)
             t = teacher_targets(self.teacher, b, self.vocab) if needs_teacher else None
             s, target = response_logits(model, b.input_ids, b.attention_mask, b.labels, self.vocab)
             loss = float(token_loss(s, t, target, method).sum())

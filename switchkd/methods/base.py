@@ -55,6 +55,12 @@ class Source:
         return None
 
     @classmethod
+    def cross_tokenizer_reason(cls, cfg: "Config") -> Optional[str]:
+        """Why this source cannot distil from a teacher with another vocabulary (None: it can, its rollouts
+        never run the teacher, whose view of the text is built by :class:`switchkd.cross.CrossView`)."""
+        return None
+
+    @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
         """Cross-field rules of this source; raise ``error(message)`` at the first broken one."""
 

@@ -40,6 +40,10 @@ class MixtureSource(Source):
     def teacher_reason(cls, cfg: "Config") -> Optional[str]:
         return "method.mixture.seq_kd=true" if cfg.method.mixture.seq_kd else None
 
+    @classmethod
+    def cross_tokenizer_reason(cls, cfg: "Config") -> Optional[str]:
+        return "seq_kd=true samples the teacher's responses in its own vocabulary" if cfg.method.mixture.seq_kd else None
+
     def __call__(self, batch: "Batch", step: int) -> "Batch":
         if self.shared.random() < self.settings.student_ratio:
             return self._rollout(batch, "student")[0]

@@ -54,6 +54,12 @@ class ImitkdSource(Source):
         return None
 
     @classmethod
+    def cross_tokenizer_reason(cls, cfg: "Config") -> Optional[str]:
+        if cfg.method.imitkd.targets == "argmax":
+            return "targets=argmax labels the student's rows with the teacher's tokens"
+        return None
+
+    @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
         m = cfg.method
         if m.imitkd.targets != "argmax":

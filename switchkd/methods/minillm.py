@@ -142,6 +142,10 @@ class MinillmSource(Source):
         return "method.source=minillm"
 
     @classmethod
+    def cross_tokenizer_reason(cls, cfg: "Config") -> Optional[str]:
+        return "its sampling mixes the two models' next-token distributions over one vocabulary"
+
+    @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
         m = cfg.method
         if m.instruction_weight > 0 or m.priming != "none":

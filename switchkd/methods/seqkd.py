@@ -22,6 +22,10 @@ class TeacherSource(Source):
     def teacher_reason(cls, cfg: "Config") -> Optional[str]:
         return "method.source=teacher"
 
+    @classmethod
+    def cross_tokenizer_reason(cls, cfg: "Config") -> Optional[str]:
+        return "the teacher writes its responses in its own vocabulary (generate them with switchkd generate, then train on the text)"
+
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.cache: Dict[int, List[int]] = {}

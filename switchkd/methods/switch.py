@@ -79,6 +79,10 @@ class SwitchSource(Source):
         return f"method.source={cls.name}"
 
     @classmethod
+    def cross_tokenizer_reason(cls, cfg: "Config") -> Optional[str]:
+        return "the teacher writes tokens into the student's sequence (interleaved decoding needs one vocabulary)"
+
+    @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
         sw = cfg.method.switch
         if sw.max_draft_k < sw.draft_k:
