@@ -53,7 +53,7 @@ def test_alignment_equals_trls_byte_walk(toks):
               byte_ends(token_bytes(byt5), byt5(t, add_special_tokens=False)["input_ids"])) for t in TEXTS]
     for _ in range(200):  # random segmentations of one length, zero-width tokens (EOS) and unequal totals included
         total = int(rng.integers(1, 30))
-        cut = lambda: np.sort(np.r_[rng.choice(np.arange(0, total + 1), int(rng.integers(1, 12))), total])  # noqa: E731
+        cut = lambda n=total: np.sort(np.r_[rng.choice(np.arange(0, n + 1), int(rng.integers(1, 12))), n])  # noqa: E731
         cases.append((cut(), cut() if rng.random() < 0.8 else cut()[:-1]))
     for s_ends, t_ends in cases:
         gs, gt, n = align(np.asarray(s_ends), np.asarray(t_ends))
