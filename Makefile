@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo demo-teacher test-fast bench-real bench-long test lint bench bench-quality bench-crispr bench-gpu bench-priming clean
+.PHONY: demo demo-teacher test-fast bench-real bench-long bench-cross test lint bench bench-quality bench-crispr bench-gpu bench-priming clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench-real: $(STAMP)
 
 bench-long: $(STAMP)
 	$(BIN)/python bench/long_response.py
+
+bench-cross: $(STAMP)
+	$(BIN)/python bench/cross_tokenizer.py
 
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/gpu.py

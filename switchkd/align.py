@@ -102,17 +102,23 @@ class Alignment:
 
 
 def batch_alignment(s_rows: Sequence[Sequence[int]], t_rows: Sequence[Sequence[int]], s_table: Sequence[bytes],
-                    t_table: Sequence[bytes]) -> Alignment:
-    """The :class:`Alignment` of response token rows on each side (the same texts, tokenized twice)."""
+                    t_table: Sequence[bytes], cut: Sequence[bool] = ()) -> Alignment:
+    """The :class:`Alignment` of response token rows on each side (the same texts, tokenized twice); a row
+    whose teacher side was ``cut`` short leaves its trailing group unpaired (the two sides' leftovers cover
+    different text)."""
     import torch
 
-    s_all, t_all, offset = [], [], 0
-    for s, t in zip(s_rows, t_rows):
-        gs, gt, n = align(byte_ends(s_table, s), byte_ends(t_table, t))
+    s_all, t_all, offset, unpaired = [], [], 0, []
+    for i, (s, t) in enumerate(zip(s_rows, t_rows)):
+        s_ends, t_ends = byte_ends(s_table, s), byte_ends(t_table, t)
+        gs, gt, n = align(s_ends, t_ends)
+        if i < len(cut) and cut[i] and n and (gs == n - 1).any() and len(t_ends) and s_ends[-1] > t_ends[-1]:
+            unpaired.append(offset + n - 1)
         s_all.append(gs + offset)
         t_all.append(gt + offset)
         offset += n
     s_g = torch.from_numpy(np.concatenate(s_all) if s_all else np.zeros(0, np.int64))
     t_g = torch.from_numpy(np.concatenate(t_all) if t_all else np.zeros(0, np.int64))
     paired = (torch.bincount(s_g, minlength=offset) > 0) & (torch.bincount(t_g, minlength=offset) > 0)
+    paired[torch.tensor(unpaired, dtype=torch.long)] = False
     return Alignment(s_g, t_g, offset, paired)

@@ -133,6 +133,7 @@ class CrossView:
         self.loss, self.beta, self.strategy, self.matched_weight = loss, beta, merge_strategy, matched_weight
         self.s_matched, self.t_matched = shared_vocabulary(student_tok, teacher_tok)
         self.teacher_vocab = len(teacher_tok)
+        self.max_length: Optional[int] = None  # the teacher's positions (set by the trainer): longer rows are cut
 
     def teacher_response(self, response: Sequence[int]) -> List[int]:
         """A student response (ids) as teacher ids: the same bytes' text, re-tokenized, and the teacher's EOS
@@ -153,6 +154,9 @@ class CrossView:
         s_resp = batch.responses()
         t_resp = [self.teacher_response(r) for r in s_resp]
         t_prompts = batch.teacher_prompts()
+        room = [None if self.max_length is None else max(1, self.max_length - len(p)) for p in t_prompts]
+        cut = [r is not None and len(t) > r for t, r in zip(t_resp, room)]
+        t_resp = [t[:r] if c else t for t, r, c in zip(t_resp, room, cut)]
         pad = self.t_tok.pad_token_id
         dev = batch.device
         batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_labels = \
@@ -161,7 +165,7 @@ class CrossView:
         # the loss sees the tokens after the first of each row (shifted labels): align those
         s_rows = [r for r in _predicted(batch.labels)]
         t_rows = [r for r in _predicted(batch.teacher_labels)]
-        batch.alignment = batch_alignment(s_rows, t_rows, self.s_table, self.t_table).to(dev)
+        batch.alignment = batch_alignment(s_rows, t_rows, self.s_table, self.t_table, cut).to(dev)
         batch.alignment.view = self
         return batch
 

@@ -154,6 +154,9 @@ class Trainer:
         self.cross, self.teacher_tok = self._cross_view()
         self.student, self.teacher, self.tok, self.vocab = load_pair(
             cfg.model, None if cfg.method.teacher_cache else cfg.teacher, cross=self.cross is not None)
+        if self.cross is not None:  # the teacher reads at most its own positions
+            c = self.teacher.config
+            self.cross.max_length = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
         if cfg.train.gradient_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.cache is not None:
