@@ -216,3 +216,24 @@ def test_mismatched_vocabularies_are_refused_in_one_line(bpe_student, capsys, tm
         assert rc == 2 and len(err) == 1 and err[0].startswith("switchkd: error:") and fragment in err[0], err
         assert "teacher's tokenizer" in err[0] and "student's" in err[0]
         assert not (tmp_path / "o").exists()
+
+
+def test_teacher_rows_are_cut_at_its_positions_and_the_rest_is_left_out(toks):
+    from switchkd.batch import Batch
+
+    gpt2, byt5 = toks
+    view = CrossView(gpt2, byt5, "uld")
+    view.max_length = 12
+    prompt_t = byt5("Q:", add_special_tokens=False)["input_ids"]
+    response = gpt2(" a long answer that the teacher cannot read whole", add_special_tokens=False)["input_ids"]
+    b = view.apply(Batch.build([gpt2("Q:")["input_ids"]], [response], gpt2.pad_token_id, [0], [prompt_t]))
+    assert b.teacher_input_ids.shape[1] <= 12
+    a = b.alignment
+    trailing = int(a.student.max())
+    assert not bool(a.paired[trailing]) and bool(a.paired[:trailing].all())  # only the cut remainder is left out
+    g = torch.Generator().manual_seed(0)
+    ns, nt = a.student.numel(), a.teacher.numel()
+    y = b.labels[:, 1:][b.labels[:, 1:] != -100]
+    loss = view.token_loss(torch.randn(ns, len(gpt2), generator=g), view.targets(torch.randn(nt, len(byt5),
+                                                                                              generator=g), b), y)
+    assert (loss[a.student == trailing] == 0).all() and (loss[a.student < trailing] > 0).all()
