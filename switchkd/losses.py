@@ -202,3 +202,17 @@ def chunked_loss_sum(student: Any, head: torch.nn.Module, batch: Batch, teacher:
         part = checkpoint(piece, h[i:i + chunk], t_c, tgt[i:i + chunk], pg_c, use_reentrant=False)
         total = total + (part if j < n else 0.0 * part)
     return total
+
+
+def micro_batch_loss(student: Any, teacher: Optional[Any], batch: Batch, method: MethodConfig, vocab: int,
+                     loss_chunk: int = 0, head: Optional[torch.nn.Module] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """The objective's sums for one micro-batch: ``(sum of token_loss over its response tokens, sum of the
+    instruction loss over its prompt positions or None)`` — by the chunked head (``loss_chunk`` > 0, the
+    student's ``head``), with the instruction loss (``method.instruction_weight`` > 0), or plainly."""
+    if loss_chunk > 0:
+        return chunked_loss_sum(student, head, batch, teacher, batch.teacher_selected, method, vocab, loss_chunk), None
+    if method.instruction_weight > 0:
+        return instruction_loss_sum(student, teacher, batch, method, vocab)
+    t = teacher_targets(teacher, batch, vocab) if kd_weight(method) > 0 else None
+    s, target = response_logits(student, batch.input_ids, batch.attention_mask, batch.labels, vocab)
+    return token_loss(s, t, target, method, batch.policy).sum(), None

@@ -35,9 +35,8 @@ from switchkd.data import Tokenized, collate, load_examples, tokenize
 from switchkd.evaluate import generate_texts, rouge_l
 from switchkd.lmdata import LMStream, lm_loss
 from switchkd.losses import (
-    chunked_loss_sum,
-    instruction_loss_sum,
     kd_weight,
+    micro_batch_loss,
     prompt_mask,
     response_logits,
     response_tokens,
@@ -85,7 +84,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
     return [g for g in groups if g["params"]]
 
 
-def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, torch.Tensor]], cfg: Config,
+def step_gradients(student: Any, teacher: Optional[Any], group: List[Batch], cfg: Config,
                    vocab: int, accelerator: Accelerator, lm: Optional[List[Dict[str, torch.Tensor]]] = None,
                    stats: Optional[Dict[str, float]] = None) -> tuple[float, int]:
     """Back-propagate one optimizer step's micro-batches; returns ``(mean token loss, tokens)``.
@@ -104,23 +103,15 @@ def step_gradients(student: Any, teacher: Optional[Any], group: List[Dict[str, t
         n_prompt = sum(int(prompt_mask(b).sum()) for b in group)
         n_prompt = int(accelerator.reduce(torch.tensor(n_prompt, device=accelerator.device), reduction="sum"))
         inst_scale = accelerator.num_processes / max(n_prompt, 1)
-    needs_teacher = kd_weight(cfg.method) > 0
     # DeepSpeed would divide by its gradient_accumulation_steps again: the scale above is already exact
     extra = {"scale_wrt_gas": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
     for i, b in enumerate(group):
         sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(student)
         with sync, accelerator.autocast():
-            if cfg.train.loss_chunk > 0:
-                head = accelerator.unwrap_model(student).get_output_embeddings()
-                loss = chunked_loss_sum(student, head, b, teacher, b.teacher_selected, cfg.method, vocab,
-                                        cfg.train.loss_chunk)
-            elif inst_w > 0:
-                loss, inst = instruction_loss_sum(student, teacher, b, cfg.method, vocab)
+            head = accelerator.unwrap_model(student).get_output_embeddings() if cfg.train.loss_chunk > 0 else None
+            loss, inst = micro_batch_loss(student, teacher, b, cfg.method, vocab, cfg.train.loss_chunk, head)
+            if inst is not None:
                 inst_sum += inst.detach()
-            else:
-                t = teacher_targets(teacher, b, vocab) if needs_teacher else None
-                s, target = response_logits(student, b.input_ids, b.attention_mask, b.labels, vocab)
-                loss = token_loss(s, t, target, cfg.method, b.policy).sum()
             if extra:  # DeepSpeed steps its engine at every backward that accelerate marks as a boundary
                 accelerator.gradient_state._set_sync_gradients(i == len(group) - 1)
             objective = loss * scale + (inst_w * inst * inst_scale if inst_w > 0 else 0.0)
