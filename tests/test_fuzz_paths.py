@@ -231,3 +231,25 @@ def test_bad_output_paths(world, name, argv, same, variant, capsys):
 
         if target.parent == world and target.name == "target":
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("change,fragment", [({"ans0": 5}, "ans0 must be a string"), ({"label": True}, "label must be"),
+                                             ({"context": None}, "context must be a string"),
+                                             ({"label": 1.0}, "label must be")])
+def test_bbq_records_of_the_wrong_type(world, change, fragment, capsys, tmp_path):
+    rows = [json.loads(x) for x in _bbq().splitlines()]
+    rows[3] |= change
+    bad = tmp_path / "bbq.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _expect_one_line(capsys, ["debias", "--model", str(world / "model"), "--data", str(bad), "--output",
+                              str(tmp_path / "out")], (f"{bad}:4: {fragment}",), tmp_path)
+
+
+@pytest.mark.parametrize("argv", [["debias", "--model", "{w}/model", "--data", "{w}/bbq.jsonl", "--output", "."],
+                                  ["cache-teacher", KD, "data.train={w}/data.jsonl", "data.dev=null",
+                                   f"teacher.name={TINY}", "--output", "."],
+                                  ["eval", "--model", "{w}/model", "--data", "synthetic:test", "--output", "."]])
+def test_the_current_directory_is_not_an_output(world, argv, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("keep me\n")
+    _expect_one_line(capsys, [a.replace("{w}", str(world)) for a in argv], "--output .", tmp_path)
