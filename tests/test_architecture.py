@@ -66,9 +66,7 @@ def test_declared_ranges_and_choices_are_enforced():
 
 def test_the_packages_import_without_circles():
     """Each module imports on its own in a fresh interpreter (no import-order dependence)."""
-    mods = ["switchkd.data", "switchkd.synthetic", "switchkd.arith", "switchkd.methods", "switchkd.methods.minillm",
-            "switchkd.config", "switchkd.losses", "switchkd.train"]
-    for m in mods:
+    for m in ("switchkd.synthetic", "switchkd.arith", "switchkd.methods.minillm"):  # the former circles' far ends
         r = subprocess.run([sys.executable, "-c", f"import {m}"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, (m, r.stderr[-500:])
 
