@@ -176,7 +176,7 @@ class Trainer:
         self.teacher = distributed.unwrap(self.teacher_engine)
         self.source = make_source(cfg, self.student, self.teacher, self.tok, self.vocab, self.acc.unwrap_model,
                                   seed=cfg.train.seed * 1000 + self.acc.process_index)
-        self.source.total_steps, self.source.sharded = self.total, self.sharded
+        self.source.total_steps, self.source.sharded, self.source.cross = self.total, self.sharded, self.cross
         self.source_dev = self.dev_items
         if self.source.dev_limit and cfg.data.dev:  # the source's own validation set
             self.source_dev = self._tokenize(load_examples(cfg.data.dev, cfg.data, self.tok, self.source.dev_limit))[0]

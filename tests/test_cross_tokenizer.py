@@ -184,7 +184,7 @@ def bpe_student(shared, tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("preset,extra", [("sft", []), ("kd", []), ("kd", ["method.cross_tokenizer=uld"]),
+@pytest.mark.parametrize("preset,extra", [("sft", []), ("kd", []), ("kd", ["method.cross_tokenizer=uld"]), ("seqkd", []),
                                           ("gkd", ["method.mixture.student_ratio=1.0"]),
                                           ("distillm", ["method.distillm.init_student_prob=1.0"])])
 def test_a_byte_level_teacher_trains_a_bpe_student(bpe_student, preset, extra, tmp_path):

@@ -46,6 +46,7 @@ class Source:
     dev_limit: Optional[int] = None  # on_validation's own dev set (the first N of data.dev; None: eval.limit's)
     dev_batch_mean = False  # on_validation's loss: the mean of per-batch means (True) or of all tokens
     total_steps = 1  # optimizer steps of the run (set by the trainer; schedules read it)
+    cross: Any = None  # a teacher of another vocabulary: the run's switchkd.cross.CrossView (set by the trainer)
     sharded = False  # set by the trainer under FSDP / ZeRO-3: rollouts are collective
 
     # -- declarations read while the config is checked (class level, no models) --

@@ -22,9 +22,6 @@ class TeacherSource(Source):
     def teacher_reason(cls, cfg: "Config") -> Optional[str]:
         return "method.source=teacher"
 
-    @classmethod
-    def cross_tokenizer_reason(cls, cfg: "Config") -> Optional[str]:
-        return "the teacher writes its responses in its own vocabulary (generate them with switchkd generate, then train on the text)"
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -34,10 +31,30 @@ class TeacherSource(Source):
         idx = batch.index.tolist()
         missing = [i for i, k in enumerate(idx) if k not in self.cache]
         if missing:
-            gen, _ = self._rollout(batch.select(missing), "teacher")
-            for i, response in zip(missing, gen.responses()):
+            responses = self._across(batch.select(missing)) if self.cross is not None else \
+                self._rollout(batch.select(missing), "teacher")[0].responses()
+            for i, response in zip(missing, responses):
                 self.cache[idx[i]] = response
         return batch.with_responses([self.cache[k] for k in idx], self.tok.pad_token_id)
+
+    def _across(self, batch: "Batch") -> List[List[int]]:
+        """Across vocabularies: the teacher decodes from its own prompts in its own tokens; each response's text
+        is re-tokenized for the student (with the student's EOS where the teacher stopped at its own)."""
+        from dataclasses import replace
+
+        from switchkd.rollout import from_method, rollout
+
+        t_tok, s_tok = self.cross.t_tok, self.tok
+        mask = batch.teacher_prompt_mask
+        ids = batch.teacher_prompt_ids.masked_fill(mask == 0, t_tok.pad_token_id)  # (collated with the student's pad)
+        P = ids.shape[1]
+        budget = min(self.cfg.method.max_new_tokens, (self.cross.max_length or self.cfg.data.max_length) - P)
+        rcfg = replace(from_method(self.cfg.method, "teacher", budget, t_tok, len(t_tok)), seed=self.rng.getrandbits(62))
+        out = rollout(None, self.teacher, ids, mask, rcfg)
+        texts = [t_tok.decode(r, skip_special_tokens=True) for r in out.responses(P)]
+        ended = [bool(len(r)) and r[-1] == t_tok.eos_token_id for r in out.responses(P)]
+        return [s_tok(t, add_special_tokens=False)["input_ids"] + ([s_tok.eos_token_id] if e else [])
+                for t, e in zip(texts, ended)]
 
     def state_dict(self) -> Dict[str, Any]:
         return super().state_dict() | {"cache": self.cache}
