@@ -4,7 +4,8 @@ Setting: the demo's shipped teacher (a byte-level vocabulary, 4 layers, trained 
 and a student with GPT-2's BPE tokenizer (``../shared/data/gpt2_tokenizer``, 50,257 tokens): a 2-layer,
 64-wide GPT-2 with random weights, the same initialisation for every method.  Each method trains the same
 number of optimizer steps on the same data: SFT (no teacher), KD with GOLD's hybrid loss
-(``method.cross_tokenizer=gold``) and KD with ULD (``uld``); GKD (student samples, GOLD) with ``--gkd``.
+(``method.cross_tokenizer=gold``) and KD with ULD (``uld``), each alone (``kd_ratio`` 1) and mixed half and
+half with the student's CE (``+ce``, as the ULD paper trains); GKD (student samples, GOLD) with ``--gkd``.
 Scores: ROUGE-L on the synthetic test split (sampled, the demo's seeds); "gap closed" is the share of the
 teacher - init gap each method recovers.  Writes ``results.json`` and prints a Markdown table.
 
@@ -32,6 +33,9 @@ METHODS = {
     "sft": ["method.source=dataset", "method.divergence=ce", "method.kd_ratio=0.0", "teacher=null"],
     "kd-gold": ["method.source=dataset", "method.divergence=fkl", "method.kd_ratio=1.0", "method.cross_tokenizer=gold"],
     "kd-uld": ["method.source=dataset", "method.divergence=fkl", "method.kd_ratio=1.0", "method.cross_tokenizer=uld"],
+    "kd-gold+ce": ["method.source=dataset", "method.divergence=fkl", "method.kd_ratio=0.5",
+                   "method.cross_tokenizer=gold"],
+    "kd-uld+ce": ["method.source=dataset", "method.divergence=fkl", "method.kd_ratio=0.5", "method.cross_tokenizer=uld"],
     "gkd-gold": ["method.source=mixture", "method.mixture.student_ratio=0.5", "method.divergence=jsd",
                  "method.params.beta=0.5", "method.cross_tokenizer=gold"],
 }
@@ -69,6 +73,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
     ap.add_argument("--gkd", action="store_true", help="also GKD across vocabularies (student rollouts)")
+    ap.add_argument("--methods", help="comma-separated subset of: " + ", ".join(METHODS))
     ap.add_argument("--smoke", action="store_true", help="a few steps, a few test prompts")
     ap.add_argument("--out", default="runs/bench-cross")
     a = ap.parse_args()
@@ -79,13 +84,19 @@ def main() -> None:
     if a.smoke:
         b, steps = replace(demo.QUICK, test=8), 2
     teacher, init = demo.shipped_teacher(), bpe_init(out / "bpe-init")
-    methods = [m for m in METHODS if m != "gkd-gold" or a.gkd]
-    results = {"teacher": demo.score(teacher, b), "init": demo.score(init, b)}
+    methods = a.methods.split(",") if a.methods else [m for m in METHODS if m != "gkd-gold" or a.gkd]
+    cache = out / "results.json"
+    results = json.loads(cache.read_text()) if cache.is_file() else {}
+    for name, path in (("teacher", teacher), ("init", init)):
+        results[name] = results.get(name) or demo.score(path, b)
     for seed in a.seeds:
         for m in methods:
+            if f"{m}@{seed}" in results and not a.smoke:
+                continue
             t = time.time()
             final = run(m, teacher, init, out, b, steps, seed)
             results[f"{m}@{seed}"] = demo.score(final, b) | {"train_s": time.time() - t}
+            cache.write_text(json.dumps(results, indent=1))
             print(f"{m} seed {seed}: ROUGE-L {results[f'{m}@{seed}']['rougeL']:.2f} ({time.time() - t:.0f} s)", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     t_score, i_score = results["teacher"]["rougeL"], results["init"]["rougeL"]
