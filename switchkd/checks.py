@@ -14,12 +14,22 @@ from switchkd.methods import SOURCES
 from switchkd.schema import FINITE_TEXT as FINITE
 from switchkd.schema import PROB, Rule, _num, choices, ge, get, rules
 
-#: parameters each registry divergence accepts besides ``temperature`` (kept here, torch-free, so that a
-#: config is checked before torch loads; ``switchkd.divergences.PARAMS`` is this table)
-DIVERGENCE_PARAMS: Dict[str, tuple] = {
-    "fkl": (), "rkl": (), "tvd": (), "jsd": ("beta",), "skl": ("alpha",), "srkl": ("alpha",),
-    "topk_kl": ("k",), "topk_kl_renorm": ("k",), "bild": ("k",), "ce": (),
-}
+def _divergence_params() -> Dict[str, tuple]:
+    """The parameters each registry divergence accepts besides ``temperature``, read from the source of
+    ``switchkd/divergences.py`` (its ``DIVERGENCES`` table and each function's keyword-only arguments), so that
+    a config is checked before torch loads and a divergence is added in that one file."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(__file__).with_name("divergences.py").read_text(encoding="utf-8"))
+    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    table = next(n.value for n in tree.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "DIVERGENCES")
+    return {k.value: tuple(a.arg for a in funcs[v.id].args.kwonlyargs if a.arg not in ("temperature", "labels"))
+            for k, v in zip(table.keys, table.values)}
+
+
+#: parameters each registry divergence accepts besides ``temperature``
+DIVERGENCE_PARAMS: Dict[str, tuple] = _divergence_params()
 #: the registry entry that trains by cross-entropy on the sequences alone (no teacher, no divergence term)
 PLAIN = "ce"
 #: divergence parameters: name -> rule (``k``: at least 3 for BiLD, which needs pairs of pairs)

@@ -12,6 +12,7 @@ logits (masked vocabulary entries) without producing NaN values or gradients.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Union
@@ -19,7 +20,6 @@ from typing import Callable, Dict, Optional, Union
 import torch
 from torch import Tensor
 
-from switchkd.checks import DIVERGENCE_PARAMS
 
 _NEG = -1e30  # finite stand-in for -inf logits (keeps 0 * (a - b) finite)
 
@@ -328,7 +328,11 @@ DIVERGENCES: Dict[str, Callable[..., Tensor]] = {
     "ce": ce,
 }
 
-PARAMS = DIVERGENCE_PARAMS  # parameters each divergence accepts besides ``temperature`` (switchkd.checks)
+#: parameters each divergence accepts besides ``temperature`` (its keyword-only arguments; ``switchkd.checks`` reads
+#: them from this file's source, so that configs are checked before torch loads)
+PARAMS: Dict[str, tuple] = {name: tuple(p.name for p in inspect.signature(fn).parameters.values()
+                                         if p.kind == p.KEYWORD_ONLY and p.name not in ("temperature", "labels"))
+                            for name, fn in DIVERGENCES.items()}
 
 
 def divergence(
