@@ -14,6 +14,7 @@ from switchkd.methods import SOURCES
 from switchkd.schema import FINITE_TEXT as FINITE
 from switchkd.schema import PROB, Rule, _num, choices, ge, get, rules
 
+
 def _divergence_params() -> Dict[str, tuple]:
     """The parameters each registry divergence accepts besides ``temperature``, read from the source of
     ``switchkd/divergences.py`` (its ``DIVERGENCES`` table and each function's keyword-only arguments), so that

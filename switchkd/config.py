@@ -114,7 +114,8 @@ class _MethodFields:
     cross_tokenizer: str = opt("auto", "a teacher with another vocabulary: auto (gold when the vocabularies "
                                "differ), off (refused), uld (sorted-probability L1), gold (exact on shared tokens + "
                                "ULD on the rest); replaces the divergence term", choices=("auto", "off", "uld", "gold"))
-    cross_beta: float = opt(0.5, "gold: the generalized JSD's beta over the tokens both vocabularies share", rule=PROB)
+    cross_beta: float = opt(0.5, "gold: the generalized Jensen-Shannon divergence's beta over the tokens both "
+                            "vocabularies share", rule=PROB)
     cross_merge: str = opt("bayesian", "how a group of tokens' distributions merge into one: bayesian (the last "
                            "position's) or observed (the first position's), times the group's other tokens' "
                            "probabilities", choices=("bayesian", "observed"))

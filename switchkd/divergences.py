@@ -20,7 +20,6 @@ from typing import Callable, Dict, Optional, Union
 import torch
 from torch import Tensor
 
-
 _NEG = -1e30  # finite stand-in for -inf logits (keeps 0 * (a - b) finite)
 
 
