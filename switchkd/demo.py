@@ -51,7 +51,7 @@ def _demo_file() -> Dict[str, Any]:
 #: preset name -> the ``method`` section of ``configs/tiny/<name>.yaml`` (+ the demo's overrides for it),
 #: laid over COMMON (student, teacher, data and budget are the demo's, shared by all methods)
 METHODS: Dict[str, List[str]] = {p.stem: preset_method(f"tiny/{p.stem}") + list(_demo_file()["overrides"].get(p.stem, []))
-                                 for p in sorted((PRESET_DIR / "tiny").glob("*.yaml"))}
+                                 for p in sorted((PRESET_DIR / "tiny").glob("*.yaml")) if not p.name.startswith("_")}
 DEFAULT_METHODS = tuple(_demo_file()["methods"])  # --methods picks others
 
 
