@@ -33,7 +33,7 @@ from switchkd.batch import Batch
 from switchkd.config import Config, ConfigError, LoraConfig, to_yaml
 from switchkd.data import Tokenized, collate, load_examples, tokenize
 from switchkd.evaluate import generate_texts, rouge_l
-from switchkd.lmdata import LMStream, lm_loss
+from switchkd.lmdata import LMStream, lm_loss, read_texts
 from switchkd.losses import (
     kd_weight,
     micro_batch_loss,
@@ -138,6 +138,7 @@ class Trainer:
         if cfg.method.teacher_cache:
             read_meta(cfg.method.teacher_cache, cfg)  # its files are checked before any model loads
         self.cache = TeacherCache(cfg.method.teacher_cache) if cfg.method.teacher_cache else None
+        lm_texts = read_texts(cfg.method.lm_data) if cfg.method.lm_data else None  # its mistakes before the models load
         trackers = [t for t in cfg.train.loggers if _installed(t)]
         self.acc = distributed.make_accelerator(cfg, trackers)
         self.sharded = distributed.kind(self.acc) != "replicated"
@@ -181,7 +182,7 @@ class Trainer:
         if self.source.dev_limit and cfg.data.dev:  # the source's own validation set
             self.source_dev = self._tokenize(load_examples(cfg.data.dev, cfg.data, self.tok, self.source.dev_limit))[0]
         self.epoch_len = 0  # micro-batches per epoch on this process (known once the first epoch starts)
-        self.lm = LMStream(cfg.method.lm_data, self.tok, cfg.data.max_length, cfg.train.seed, self.acc.process_index,
+        self.lm = LMStream(lm_texts, self.tok, cfg.data.max_length, cfg.train.seed, self.acc.process_index,
                            self.acc.num_processes) if cfg.method.lm_data else None
         self.state = TrainState()
         if self.acc.is_main_process:

@@ -195,3 +195,20 @@ def test_config_mistakes_are_reported_before_torch_loads():
             "print(rc, 'torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr)
+
+
+def test_input_files_are_checked_before_the_models_load(monkeypatch, capsys, tmp_path):
+    """LM text and a teacher cache are read (and their mistakes reported) before any model loads."""
+    def boom(*a, **k):
+        raise AssertionError("models loaded before the inputs were checked")
+
+    monkeypatch.setattr("switchkd.train.load_pair", boom)
+    bad = tmp_path / "lm.txt"
+    bad.write_bytes(b"\xff\xfe not utf-8")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache/teacher_topk.safetensors").write_bytes(b"x")
+    for override, fragment in ((f"method.lm_data={bad}", "lm.txt"), (f"method.teacher_cache={tmp_path / 'cache'}",
+                                                                       "meta.json")):
+        rc = main(["train", KD, override, "data.dev=null", f"output.dir={tmp_path / 'o'}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and fragment in err[0], err
