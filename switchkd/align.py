@@ -101,16 +101,26 @@ class Alignment:
                          self.paired.to(device, non_blocking=non_blocking), self.view)
 
 
+def leading_extra(s_bytes: bytes, t_bytes: bytes) -> int:
+    """Bytes the teacher's spelling adds in front of the student's (a SentencePiece tokenizer's prefix space),
+    when it is the student's text with such a prefix; else 0."""
+    extra = len(t_bytes) - len(s_bytes)
+    return extra if 0 < extra <= 4 and t_bytes.endswith(s_bytes) and not t_bytes[:extra].strip() else 0
+
+
 def batch_alignment(s_rows: Sequence[Sequence[int]], t_rows: Sequence[Sequence[int]], s_table: Sequence[bytes],
                     t_table: Sequence[bytes], cut: Sequence[bool] = ()) -> Alignment:
-    """The :class:`Alignment` of response token rows on each side (the same texts, tokenized twice); a row
-    whose teacher side was ``cut`` short leaves its trailing group unpaired (the two sides' leftovers cover
-    different text)."""
+    """The :class:`Alignment` of response token rows on each side (the same texts, tokenized twice; a prefix
+    space the teacher's tokenizer adds is discounted); a row whose teacher side was ``cut`` short leaves its
+    trailing group unpaired (the two sides' leftovers cover different text)."""
     import torch
 
     s_all, t_all, offset, unpaired = [], [], 0, []
     for i, (s, t) in enumerate(zip(s_rows, t_rows)):
         s_ends, t_ends = byte_ends(s_table, s), byte_ends(t_table, t)
+        shift = leading_extra(b"".join(s_table[x] for x in s), b"".join(t_table[x] for x in t)) if not (
+            i < len(cut) and cut[i]) else 0
+        t_ends = np.maximum(t_ends - shift, 0)
         gs, gt, n = align(s_ends, t_ends)
         if i < len(cut) and cut[i] and n and (gs == n - 1).any() and len(t_ends) and s_ends[-1] > t_ends[-1]:
             unpaired.append(offset + n - 1)

@@ -237,3 +237,27 @@ def test_teacher_rows_are_cut_at_its_positions_and_the_rest_is_left_out(toks):
     loss = view.token_loss(torch.randn(ns, len(gpt2), generator=g), view.targets(torch.randn(nt, len(byt5),
                                                                                               generator=g), b), y)
     assert (loss[a.student == trailing] == 0).all() and (loss[a.student < trailing] > 0).all()
+
+
+def test_token_bytes_of_a_sentencepiece_vocabulary(shared, tmp_path):
+    """A Llama SentencePiece-style tokenizer (stories260K's, converted): '▁' pieces and byte-fallback pieces
+    spell the text, and its prefix space is discounted when it is aligned with GPT-2's BPE."""
+    from transformers import AutoTokenizer
+
+    from switchkd.cli import main
+
+    d = shared / "models/stories260K"
+    assert main(["convert", "llama2c", str(d / "stories260K.bin"), str(d / "tok512.bin"), str(tmp_path / "m")]) == 0
+    sp = AutoTokenizer.from_pretrained(str(tmp_path / "m"))
+    table = token_bytes(sp)
+    for text in ("Once upon a time, there was a little girl.", "Héllo 你好\nnew line"):
+        ids = sp(text, add_special_tokens=False)["input_ids"]
+        spelled = b"".join(table[i] for i in ids)
+        assert spelled.lstrip(b" ") == text.encode("utf-8"), (spelled, text)  # (SentencePiece adds a leading space)
+    from switchkd.align import batch_alignment
+
+    gpt2 = AutoTokenizer.from_pretrained(str(shared / "data/gpt2_tokenizer"))
+    text = "Once upon a time, there was a little girl."
+    s_ids, t_ids = gpt2(text, add_special_tokens=False)["input_ids"], sp(text, add_special_tokens=False)["input_ids"]
+    a = batch_alignment([s_ids], [t_ids], token_bytes(gpt2), table)
+    assert bool(a.paired.all()) and a.n >= text.count(" ")  # the prefix space discounted: every word boundary shared
