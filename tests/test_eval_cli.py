@@ -132,7 +132,7 @@ def test_demo_quick_runs(tmp_path, monkeypatch):
     assert "| switch | 1 |" in report and "| teacher | 1 |" in report and "of the gap" in report
     assert "beyond twice the sampling noise" in report
     assert (tmp_path / "demo/rouge_by_length.png").is_file() and (tmp_path / "demo/teacher_share.png").is_file()
-    assert "SWITCH during training" in report and (tmp_path / "demo/logs/switch.log").is_file()
+    assert "switch during training" in report and (tmp_path / "demo/logs/switch.log").is_file()
 
 
 def test_demo_refuses_a_changed_teacher_and_unknown_methods(tmp_path, monkeypatch, capsys):
