@@ -52,11 +52,10 @@ def pack(texts: List[str], tokenizer: Any, length: int) -> List[List[int]]:
 class LMStream:
     """Shuffled chunks, this process's share (``rank::world``), reshuffled each pass; resumable."""
 
-    def __init__(self, source: "str | List[str]", tokenizer: Any, length: int, seed: int, rank: int = 0,
-                 world: int = 1) -> None:
-        """``source``: a path (see the module docstring) or the documents :func:`read_texts` already read."""
-        chunks = pack(read_texts(source) if isinstance(source, str) else source, tokenizer, length)
-        source = source if isinstance(source, str) else "method.lm_data"
+    def __init__(self, source: str, tokenizer: Any, length: int, seed: int, rank: int = 0, world: int = 1,
+                 texts: "List[str] | None" = None) -> None:
+        """``source``: a path (see the module docstring); ``texts``: its documents when already read."""
+        chunks = pack(read_texts(source) if texts is None else texts, tokenizer, length)
         if len(chunks) < world:
             raise ConfigError(f"method.lm_data={source}: holds {len(chunks)} chunks of {length} tokens "
                               f"(data.max_length); need at least {world}")

@@ -182,8 +182,8 @@ class Trainer:
         if self.source.dev_limit and cfg.data.dev:  # the source's own validation set
             self.source_dev = self._tokenize(load_examples(cfg.data.dev, cfg.data, self.tok, self.source.dev_limit))[0]
         self.epoch_len = 0  # micro-batches per epoch on this process (known once the first epoch starts)
-        self.lm = LMStream(lm_texts, self.tok, cfg.data.max_length, cfg.train.seed, self.acc.process_index,
-                           self.acc.num_processes) if cfg.method.lm_data else None
+        self.lm = LMStream(cfg.method.lm_data, self.tok, cfg.data.max_length, cfg.train.seed, self.acc.process_index,
+                           self.acc.num_processes, lm_texts) if cfg.method.lm_data else None
         self.state = TrainState()
         if self.acc.is_main_process:
             try:
