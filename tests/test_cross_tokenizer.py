@@ -184,6 +184,7 @@ def bpe_student(shared, tmp_path_factory):
     return d
 
 
+@pytest.mark.slow  # end-to-end training runs with a 50K-vocabulary student
 @pytest.mark.parametrize("preset,extra", [("kd", []), ("kd", ["method.cross_tokenizer=uld"]), ("seqkd", []),
                                           ("gkd", ["method.mixture.student_ratio=1.0"]),
                                           ("distillm", ["method.distillm.init_student_prob=1.0"])])
@@ -203,6 +204,7 @@ def test_a_byte_level_teacher_trains_a_bpe_student(bpe_student, preset, extra, t
     assert rows[0]["loss"] > 0
 
 
+@pytest.mark.slow
 def test_mismatched_vocabularies_are_refused_in_one_line(bpe_student, capsys, tmp_path):
     from switchkd.cli import main
 
