@@ -218,8 +218,8 @@ def view_for(cfg: Any, student_tok: Any, teacher_tok: Any) -> Optional[CrossView
            if m.instruction_weight > 0 else
            "train.loss_chunk > 0 (the chunked head works on one vocabulary)" if cfg.train.loss_chunk else None)
     if why:
-        raise ConfigError(f"{names} differ, and {why}; distillation across vocabularies works with the dataset and "
-                          "student-generated sources and SeqKD (SFT, KD, SeqKD, GKD, DistiLLM, ImitKD+Full)")
+        raise ConfigError(f"{names} differ, and {why}; distillation across vocabularies works with SFT, KD, SeqKD, "
+                          "GKD, DistiLLM, ImitKD+Full, SWITCH and SKD")
     return CrossView(student_tok, teacher_tok, "gold" if m.cross_tokenizer == "auto" else m.cross_tokenizer,
                      beta=m.cross_beta, merge_strategy=m.cross_merge)
 

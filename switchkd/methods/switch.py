@@ -23,7 +23,7 @@ from switchkd.schema import COUNT, COUNT0, PROB, opt
 if TYPE_CHECKING:
     from switchkd.batch import Batch
     from switchkd.config import Config
-    from switchkd.decoding import RolloutConfig
+    from switchkd.decoding import RolloutConfig, RolloutOutput
 
 BUCKETS = (0, 8, 16, 32, 64, 128, 256)  # response positions of the logged teacher share
 TAU0 = ((lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and not math.isnan(v)),
@@ -44,6 +44,9 @@ class SwitchConfig:
     speculative: bool = opt(True, "rollouts by draft-and-verify (the same tokens as lockstep in fp32 greedy)")
     draft_k: int = opt(4, "the first draft length; later ones from the measured rejection rate", rule=COUNT)
     max_draft_k: int = opt(16, "the longest draft (>= draft_k)", rule=COUNT)
+    cross_gate: str = opt("byte", "across vocabularies, what the gate compares: the two next-byte distributions "
+                          "(byte), the distributions over the tokens both vocabularies share (shared), or ULD's "
+                          "sorted-probability distance (sorted)", choices=("byte", "shared", "sorted"))
 
 
 def engine_config(rcfg: "RolloutConfig", sw: SwitchConfig) -> "RolloutConfig":
@@ -79,10 +82,6 @@ class SwitchSource(Source):
         return f"method.source={cls.name}"
 
     @classmethod
-    def cross_tokenizer_reason(cls, cfg: "Config") -> Optional[str]:
-        return "the teacher writes tokens into the student's sequence (interleaved decoding needs one vocabulary)"
-
-    @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
         sw = cfg.method.switch
         if sw.max_draft_k < sw.draft_k:
@@ -105,7 +104,7 @@ class SwitchSource(Source):
 
         if self.shared.random() >= self.cfg.method.switch.ratio:
             return batch
-        new, out = self._rollout(batch, "switch", keep_teacher=True)
+        new, out = self._across(batch) if self.cross is not None else self._rollout(batch, "switch", keep_teacher=True)
         mask = out.response_mask
         pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)[mask]
         bucket = torch.bucketize(pos, torch.tensor(BUCKETS[1:], device=pos.device), right=True).cpu()
@@ -115,6 +114,29 @@ class SwitchSource(Source):
             for i, v in enumerate(torch.bincount(bucket, weights=w, minlength=k).tolist()):
                 acc[i] += v
         return new
+
+    def _across(self, batch: "Batch") -> "tuple[Batch, RolloutOutput]":
+        """Across vocabularies (:mod:`switchkd.interleave`): both models read the text in their own tokens; the
+        teacher's spans are re-tokenized into the student's sequence (its logits are recomputed by the loss)."""
+        from switchkd.interleave import Vocab, cross_switch
+        from switchkd.rollout import from_method
+
+        if not hasattr(self, "_vocabs"):
+            self._vocabs = (Vocab(self.cross.s_tok, self.cross.s_table), Vocab(self.cross.t_tok, self.cross.t_table))
+        P = batch.prompt_ids.shape[1]
+        rcfg = from_method(self.cfg.method, "switch", min(self.cfg.method.max_new_tokens, self.cfg.data.max_length - P),
+                           self.tok, self.vocab)
+        rcfg = replace(self.rollout_config(rcfg), seed=self.rng.getrandbits(62))
+        t_mask = batch.teacher_prompt_mask
+        t_ids = batch.teacher_prompt_ids.masked_fill(t_mask == 0, self.cross.t_tok.pad_token_id or 0)
+        student = self.unwrap(self.student)
+        was_training = student.training
+        student.eval()
+        out = cross_switch(student, self.teacher, batch.prompt_ids, batch.prompt_mask, t_ids, t_mask, rcfg,
+                           *self._vocabs, kind=self.cfg.method.switch.cross_gate,
+                           shared=(self.cross.s_matched, self.cross.t_matched), t_max_len=self.cross.max_length)
+        student.train(was_training)
+        return batch.with_responses(out.responses(P), self.tok.pad_token_id), out
 
     def stats(self) -> Dict[str, float]:
         total = sum(self.n)

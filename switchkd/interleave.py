@@ -1,0 +1,261 @@
+"""Interleaved decoding across vocabularies: SWITCH and SKD when the teacher's tokenizer differs.
+
+Both models read the same text, each in its own tokens, and both KV caches stay at the same byte of it.
+At each step the student's next-token distribution q [V_s] and the teacher's p [V_t] are compared by a
+*cross gate* (``method.switch.cross_gate``):
+
+- ``byte`` (default): each distribution is summed into the distribution of the next *byte* of text
+  (every token counted at its first byte; EOS and special tokens in one more bucket, 257 in all), and
+  ``method.switch.gate`` (JSD by default) compares the two.  Both models predict the same event, so the
+  gate is a divergence in the usual sense (0 iff the models agree on what comes next, byte-wise).
+- ``shared``: both distributions restricted to the tokens the two vocabularies share by string (TRL
+  GOLD's vocabulary mapping), renormalised, then ``method.switch.gate``.
+- ``sorted``: half the L1 distance of the two distributions sorted in decreasing order (ULD's distance,
+  Boizard et al. 2024; in [0, 1], blind to which tokens carry the mass).
+
+Where the gate exceeds tau_t (t = the student's response position) the teacher writes one of its tokens
+(sampled, or argmax when greedy), else the student writes one of its own.  The written bytes are
+re-tokenized for the other model (:meth:`Vocab.encode`: the tokenizer's own encoding of the span, or its
+single-byte tokens when a tokenizer would spell the span differently alone), and fed to its cache; a
+token that ends inside a UTF-8 character keeps the same writer until the character is complete.  The
+student's sequence (its own tokens and the re-tokenized teacher spans, flagged ``from_teacher``) is what
+the student trains on; the loss reads the teacher's canonical tokenization of the whole response
+(:class:`switchkd.cross.CrossView`).  SKD's rule across vocabularies: the student's token is kept when
+the first teacher token of its bytes is among the teacher's top K.
+"""
+
+from __future__ import annotations
+
+import codecs
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from switchkd.align import leading_extra, token_bytes
+from switchkd.decoding import GATES, TOKEN_GATES, RolloutConfig, RolloutOutput, Stepper, chooser, thresholds
+from switchkd.distributed import all_ranks, is_sharded
+
+CROSS_GATES = ("byte", "shared", "sorted")
+NO_BYTES = 256  # the bucket of tokens that spell no bytes (EOS, special tokens)
+
+
+class Vocab:
+    """One tokenizer's bytes per id, first byte per id ``first [V]`` (256: none), and single-byte ids."""
+
+    def __init__(self, tok: Any, table: Optional[Sequence[bytes]] = None) -> None:
+        self.tok, self.table = tok, list(table) if table is not None else token_bytes(tok)
+        self.first = torch.tensor([t[0] if t else NO_BYTES for t in self.table], dtype=torch.long)
+        byte_id: Dict[int, int] = {}
+        for i, t in enumerate(self.table):
+            if len(t) == 1:
+                byte_id.setdefault(t[0], i)
+        self.byte_id = byte_id
+        eos = tok.eos_token_id
+        self.eos = eos if eos is not None else -1
+
+    def spell(self, ids: Sequence[int]) -> bytes:
+        return b"".join(self.table[i] for i in ids)
+
+    def encode(self, data: bytes) -> List[int]:
+        """Token ids spelling exactly ``data``: the tokenizer's encoding when it spells ``data`` (a prefix space a
+        SentencePiece tokenizer adds is dropped with a newline sentinel), else (also for bytes that are not
+        UTF-8) one single-byte token per byte."""
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._bytewise(data)
+        ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
+        if self.spell(ids) == data:
+            return ids
+        ids = list(self.tok("\n" + text, add_special_tokens=False)["input_ids"])
+        for k in range(1, min(len(ids), 4) + 1):
+            head = self.spell(ids[:k])
+            if (head == b"\n" or leading_extra(b"\n", head)) and self.spell(ids[k:]) == data:
+                return ids[k:]
+        return self._bytewise(data)
+
+    def _bytewise(self, data: bytes) -> List[int]:
+        if all(b in self.byte_id for b in data):
+            return [self.byte_id[b] for b in data]
+        raise ValueError(f"the tokenizer {type(self.tok).__name__} cannot spell {data!r} (no single-byte tokens)")
+
+
+def _partial(data: bytes) -> bool:
+    """Whether ``data`` ends inside a UTF-8 character that more bytes could complete (invalid bytes: False)."""
+    dec = codecs.getincrementaldecoder("utf-8")("strict")
+    try:
+        dec.decode(data, final=False)
+    except UnicodeDecodeError:
+        return False
+    return bool(dec.getstate()[0])
+
+
+def _marginal(probs: Tensor, first: Tensor) -> Tensor:
+    """``[B, 257]``: the next-byte distribution of next-token probabilities ``probs [B, V]``."""
+    out = probs.new_zeros(probs.shape[0], NO_BYTES + 1)
+    return out.index_add_(1, first[: probs.shape[1]].to(probs.device), probs)
+
+
+def cross_gate(kind: str, gate: str, q_logits: Tensor, p_logits: Tensor, s: Vocab, t: Vocab,
+               shared: Tuple[Tensor, Tensor]) -> Tensor:
+    """The gate ``[B]`` between student logits ``q [B, V_s]`` and teacher logits ``p [B, V_t]`` (``kind`` one of
+    :data:`CROSS_GATES`; ``gate`` the divergence of ``byte``/``shared``)."""
+    q, p = torch.softmax(q_logits.double(), -1), torch.softmax(p_logits.double(), -1)
+    if kind == "sorted":
+        qs, ps = q.sort(-1, descending=True).values, p.sort(-1, descending=True).values
+        w = max(qs.shape[-1], ps.shape[-1])
+        qs, ps = (torch.nn.functional.pad(x, (0, w - x.shape[-1])) for x in (qs, ps))
+        return 0.5 * (qs - ps).abs().sum(-1)
+    if kind == "byte":
+        q, p = _marginal(q, s.first), _marginal(p, t.first)
+    elif kind == "shared":
+        s_ids, t_ids = (x.to(q.device) for x in shared)
+        q, p = q[:, s_ids], p[:, t_ids]
+        q, p = q / q.sum(-1, keepdim=True).clamp_min(1e-300), p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+    else:
+        raise ValueError(f"cross gate must be one of {', '.join(CROSS_GATES)}, got {kind!r}")
+    return GATES[gate](q.clamp_min(1e-300).log(), p.clamp_min(1e-300).log())
+
+
+def _feed(stepper: Stepper, rows: List[List[int]], pad: int, synced: bool = False) -> None:
+    """Feed each row its own new tokens (any number, 0 included) in one forward; the row's logits become
+    those after its last new token (unchanged for rows fed nothing).  ``synced`` (sharded models: forwards
+    are collective): a forward also when no row has a token (one masked column)."""
+    counts = torch.tensor([len(r) for r in rows], device=stepper.next_pos.device)
+    n = max(int(counts.max()), int(synced))
+    if n == 0:
+        return
+    ids = torch.full((len(rows), n), pad, dtype=torch.long, device=counts.device)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    before = stepper.logits
+    logits = stepper.feed(ids)
+    stepper.keep(counts, n)
+    last = logits[torch.arange(len(rows), device=counts.device), (counts - 1).clamp(min=0)]
+    stepper.logits = torch.where((counts > 0)[:, None], last, before)
+
+
+class _Row:
+    """One row's decoding state."""
+
+    def __init__(self) -> None:
+        self.tokens: List[int] = []
+        self.from_t: List[bool] = []
+        self.gate: List[float] = []
+        self.t_tokens: List[int] = []  # the teacher's tokens as fed (its spans' encodings)
+        self.steps: List[Tuple[int, int, float, str]] = []  # per step: (student tokens, teacher tokens, gate, writer)
+        self.pending, self.forced, self.done = b"", "", False
+
+
+@torch.no_grad()
+def cross_switch(student: Any, teacher: Any, s_ids: Tensor, s_mask: Tensor, t_ids: Tensor, t_mask: Tensor,
+                 cfg: RolloutConfig, s_vocab: Vocab, t_vocab: Vocab, kind: str = "byte",
+                 shared: Optional[Tuple[Tensor, Tensor]] = None, t_max_len: Optional[int] = None) -> RolloutOutput:
+    """SWITCH (or SKD, ``cfg.gate == "rank"``) rollouts across vocabularies after left-padded prompts: the
+    student's ``s_ids``/``s_mask [B, P]`` and the teacher's own ``t_ids``/``t_mask [B, P_t]``; at most
+    ``cfg.max_new_tokens`` student tokens per row, and the teacher's side at most ``t_max_len`` positions.
+    Returns the student's sequences ``[B, P + N]`` with ``from_teacher``/``gate [B, N]``."""
+    device, B, N = s_ids.device, s_ids.shape[0], cfg.max_new_tokens
+    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    choose = chooser(cfg, gen)
+    vs, vt = len(s_vocab.table), len(t_vocab.table)
+    s = Stepper(student, s_ids, s_mask, vs)
+    tt = Stepper(teacher, t_ids, t_mask, vt)
+    t_room = (t_max_len or 1 << 30) - t_ids.shape[1]
+    rows = [_Row() for _ in range(B)]
+    synced = is_sharded(student) or is_sharded(teacher)  # FSDP2 / ZeRO-3: every rank steps until all are done
+    t = 0
+    while not (all_ranks(all(r.done for r in rows), device) if synced else all(r.done for r in rows)):
+        pos = torch.tensor([len(r.tokens) for r in rows], device=device)
+        s_tok, t_tok = choose(s.logits).tolist(), choose(tt.logits).tolist()
+        if cfg.gate in TOKEN_GATES:
+            d, exceed = _rank_gate(s_tok, tt.logits, s_vocab, t_vocab, cfg)
+        else:
+            d = cross_gate(kind, cfg.gate, s.logits, tt.logits, s_vocab, t_vocab, shared or (torch.zeros(0), torch.zeros(0)))
+            exceed = (d > thresholds(pos, cfg).to(d.dtype)).tolist()
+            d = d.tolist()
+        s_new, t_new = [[] for _ in rows], [[] for _ in rows]
+        for i, r in enumerate(rows):
+            if r.done:
+                continue
+            writer = r.forced or ("teacher" if exceed[i] else "student")
+            s_new[i], t_new[i] = _write(r, writer, s_tok[i] if writer == "student" else t_tok[i], s_vocab, t_vocab, N)
+            r.gate += [float(d[i])] * len(s_new[i])
+            if len(r.t_tokens) + len(t_new[i]) >= t_room:  # the teacher's positions are full: the row ends here
+                r.done, t_new[i] = True, []
+            r.t_tokens += t_new[i]
+            r.steps.append((len(s_new[i]), len(t_new[i]), float(d[i]), writer))
+        _feed(s, s_new, s_vocab.eos if s_vocab.eos >= 0 else 0, synced)
+        _feed(tt, t_new, t_vocab.eos if t_vocab.eos >= 0 else 0, synced)
+        t += 1
+        if t > 4 * N + 16:  # a safety stop for writers of zero-byte tokens (each step ends a row or writes a token)
+            for r in rows:
+                r.done = True
+    out = _output(rows, s_ids, N, s_vocab, device, {"student": s.forwards, "teacher": tt.forwards})
+    out.trace = [(r.t_tokens, r.steps) for r in rows]  # type: ignore[attr-defined]  (for checks by recomputation)
+    return out
+
+
+def _write(r: _Row, writer: str, token: int, s: Vocab, t: Vocab, N: int) -> Tuple[List[int], List[int]]:
+    """Apply one written token to the row; returns the new (student, teacher) tokens to feed."""
+    mine, other = (s, t) if writer == "student" else (t, s)
+    if token == mine.eos:
+        r.done = True
+        s_new = [s.eos] if s.eos >= 0 else []
+        return _keep(r, s_new, writer, N), []
+    data = r.pending + mine.table[token]
+    if _partial(data) and len(data) < 4:
+        r.pending, r.forced = data, writer
+        other_new: List[int] = []
+    else:
+        r.pending, r.forced = b"", ""
+        other_new = other.encode(data) if data else []
+    s_new, t_new = ([token], other_new) if writer == "student" else (other_new, [token])
+    return _keep(r, s_new, writer, N), t_new
+
+
+def _keep(r: _Row, s_new: List[int], writer: str, N: int) -> List[int]:
+    """Append the student's new tokens (at most N in all; the row ends at N)."""
+    s_new = s_new[: N - len(r.tokens)]
+    r.tokens += s_new
+    r.from_t += [writer == "teacher"] * len(s_new)
+    if len(r.tokens) >= N:
+        r.done = True
+    return s_new
+
+
+def _rank_gate(s_tok: List[int], p_logits: Tensor, s: Vocab, t: Vocab, cfg: RolloutConfig) -> Tuple[List[float], List[bool]]:
+    """SKD across vocabularies: the rank under the teacher of the first teacher token spelling the student's
+    proposal (EOS: the teacher's EOS; a partial UTF-8 character: its bytes' first single-byte token)."""
+    ranks: List[float] = []
+    for i, x in enumerate(s_tok):
+        if x == s.eos:
+            y = t.eos
+        else:
+            data = s.table[x]
+            ids = [t.byte_id.get(data[0], -1)] if _partial(data) else t.encode(data) if data else []
+            y = ids[0] if ids else -1
+        row = p_logits[i]
+        ranks.append(float((row > row[y]).sum()) if 0 <= y < row.shape[0] else float(row.shape[0]))
+    return ranks, [k > cfg.tau0 for k in ranks]
+
+
+def _output(rows: List[_Row], s_ids: Tensor, N: int, s: Vocab, device: Any, forwards: Dict[str, int]) -> RolloutOutput:
+    B = len(rows)
+    pad = s.eos if s.eos >= 0 else 0
+    tokens = torch.full((B, N), pad, dtype=torch.long)
+    resp = torch.zeros((B, N), dtype=torch.bool)
+    from_t = torch.zeros_like(resp)
+    gate = torch.full((B, N), float("nan"))
+    for i, r in enumerate(rows):
+        n = len(r.tokens)
+        if n:
+            tokens[i, :n] = torch.tensor(r.tokens)
+            resp[i, :n] = True
+            from_t[i, :n] = torch.tensor(r.from_t)
+            gate[i, :n] = torch.tensor(r.gate)
+    return RolloutOutput(torch.cat([s_ids, tokens.to(device)], 1), resp.to(device), from_t.to(device),
+                         gate.to(device), None, forwards)
+

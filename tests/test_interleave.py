@@ -1,0 +1,128 @@
+"""SWITCH and SKD across vocabularies (:mod:`switchkd.interleave`): spans re-tokenized exactly, and the rule
+checked by recomputation -- every step's gate recomputed in float64 from full forwards of both models on the
+text written so far, the writer and its (greedy) token checked against it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from switchkd.batch import left_pad
+from switchkd.decoding import RolloutConfig
+from switchkd.interleave import Vocab, cross_switch
+
+SPANS = ["Hello", " world", "abc", " x", "\n\n", "  two spaces", "é", "你好", "😀 ok", "a,b.c"]
+
+
+@pytest.fixture(scope="module")
+def pair(shared):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from switchkd.models import tiny_tokenizer
+
+    gpt2 = AutoTokenizer.from_pretrained(str(shared / "data/gpt2_tokenizer"))
+    gpt2.pad_token = gpt2.eos_token
+    byt5 = tiny_tokenizer()
+    torch.manual_seed(0)
+    student = GPT2LMHeadModel(GPT2Config(vocab_size=len(gpt2), n_positions=256, n_embd=32, n_layer=1, n_head=2)).eval()
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=len(byt5), n_positions=256, n_embd=32, n_layer=2, n_head=2)).eval()
+    return gpt2, byt5, student, teacher
+
+
+def test_spans_are_spelled_exactly(pair, shared, tmp_path):
+    from transformers import AutoTokenizer
+
+    from switchkd.cli import main
+
+    gpt2, byt5, _, _ = pair
+    d = shared / "models/stories260K"
+    assert main(["convert", "llama2c", str(d / "stories260K.bin"), str(d / "tok512.bin"), str(tmp_path / "m")]) == 0
+    sp = AutoTokenizer.from_pretrained(str(tmp_path / "m"))  # SentencePiece: adds a prefix space to a text alone
+    for tok in (gpt2, byt5, sp):
+        v = Vocab(tok)
+        for span in SPANS:
+            data = span.encode("utf-8")
+            assert v.spell(v.encode(data)) == data, (type(tok).__name__, span)
+        assert v.spell(v.encode(b"\xa0\xff")) == b"\xa0\xff"  # bytes that are no UTF-8: one token per byte
+    v = Vocab(gpt2)
+    assert v.encode(b" world") == gpt2(" world", add_special_tokens=False)["input_ids"]  # the tokenizer's own spelling
+    assert len(Vocab(sp).encode(b"once")) == 2  # "on" "ce": the SentencePiece prefix space dropped, not byte by byte
+
+
+def _gate64(kind, q_logits, p_logits, s, t):
+    """The cross gate, brute force in float64 (Python loops over the vocabularies)."""
+    q, p = torch.softmax(q_logits.double(), -1).tolist(), torch.softmax(p_logits.double(), -1).tolist()
+    if kind == "sorted":
+        qs, ps = sorted(q, reverse=True), sorted(p, reverse=True)
+        n = max(len(qs), len(ps))
+        qs, ps = qs + [0.0] * (n - len(qs)), ps + [0.0] * (n - len(ps))
+        return 0.5 * sum(abs(a - b) for a, b in zip(qs, ps))
+    qb, pb = [0.0] * 257, [0.0] * 257
+    for probs, table, out in ((q, s.table, qb), (p, t.table, pb)):
+        for i, x in enumerate(probs):
+            out[table[i][0] if table[i] else 256] += x
+    m = [(a + b) / 2 for a, b in zip(qb, pb)]
+    kl = lambda a: sum(x * math.log(x / y) for x, y in zip(a, m) if x > 0)  # noqa: E731
+    return 0.5 * kl(qb) + 0.5 * kl(pb)
+
+
+def _last_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+@pytest.mark.parametrize("kind,gate,tau0,decay", [("byte", "jsd", 0.53, 0.005), ("sorted", "jsd", 0.98965, 0.0),
+                                                  ("byte", "rank", 20.5, 0.0)])
+def test_the_rule_recomputed(pair, kind, gate, tau0, decay):
+    """(Random models: their gates are flat, so the thresholds sit inside the measured range.)"""
+    gpt2, byt5, student, teacher = pair
+    s, t = Vocab(gpt2), Vocab(byt5)
+    prompts = ["Question: what is 2+2?\nAnswer:", "Hi", "Tell me a story about a cat."]
+    s_rows = [gpt2(p)["input_ids"] for p in prompts]
+    t_rows = [byt5(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    s_ids, s_mask = left_pad(s_rows, gpt2.pad_token_id)
+    t_ids, t_mask = left_pad(t_rows, byt5.pad_token_id)
+    cfg = RolloutConfig(source="switch", max_new_tokens=14, do_sample=False, tau0=tau0, decay=decay, gate=gate,
+                        schedule="exp" if decay else "const")
+    out = cross_switch(student, teacher, s_ids, s_mask, t_ids, t_mask, cfg, s, t, kind=kind)
+    resp = out.responses(s_ids.shape[1])
+    writers = []
+    for i in range(len(prompts)):
+        t_tokens, steps = out.trace[i]
+        sp = tp = 0
+        forced = False
+        for n_s, n_t, d, writer in steps:
+            q, p = _last_logits(student, s_rows[i] + resp[i][:sp]), _last_logits(teacher, t_rows[i] + t_tokens[:tp])
+            if gate == "rank":
+                first = t.encode(s.table[int(q.argmax())])[0]
+                want = float((p > p[first]).sum())
+                assert d == want and (writer == "teacher") == (d > tau0 or forced)
+            else:
+                want = _gate64(kind, q, p, s, t)
+                assert abs(d - want) < 1e-4, (d, want)
+                tau = tau0 * math.exp(-decay * sp)
+                assert forced or (writer == "teacher") == (d > tau), (d, tau, writer)
+            if writer == "student" and n_s:
+                assert resp[i][sp] == int(q.argmax())
+            if writer == "teacher" and n_t:
+                assert t_tokens[tp] == int(p.argmax())
+            assert out.from_teacher[i, sp:sp + n_s].tolist() == [writer == "teacher"] * n_s
+            forced = (writer == "student" and n_s and not n_t) or (writer == "teacher" and n_t and not n_s)
+            sp, tp = sp + n_s, tp + n_t
+            writers.append(writer)
+        assert sp == len(resp[i]) and tp == len(t_tokens)
+        a, b = s.spell(resp[i]), t.spell(t_tokens)  # the same text (one side may end a span or a character early)
+        assert (a.startswith(b) or b.startswith(a)) and abs(len(a) - len(b)) <= 16
+    assert {"student", "teacher"} <= set(writers)  # both wrote: the rule was exercised both ways
+
+
+def test_no_row_passes_the_teachers_positions(pair):
+    gpt2, byt5, student, teacher = pair
+    s, t = Vocab(gpt2), Vocab(byt5)
+    s_ids, s_mask = left_pad([gpt2("Hi there")["input_ids"]], gpt2.pad_token_id)
+    t_ids, t_mask = left_pad([byt5("Hi there", add_special_tokens=False)["input_ids"]], byt5.pad_token_id)
+    cfg = RolloutConfig(source="switch", max_new_tokens=40, do_sample=True, tau0=0.0, seed=3)
+    out = cross_switch(student, teacher, s_ids, s_mask, t_ids, t_mask, cfg, s, t, t_max_len=t_ids.shape[1] + 5)
+    assert len(out.trace[0][0]) < 5 and out.from_teacher[out.response_mask].all()
