@@ -14,23 +14,29 @@ from typing import Any, Callable, Optional
 from torch import Tensor
 
 from switchkd.methods.switch import engine_config
-from switchkd.rollout import RolloutConfig, rollout
+from switchkd.rollout import RolloutConfig, RolloutOutput, rollout
+
+Roll = Callable[[RolloutConfig], RolloutOutput]  # a SWITCH rollout of fixed prompts under a config
 
 
-def teacher_share(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: RolloutConfig) -> float:
-    """Fraction of response tokens the teacher writes under ``cfg``."""
-    out = rollout(student, teacher, ids, mask, cfg)
+def teacher_share(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: RolloutConfig,
+                  roll: Optional[Roll] = None) -> float:
+    """Fraction of response tokens the teacher writes under ``cfg`` (``roll``: another decoder of the
+    same prompts, e.g. across vocabularies)."""
+    out = roll(cfg) if roll is not None else rollout(student, teacher, ids, mask, cfg)
     return float(out.from_teacher[out.response_mask].float().mean())
 
 
 def calibrate_tau0(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: RolloutConfig, target: float,
-                   iters: int = 14, log: Optional[Callable[[str], None]] = None) -> tuple[float, float]:
+                   iters: int = 14, log: Optional[Callable[[str], None]] = None,
+                   roll: Optional[Roll] = None) -> tuple[float, float]:
     """``(tau0, measured share)`` with the share closest to ``target`` found by bisecting log(tau0)
     between bounds from a student-only probe's gate values; ``cfg`` gives everything else (schedule,
     decay, gate, sampling: a greedy ``cfg`` makes the search deterministic)."""
     if not 0.0 < target < 1.0:
         raise ValueError(f"target share must be in (0, 1), got {target}")
-    probe = rollout(student, teacher, ids, mask, replace(cfg, source="switch", tau0=float("inf")))
+    roll = roll or (lambda c: rollout(student, teacher, ids, mask, c))
+    probe = roll(replace(cfg, source="switch", tau0=float("inf")))
     g = probe.gate[probe.response_mask]
     g = g[g > 0]
     if g.numel() == 0:
@@ -38,7 +44,7 @@ def calibrate_tau0(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: R
     lo, hi = math.log(float(g.min()) / 2), math.log(float(g.max()) * 2)
 
     def share_at(log_tau: float) -> float:
-        share = teacher_share(student, teacher, ids, mask, replace(cfg, source="switch", tau0=math.exp(log_tau)))
+        share = teacher_share(student, teacher, ids, mask, replace(cfg, source="switch", tau0=math.exp(log_tau)), roll)
         if log is not None:
             log(f"calibrate: tau0 {math.exp(log_tau):.4g} -> teacher share {share:.3f}")
         return share
@@ -92,12 +98,14 @@ def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int =
 
     if cfg.teacher is None:
         raise ConfigError("config error: switchkd calibrate needs teacher.name")
-    student, teacher, tok, vocab = load_pair(cfg.model, cfg.teacher)
+    view = _cross_view(cfg)
+    student, teacher, tok, vocab = load_pair(cfg.model, cfg.teacher, cross=view is not None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     student.to(device).eval()
     teacher.to(device)
     examples = load_examples(cfg.data.dev or cfg.data.train, cfg.data, tok, limit)
-    items, _ = tokenize(examples, tok, cfg.data.max_prompt_length, cfg.data.max_length, cfg.method.priming)
+    items, _ = tokenize(examples, tok, cfg.data.max_prompt_length, cfg.data.max_length, cfg.method.priming,
+                        view.t_tok if view is not None else None)
     if not items:
         raise ConfigError("config error: calibrate: no prompts left after tokenization")
     items = items[:batch_size]
@@ -105,5 +113,24 @@ def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int =
     rcfg = from_method(cfg.method, "switch", min(cfg.method.max_new_tokens, cfg.data.max_length - ids.shape[1]), tok,
                        vocab)
     rcfg = engine_config(rcfg, cfg.method.switch)
-    return calibrate_tau0(student, teacher, ids.to(device), mask.to(device), replace(rcfg, seed=cfg.train.seed), target,
-                          log=log)
+    ids, mask = ids.to(device), mask.to(device)
+    roll = None
+    if view is not None:  # across vocabularies: the teacher reads its own prompts (switchkd.interleave)
+        from switchkd.interleave import Vocab, cross_switch
+
+        t_ids, t_mask = (x.to(device) for x in left_pad([x.teacher_prompt for x in items], view.t_tok.pad_token_id or 0))
+        vocabs = Vocab(view.s_tok, view.s_table), Vocab(view.t_tok, view.t_table)
+        c = teacher.config
+        t_max = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+        roll = lambda r: cross_switch(student, teacher, ids, mask, t_ids, t_mask, r, *vocabs,  # noqa: E731
+                                      kind=cfg.method.switch.cross_gate, shared=(view.s_matched, view.t_matched),
+                                      t_max_len=t_max)
+    return calibrate_tau0(student, teacher, ids, mask, replace(rcfg, seed=cfg.train.seed), target, log=log, roll=roll)
+
+
+def _cross_view(cfg: Any) -> Any:
+    """The run's :class:`switchkd.cross.CrossView` when the teacher's vocabulary differs (else None)."""
+    from switchkd.cross import view_for
+    from switchkd.models import load_tokenizer
+
+    return view_for(cfg, load_tokenizer(cfg.model), load_tokenizer(cfg.teacher))

@@ -263,3 +263,16 @@ def test_token_bytes_of_a_sentencepiece_vocabulary(shared, tmp_path):
     s_ids, t_ids = gpt2(text, add_special_tokens=False)["input_ids"], sp(text, add_special_tokens=False)["input_ids"]
     a = batch_alignment([s_ids], [t_ids], token_bytes(gpt2), table)
     assert bool(a.paired.all()) and a.n >= text.count(" ")  # the prefix space discounted: every word boundary shared
+
+
+@pytest.mark.slow
+def test_calibrate_across_vocabularies(bpe_student, capsys):
+    """``switchkd calibrate`` decodes as the run does across vocabularies and finds a tau0 for the target."""
+    from switchkd.cli import main
+
+    rc = main(["calibrate", str(ROOT / "configs/tiny/switch.yaml"), f"model.name={bpe_student}",
+               f"teacher.name={TEACHER}", "data.synthetic_size=16", "method.max_new_tokens=10", "--target", "0.5"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "method.switch.tau0=" in out
+    share = float(out.split("measured teacher share ")[1].split(",")[0])
+    assert 0.2 <= share <= 0.8
