@@ -1,4 +1,7 @@
-"""Distillation across vocabularies: the demo's byte-level teacher into a GPT-2-BPE student.  (``make bench-cross``)
+"""Distillation across vocabularies: a byte-level teacher and SmolLM2-135M-Instruct into GPT-2-BPE students.
+(``make bench-cross``)
+
+``--pair demo`` (default):
 
 Setting: the demo's shipped teacher (a byte-level vocabulary, 4 layers, trained on the synthetic suite)
 and a student with GPT-2's BPE tokenizer (``../shared/data/gpt2_tokenizer``, 50,257 tokens): a 2-layer,
@@ -9,7 +12,17 @@ half with the student's CE (``+ce``, as the ULD paper trains); GKD (student samp
 Scores: ROUGE-L on the synthetic test split (sampled, the demo's seeds); "gap closed" is the share of the
 teacher - init gap each method recovers.  Writes ``results.json`` and prints a Markdown table.
 
+``--pair real``: the real teacher of ``bench/real.py`` (SmolLM2-135M-Instruct, 49,152-token byte-level BPE,
+ChatML) into its 10-block cut with the vocabulary replaced by GPT-2's (50,257 tokens; :func:`transplant`:
+each GPT-2 token's embedding is the mean of the teacher's embeddings of the tokens spelling the same bytes).
+``sft-init``: SFT on Dolly from the transplanted cut; then SFT (continued), KD, SeqKD, GKD and SWITCH with
+their ``configs/smollm2`` presets across vocabularies (GOLD's hybrid loss) for the same steps, scored on the
+five sets as ``bench/real.py`` does.  Before SWITCH trains, its cross gate is chosen by measurement: each
+gate's tau0 is calibrated to the same teacher share on Dolly dev prompts, SWITCH rollouts of 32 dev prompts
+are scored by ROUGE-L, and the best gate trains.  Writes ``results.json`` and ``report.md`` into ``--out``.
+
     python bench/cross_tokenizer.py [--steps 200] [--seeds 1] [--gkd] [--smoke] [--out runs/bench-cross]
+    SWITCHKD_CACHE=<cache> python bench/cross_tokenizer.py --pair real [--smoke] [--out runs/bench-cross-real]
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, List
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,16 +82,68 @@ def run(method: str, teacher: Path, init: Path, out: Path, b: demo.Budget, steps
     return train(cfg)
 
 
+def _spelled(vocab: Any, data: bytes, eos: int) -> List[int]:
+    """The ids spelling ``data`` in ``vocab`` (``[eos]`` for no bytes, or bytes it has no tokens for)."""
+    from switchkd.interleave import Unspellable
+
+    try:
+        return vocab.encode(data) if data else [eos]
+    except Unspellable:
+        return [eos]
+
+
+def transplant(src: Path, tokenizer_dir: Path, out: Path) -> Path:
+    """``src`` with its vocabulary replaced by the tokenizer at ``tokenizer_dir`` (saved to ``out``, reused): each new
+    token's input and output embedding is the mean of ``src``'s rows for the tokens spelling the same bytes (zero-
+    width and special tokens: ``src``'s EOS row); ``src``'s chat template is kept, the new EOS pads."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from switchkd.align import token_bytes
+    from switchkd.interleave import Vocab
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    old, new = AutoTokenizer.from_pretrained(str(src)), AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    spell, eos = Vocab(old), old.eos_token_id
+    rows = [_spelled(spell, b, eos) for b in token_bytes(new)]
+    with torch.no_grad():
+        tables = [model.get_input_embeddings().weight]
+        if not model.config.tie_word_embeddings:
+            tables.append(model.get_output_embeddings().weight)
+        means = [torch.stack([w[r].mean(0) for r in rows]) for w in tables]
+        model.resize_token_embeddings(len(new))
+        model.get_input_embeddings().weight.copy_(means[0])
+        if len(means) > 1:
+            model.get_output_embeddings().weight.copy_(means[1])
+    new.pad_token = new.eos_token
+    new.chat_template = old.chat_template
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        setattr(model.config, key, new.eos_token_id)
+        if model.generation_config is not None:
+            setattr(model.generation_config, key, new.eos_token_id)
+    model.config.vocab_size = len(new)
+    model.save_pretrained(out)
+    new.save_pretrained(out)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pair", choices=["demo", "real"], default="demo")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
     ap.add_argument("--gkd", action="store_true", help="also GKD across vocabularies (student rollouts)")
     ap.add_argument("--methods", help="comma-separated subset of: " + ", ".join(METHODS))
     ap.add_argument("--smoke", action="store_true", help="a few steps, a few test prompts")
-    ap.add_argument("--out", default="runs/bench-cross")
+    ap.add_argument("--out", help="default: runs/bench-cross (demo pair), runs/bench-cross-real (real pair)")
     a = ap.parse_args()
-    t0, out = time.time(), Path(a.out)
+    if a.pair == "real":
+        from cross_real import main as real_main  # bench/cross_real.py
+
+        return real_main(a)
+    t0, out = time.time(), Path(a.out or "runs/bench-cross")
     out.mkdir(parents=True, exist_ok=True)
     b = replace(demo.DEMO, test=112)
     steps = a.steps

@@ -40,6 +40,10 @@ CROSS_GATES = ("byte", "shared", "sorted")
 NO_BYTES = 256  # the bucket of tokens that spell no bytes (EOS, special tokens)
 
 
+class Unspellable(ValueError):
+    """Bytes a vocabulary has no tokens for (a byte-level BPE vocabulary without the bytes UTF-8 never uses)."""
+
+
 class Vocab:
     """One tokenizer's bytes per id, first byte per id ``first [V]`` (256: none), and single-byte ids."""
 
@@ -78,7 +82,7 @@ class Vocab:
     def _bytewise(self, data: bytes) -> List[int]:
         if all(b in self.byte_id for b in data):
             return [self.byte_id[b] for b in data]
-        raise ValueError(f"the tokenizer {type(self.tok).__name__} cannot spell {data!r} (no single-byte tokens)")
+        raise Unspellable(f"the tokenizer {type(self.tok).__name__} cannot spell {data!r} (no single-byte tokens)")
 
 
 def _partial(data: bytes) -> bool:
@@ -181,7 +185,18 @@ def cross_switch(student: Any, teacher: Any, s_ids: Tensor, s_mask: Tensor, t_id
             if r.done:
                 continue
             writer = r.forced or ("teacher" if exceed[i] else "student")
-            s_new[i], t_new[i] = _write(r, writer, s_tok[i] if writer == "student" else t_tok[i], s_vocab, t_vocab, N)
+            try:
+                s_new[i], t_new[i] = _write(r, writer, s_tok[i] if writer == "student" else t_tok[i], s_vocab, t_vocab, N)
+            except Unspellable:  # the other vocabulary cannot spell the token: the other model writes instead
+                writer = "student" if writer == "teacher" else "teacher"
+                try:
+                    if r.forced:
+                        raise
+                    s_new[i], t_new[i] = _write(r, writer, s_tok[i] if writer == "student" else t_tok[i], s_vocab,
+                                                t_vocab, N)
+                except Unspellable:  # neither can continue the text the other holds: the row ends
+                    r.done = True
+                    continue
             r.gate += [float(d[i])] * len(s_new[i])
             if len(r.t_tokens) + len(t_new[i]) >= t_room:  # the teacher's positions are full: the row ends here
                 r.done, t_new[i] = True, []
@@ -210,8 +225,8 @@ def _write(r: _Row, writer: str, token: int, s: Vocab, t: Vocab, N: int) -> Tupl
         r.pending, r.forced = data, writer
         other_new: List[int] = []
     else:
+        other_new = other.encode(data) if data else []  # (raises Unspellable before the row changes)
         r.pending, r.forced = b"", ""
-        other_new = other.encode(data) if data else []
     s_new, t_new = ([token], other_new) if writer == "student" else (other_new, [token])
     return _keep(r, s_new, writer, N), t_new
 
@@ -235,7 +250,10 @@ def _rank_gate(s_tok: List[int], p_logits: Tensor, s: Vocab, t: Vocab, cfg: Roll
             y = t.eos
         else:
             data = s.table[x]
-            ids = [t.byte_id.get(data[0], -1)] if _partial(data) else t.encode(data) if data else []
+            try:
+                ids = [t.byte_id.get(data[0], -1)] if _partial(data) else t.encode(data) if data else []
+            except Unspellable:  # the teacher cannot spell it: rejected
+                ids = []
             y = ids[0] if ids else -1
         row = p_logits[i]
         ranks.append(float((row > row[y]).sum()) if 0 <= y < row.shape[0] else float(row.shape[0]))
