@@ -12,8 +12,10 @@ Vectorised with numpy (no Python loop per token).
 
 from __future__ import annotations
 
+import codecs
+import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -132,3 +134,74 @@ def batch_alignment(s_rows: Sequence[Sequence[int]], t_rows: Sequence[Sequence[i
     paired = (torch.bincount(s_g, minlength=offset) > 0) & (torch.bincount(t_g, minlength=offset) > 0)
     paired[torch.tensor(unpaired, dtype=torch.long)] = False
     return Alignment(s_g, t_g, offset, paired)
+
+
+NO_BYTES = 256  # the first-byte bucket of tokens that spell no bytes (EOS, special tokens)
+
+
+class Unspellable(ValueError):
+    """Bytes a vocabulary has no tokens for (a byte-level BPE vocabulary without the bytes UTF-8 never uses)."""
+
+
+class Vocab:
+    """One tokenizer's bytes per id, first byte per id ``first [V]`` (256: none), and single-byte ids."""
+
+    def __init__(self, tok: Any, table: Optional[Sequence[bytes]] = None) -> None:
+        import torch
+
+        self.tok, self.table = tok, list(table) if table is not None else token_bytes(tok)
+        self.first = torch.tensor([t[0] if t else NO_BYTES for t in self.table], dtype=torch.long)
+        byte_id: Dict[int, int] = {}
+        for i, t in enumerate(self.table):
+            if len(t) == 1:
+                byte_id.setdefault(t[0], i)
+        self.byte_id = byte_id
+        eos = tok.eos_token_id
+        self.eos = eos if eos is not None else -1
+
+    def spell(self, ids: Sequence[int]) -> bytes:
+        return b"".join(self.table[i] for i in ids)
+
+    def encode(self, data: bytes) -> List[int]:
+        """Token ids spelling exactly ``data``: the tokenizer's encoding when it spells ``data`` (a prefix space a
+        SentencePiece tokenizer adds is dropped with a newline sentinel), else (also for bytes that are not
+        UTF-8) one single-byte token per byte."""
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return self.encode_bytes(data)
+        ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
+        if self.spell(ids) == data:
+            return ids
+        ids = list(self.tok("\n" + text, add_special_tokens=False)["input_ids"])
+        for k in range(1, min(len(ids), 4) + 1):
+            head = self.spell(ids[:k])
+            if (head == b"\n" or leading_extra(b"\n", head)) and self.spell(ids[k:]) == data:
+                return ids[k:]
+        return self._bytewise(data)
+
+    def encode_bytes(self, data: bytes) -> List[int]:
+        """Token ids spelling ``data`` whatever it holds: its UTF-8 runs encoded by the tokenizer, each byte that is
+        not UTF-8 by its single-byte token."""
+        out: List[int] = []
+        for part in re.split("([\udc80-\udcff])", data.decode("utf-8", errors="surrogateescape")):
+            if len(part) == 1 and "\udc80" <= part <= "\udcff":
+                out += self._bytewise(part.encode("utf-8", errors="surrogateescape"))
+            elif part:
+                out += self.encode(part.encode("utf-8"))
+        return out
+
+    def _bytewise(self, data: bytes) -> List[int]:
+        if all(b in self.byte_id for b in data):
+            return [self.byte_id[b] for b in data]
+        raise Unspellable(f"the tokenizer {type(self.tok).__name__} cannot spell {data!r} (no single-byte tokens)")
+
+
+def partial_utf8(data: bytes) -> bool:
+    """Whether ``data`` ends inside a UTF-8 character that more bytes could complete (invalid bytes: False)."""
+    dec = codecs.getincrementaldecoder("utf-8")("strict")
+    try:
+        dec.decode(data, final=False)
+    except UnicodeDecodeError:
+        return False
+    return bool(dec.getstate()[0])

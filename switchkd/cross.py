@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from switchkd.align import Alignment, batch_alignment, token_bytes
+from switchkd.align import Alignment, Unspellable, Vocab, batch_alignment, token_bytes
 
 EPS = 1e-8  # TRL's clamp on the probabilities of merged tokens and on the JSD's log-probabilities
 
@@ -130,6 +130,7 @@ class CrossView:
                  merge_strategy: str = "bayesian", matched_weight: Optional[float] = None) -> None:
         self.s_tok, self.t_tok = student_tok, teacher_tok
         self.s_table, self.t_table = token_bytes(student_tok), token_bytes(teacher_tok)
+        self.t_vocab = Vocab(teacher_tok, self.t_table)
         self.loss, self.beta, self.strategy, self.matched_weight = loss, beta, merge_strategy, matched_weight
         self.s_matched, self.t_matched = shared_vocabulary(student_tok, teacher_tok)
         self.teacher_vocab = len(teacher_tok)
@@ -139,8 +140,14 @@ class CrossView:
         """A student response (ids) as teacher ids: the same bytes' text, re-tokenized, and the teacher's EOS
         where the student's ended with its EOS."""
         ends = len(response) > 0 and response[-1] == self.s_tok.eos_token_id
-        text = b"".join(self.s_table[i] for i in response).decode("utf-8", errors="replace")
-        ids = self.t_tok(text, add_special_tokens=False)["input_ids"] if text else []
+        data = b"".join(self.s_table[i] for i in response)
+        try:
+            ids = self.t_tok(data.decode("utf-8"), add_special_tokens=False)["input_ids"] if data else []
+        except UnicodeDecodeError:  # bytes that are not UTF-8 (a sampled partial character): spelled byte by byte
+            try:
+                ids = self.t_vocab.encode_bytes(data)
+            except Unspellable:
+                ids = self.t_tok(data.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
         return list(ids) + ([self.t_tok.eos_token_id] if ends else [])
 
     def apply(self, batch: Any) -> Any:

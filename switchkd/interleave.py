@@ -26,73 +26,16 @@ the first teacher token of its bytes is among the teacher's top K.
 
 from __future__ import annotations
 
-import codecs
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from switchkd.align import leading_extra, token_bytes
+from switchkd.align import NO_BYTES, Unspellable, Vocab, partial_utf8
 from switchkd.decoding import GATES, TOKEN_GATES, RolloutConfig, RolloutOutput, Stepper, chooser, thresholds
 from switchkd.distributed import all_ranks, is_sharded
 
 CROSS_GATES = ("byte", "shared", "sorted")
-NO_BYTES = 256  # the bucket of tokens that spell no bytes (EOS, special tokens)
-
-
-class Unspellable(ValueError):
-    """Bytes a vocabulary has no tokens for (a byte-level BPE vocabulary without the bytes UTF-8 never uses)."""
-
-
-class Vocab:
-    """One tokenizer's bytes per id, first byte per id ``first [V]`` (256: none), and single-byte ids."""
-
-    def __init__(self, tok: Any, table: Optional[Sequence[bytes]] = None) -> None:
-        self.tok, self.table = tok, list(table) if table is not None else token_bytes(tok)
-        self.first = torch.tensor([t[0] if t else NO_BYTES for t in self.table], dtype=torch.long)
-        byte_id: Dict[int, int] = {}
-        for i, t in enumerate(self.table):
-            if len(t) == 1:
-                byte_id.setdefault(t[0], i)
-        self.byte_id = byte_id
-        eos = tok.eos_token_id
-        self.eos = eos if eos is not None else -1
-
-    def spell(self, ids: Sequence[int]) -> bytes:
-        return b"".join(self.table[i] for i in ids)
-
-    def encode(self, data: bytes) -> List[int]:
-        """Token ids spelling exactly ``data``: the tokenizer's encoding when it spells ``data`` (a prefix space a
-        SentencePiece tokenizer adds is dropped with a newline sentinel), else (also for bytes that are not
-        UTF-8) one single-byte token per byte."""
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            return self._bytewise(data)
-        ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
-        if self.spell(ids) == data:
-            return ids
-        ids = list(self.tok("\n" + text, add_special_tokens=False)["input_ids"])
-        for k in range(1, min(len(ids), 4) + 1):
-            head = self.spell(ids[:k])
-            if (head == b"\n" or leading_extra(b"\n", head)) and self.spell(ids[k:]) == data:
-                return ids[k:]
-        return self._bytewise(data)
-
-    def _bytewise(self, data: bytes) -> List[int]:
-        if all(b in self.byte_id for b in data):
-            return [self.byte_id[b] for b in data]
-        raise Unspellable(f"the tokenizer {type(self.tok).__name__} cannot spell {data!r} (no single-byte tokens)")
-
-
-def _partial(data: bytes) -> bool:
-    """Whether ``data`` ends inside a UTF-8 character that more bytes could complete (invalid bytes: False)."""
-    dec = codecs.getincrementaldecoder("utf-8")("strict")
-    try:
-        dec.decode(data, final=False)
-    except UnicodeDecodeError:
-        return False
-    return bool(dec.getstate()[0])
 
 
 def _marginal(probs: Tensor, first: Tensor) -> Tensor:
@@ -174,7 +117,10 @@ def cross_switch(student: Any, teacher: Any, s_ids: Tensor, s_mask: Tensor, t_id
     while not (all_ranks(all(r.done for r in rows), device) if synced else all(r.done for r in rows)):
         pos = torch.tensor([len(r.tokens) for r in rows], device=device)
         s_tok, t_tok = choose(s.logits).tolist(), choose(tt.logits).tolist()
-        if cfg.gate in TOKEN_GATES:
+        if cfg.source == "mixed":  # MiniLLM's teacher-mixed sampling, by writer: the teacher's with probability alpha
+            u = torch.rand(B, generator=gen, device=device) if gen is not None else torch.rand(B, device=device)
+            d, exceed = [float("nan")] * B, (u < cfg.teacher_mix).tolist()
+        elif cfg.gate in TOKEN_GATES:
             d, exceed = _rank_gate(s_tok, tt.logits, s_vocab, t_vocab, cfg)
         else:
             d = cross_gate(kind, cfg.gate, s.logits, tt.logits, s_vocab, t_vocab, shared or (torch.zeros(0), torch.zeros(0)))
@@ -221,7 +167,7 @@ def _write(r: _Row, writer: str, token: int, s: Vocab, t: Vocab, N: int) -> Tupl
         s_new = [s.eos] if s.eos >= 0 else []
         return _keep(r, s_new, writer, N), []
     data = r.pending + mine.table[token]
-    if _partial(data) and len(data) < 4:
+    if partial_utf8(data) and len(data) < 4:
         r.pending, r.forced = data, writer
         other_new: List[int] = []
     else:
@@ -251,7 +197,7 @@ def _rank_gate(s_tok: List[int], p_logits: Tensor, s: Vocab, t: Vocab, cfg: Roll
         else:
             data = s.table[x]
             try:
-                ids = [t.byte_id.get(data[0], -1)] if _partial(data) else t.encode(data) if data else []
+                ids = [t.byte_id.get(data[0], -1)] if partial_utf8(data) else t.encode(data) if data else []
             except Unspellable:  # the teacher cannot spell it: rejected
                 ids = []
             y = ids[0] if ids else -1

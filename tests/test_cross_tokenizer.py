@@ -188,7 +188,7 @@ def bpe_student(shared, tmp_path_factory):
 @pytest.mark.parametrize("preset,extra", [("kd", []), ("kd", ["method.cross_tokenizer=uld"]), ("seqkd", []),
                                           ("gkd", ["method.mixture.student_ratio=1.0"]),
                                           ("distillm", ["method.distillm.init_student_prob=1.0"]),
-                                          ("switch", ["method.switch.tau0=0.5"]), ("skd", [])])
+                                          ("switch", ["method.switch.tau0=0.5"]), ("skd", []), ("minillm", [])])
 def test_a_byte_level_teacher_trains_a_bpe_student(bpe_student, preset, extra, tmp_path):
     from switchkd.config import load_config
     from switchkd.train import train
@@ -210,7 +210,7 @@ def test_mismatched_vocabularies_are_refused_in_one_line(bpe_student, capsys, tm
     from switchkd.cli import main
 
     for extra, fragment in ((["method.cross_tokenizer=off"], "method.cross_tokenizer=off"),
-                            (["method.source=minillm"], "method.source=minillm"),
+                            (["method.instruction_weight=0.5"], "method.instruction_weight"),
                             (["train.loss_chunk=8"], "train.loss_chunk")):
         rc = main(["train", str(ROOT / "configs/tiny/kd.yaml"), f"model.name={bpe_student}", f"teacher.name={TEACHER}",
                    "data.synthetic_size=16", f"output.dir={tmp_path / 'o'}", *extra])

@@ -5,6 +5,7 @@ text written so far, the writer and its (greedy) token checked against it."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from switchkd.batch import left_pad
 from switchkd.decoding import RolloutConfig
 from switchkd.interleave import Vocab, cross_switch
 
+ROOT = Path(__file__).resolve().parents[1]
 SPANS = ["Hello", " world", "abc", " x", "\n\n", "  two spaces", "é", "你好", "😀 ok", "a,b.c"]
 
 
@@ -126,3 +128,40 @@ def test_no_row_passes_the_teachers_positions(pair):
     cfg = RolloutConfig(source="switch", max_new_tokens=40, do_sample=True, tau0=0.0, seed=3)
     out = cross_switch(student, teacher, s_ids, s_mask, t_ids, t_mask, cfg, s, t, t_max_len=t_ids.shape[1] + 5)
     assert len(out.trace[0][0]) < 5 and out.from_teacher[out.response_mask].all()
+
+
+def test_minillm_rewards_over_aligned_spans_sum_to_the_sequence_log_ratio(pair):
+    """MiniLLM across vocabularies: with gamma 1, no length normalisation and no whitening, a row's first advantage
+    is the sum of its span rewards = log p_teacher(response) - log q_student(response), each side in its own tokens
+    (recomputed here by one unpadded forward per row and model)."""
+    from switchkd.config import load_config
+    from switchkd.cross import CrossView
+    from switchkd.data import collate, load_examples, tokenize
+    from switchkd.methods.minillm import MinillmSource
+
+    gpt2, byt5, student, teacher = pair
+    cfg = load_config(ROOT / "configs/tiny/minillm.yaml", [
+        "data.synthetic_size=8", "method.max_new_tokens=10", "method.minillm.gamma=1.0",
+        "method.minillm.length_norm=none", "method.minillm.whiten=false", "method.minillm.reward_scale=1.0",
+        "method.minillm.reward_clip=1e9", "method.minillm.teacher_mix=0.5"])
+    view = CrossView(gpt2, byt5)
+    items, _ = tokenize(load_examples(cfg.data.train, cfg.data, gpt2, 3), gpt2, 64, 128, "none", byt5)
+    src = MinillmSource(cfg, student, teacher, gpt2, len(gpt2))
+    src.cross = view
+    new = src(collate(items, gpt2.pad_token_id), 0)
+    assert bool(new.alignment.paired.all())
+    n = (new.labels[:, 1:] != -100).sum(1).tolist()
+    starts = [sum(n[:i]) for i in range(len(n))]
+    def seq_lp(model, ids, mask, labels, i):
+        ids, lab = ids[i][mask[i].bool()], labels[i][mask[i].bool()]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids[None]).logits[0, :-1].double(), -1)
+        y = lab[1:]
+        return float(lp[y != -100].gather(-1, y[y != -100][:, None]).sum())
+
+    for i in range(len(n)):
+        want = seq_lp(teacher, new.teacher_input_ids, new.teacher_attention_mask, new.teacher_labels, i) - seq_lp(
+            student, new.input_ids, new.attention_mask, new.labels, i)
+        assert abs(float(new.policy.advantage[starts[i]]) - want) < 1e-3 * max(1.0, abs(want)), (i, want)
+    w = new.policy.weight
+    assert bool(((w > 0) & (w <= 1 / 0.5 + 1e-5)).all())  # q / (a p + (1 - a) q) <= 1 / (1 - a)

@@ -133,3 +133,29 @@ class Source:
         if keep_teacher:
             new.teacher_selected = out.teacher_logits[out.response_mask]
         return new, out
+
+    def _interleaved(self, batch: "Batch", mode: str, gate: str = "byte") -> "tuple[Batch, RolloutOutput]":
+        """Across vocabularies (:mod:`switchkd.interleave`): ``switch`` (the cross ``gate``) or ``mixed`` (the teacher
+        writes each step with probability ``teacher_mix``) rollouts, both models reading the text in their own
+        tokens; the teacher's spans re-tokenized into the student's sequence."""
+        from dataclasses import replace
+
+        from switchkd.interleave import Vocab, cross_switch
+        from switchkd.rollout import from_method
+
+        if getattr(self, "_vocabs", None) is None:
+            self._vocabs = (Vocab(self.cross.s_tok, self.cross.s_table), Vocab(self.cross.t_tok, self.cross.t_table))
+        P = batch.prompt_ids.shape[1]
+        rcfg = from_method(self.cfg.method, mode, min(self.cfg.method.max_new_tokens, self.cfg.data.max_length - P),
+                           self.tok, self.vocab)
+        rcfg = replace(self.rollout_config(rcfg), seed=self.rng.getrandbits(62))
+        t_mask = batch.teacher_prompt_mask
+        t_ids = batch.teacher_prompt_ids.masked_fill(t_mask == 0, self.cross.t_tok.pad_token_id or 0)
+        student = self.unwrap(self.student)
+        was_training = student.training
+        student.eval()
+        out = cross_switch(student, self.teacher, batch.prompt_ids, batch.prompt_mask, t_ids, t_mask, rcfg,
+                           *self._vocabs, kind=gate, shared=(self.cross.s_matched, self.cross.t_matched),
+                           t_max_len=self.cross.max_length)
+        student.train(was_training)
+        return batch.with_responses(out.responses(P), self.tok.pad_token_id), out

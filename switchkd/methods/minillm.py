@@ -142,10 +142,6 @@ class MinillmSource(Source):
         return "method.source=minillm"
 
     @classmethod
-    def cross_tokenizer_reason(cls, cfg: "Config") -> Optional[str]:
-        return "its sampling mixes the two models' next-token distributions over one vocabulary"
-
-    @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
         m = cfg.method
         if m.instruction_weight > 0 or m.priming != "none":
@@ -163,8 +159,33 @@ class MinillmSource(Source):
 
     def __call__(self, batch: "Batch", step: int) -> "Batch":
         """One fresh rollout of ``batch`` with its policy term."""
+        if self.cross is not None:
+            return self._across(batch)
         new, out = self._rollout(batch, "mixed", keep_teacher=True)
         new.policy = self.policy(new, out.logprobs[out.response_mask])
+        return new
+
+    def _across(self, batch: "Batch") -> "Batch":
+        """Across vocabularies: the teacher-mixed sampling by writer (each step the teacher writes one of its tokens
+        with probability ``teacher_mix``, else the student one of its own; :mod:`switchkd.interleave`), and the
+        rewards over aligned spans: a group's ``log p(span) - log q_old(span)`` (the sums of its tokens'
+        log-probabilities on each side) on its last student token, 0 on the others; importance weight
+        ``q(span) / (a p(span) + (1 - a) q(span))`` on each of its tokens.  Unpaired groups get reward 0, weight 1."""
+        import torch
+
+        new = self.cross.apply(self._interleaved(batch, "mixed")[0])
+        a, alpha = new.alignment, self.settings.teacher_mix
+        with torch.no_grad():
+            s_lp = _token_logprobs(self.unwrap(self.student), new.input_ids, new.attention_mask, new.labels)
+            t_lp = _token_logprobs(self.teacher, new.teacher_input_ids, new.teacher_attention_mask, new.teacher_labels)
+            s_span = s_lp.new_zeros(a.n).index_add(0, a.student, s_lp)
+            t_span = t_lp.new_zeros(a.n).index_add(0, a.teacher.to(t_lp.device), t_lp).to(s_lp.device)
+            last = torch.ones_like(a.student, dtype=torch.bool)
+            last[:-1] = a.student[1:] != a.student[:-1]
+            at = last & a.paired[a.student]
+            t_r, s_r = torch.where(at, t_span[a.student], 0.0), torch.where(at, s_span[a.student], 0.0)
+            w = torch.where(a.paired[a.student], importance_weight(s_span, t_span, alpha)[a.student], 1.0)
+        new.policy = self._policy(new, s_lp, t_r, s_r, w)
         return new
 
     def step_batches(self, batches: Iterator["Batch"], step: int, n: int) -> List["Batch"]:
@@ -180,17 +201,25 @@ class MinillmSource(Source):
         rollout drew them ``s_lp [N]`` (eval mode)."""
         import torch
 
+        with torch.no_grad():
+            y = batch.labels[:, 1:][batch.labels[:, 1:] != -100]
+            t_lp = torch.log_softmax(batch.teacher_selected.float(), -1).gather(-1, y[:, None]).squeeze(-1)
+            w = importance_weight(s_lp, t_lp, self.settings.teacher_mix)
+        return self._policy(batch, s_lp, t_lp, s_lp, w)
+
+    def _policy(self, batch: "Batch", s_lp: "Tensor", t_r: "Tensor", s_r: "Tensor", w: "Tensor") -> "PolicyTerm":
+        """The policy term from per response token ``[N]``: the student's log-probabilities ``s_lp``, the teacher's
+        and the student's log-probabilities the rewards compare (``t_r``, ``s_r``) and the importance weights."""
+        import torch
+
         from switchkd.batch import PolicyTerm
 
         m, cfg = self.settings, self.cfg
         with torch.no_grad():
-            y = batch.labels[:, 1:][batch.labels[:, 1:] != -100]
-            t_lp = torch.log_softmax(batch.teacher_selected.float(), -1).gather(-1, y[:, None]).squeeze(-1)
             n = (batch.labels[:, 1:] != -100).sum(1)  # each row's response tokens, left-aligned in [B, R]
             mask = generation_block(n, min(cfg.method.max_new_tokens, cfg.data.max_length - cfg.data.max_prompt_length))
-            r = rewards(spread(t_lp, mask), spread(s_lp, mask), mask, m.reward_scale, m.reward_clip)
+            r = rewards(spread(t_r, mask), spread(s_r, mask), mask, m.reward_scale, m.reward_clip)
             adv = advantages(r, mask, m.gamma, m.length_norm, m.whiten)[mask]
-            w = importance_weight(s_lp, t_lp, m.teacher_mix)
         self.sums["reward"] += float(r[mask].sum())
         self.sums["weight"] += float(w.sum())
         self.sums["tokens"] += float(mask.sum())
@@ -212,6 +241,20 @@ class MinillmSource(Source):
         super().load_state_dict(state)
         held = state.get("held")
         self.held, self.uses = ([_from_plain(b) for b in held] if held else None), state.get("uses", 0)
+
+
+def _token_logprobs(model: Any, input_ids: "Tensor", attention_mask: "Tensor", labels: "Tensor") -> "Tensor":
+    """The model's log-probability of each response token ``[N]`` (``labels[:, 1:]`` outside -100, row-major), in eval
+    mode (dropout off, as the rollout ran)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    model.train(was_training)
+    y = labels[:, 1:]
+    sel = y != -100
+    return torch.log_softmax(logits[sel], -1).gather(-1, y[sel][:, None]).squeeze(-1)
 
 
 def _plain(batch: "Batch") -> Dict[str, Any]:

@@ -116,27 +116,7 @@ class SwitchSource(Source):
         return new
 
     def _across(self, batch: "Batch") -> "tuple[Batch, RolloutOutput]":
-        """Across vocabularies (:mod:`switchkd.interleave`): both models read the text in their own tokens; the
-        teacher's spans are re-tokenized into the student's sequence (its logits are recomputed by the loss)."""
-        from switchkd.interleave import Vocab, cross_switch
-        from switchkd.rollout import from_method
-
-        if not hasattr(self, "_vocabs"):
-            self._vocabs = (Vocab(self.cross.s_tok, self.cross.s_table), Vocab(self.cross.t_tok, self.cross.t_table))
-        P = batch.prompt_ids.shape[1]
-        rcfg = from_method(self.cfg.method, "switch", min(self.cfg.method.max_new_tokens, self.cfg.data.max_length - P),
-                           self.tok, self.vocab)
-        rcfg = replace(self.rollout_config(rcfg), seed=self.rng.getrandbits(62))
-        t_mask = batch.teacher_prompt_mask
-        t_ids = batch.teacher_prompt_ids.masked_fill(t_mask == 0, self.cross.t_tok.pad_token_id or 0)
-        student = self.unwrap(self.student)
-        was_training = student.training
-        student.eval()
-        out = cross_switch(student, self.teacher, batch.prompt_ids, batch.prompt_mask, t_ids, t_mask, rcfg,
-                           *self._vocabs, kind=self.cfg.method.switch.cross_gate,
-                           shared=(self.cross.s_matched, self.cross.t_matched), t_max_len=self.cross.max_length)
-        student.train(was_training)
-        return batch.with_responses(out.responses(P), self.tok.pad_token_id), out
+        return self._interleaved(batch, "switch", self.cfg.method.switch.cross_gate)
 
     def stats(self) -> Dict[str, float]:
         total = sum(self.n)
