@@ -46,8 +46,8 @@ class ModelConfig:
     name: str = opt("tiny:gpt2", "hub id, local directory, or tiny:gpt2 / tiny:llama[,layers=,dim=,heads=,kv_heads=,"
                     "ffn=,positions=,seed=] (random weights, byte-level tokenizer, no download)")
     dtype: str = opt("float32", "the weights' dtype", choices=DTYPES)
-    tokenizer: Optional[str] = opt(None, "the tokenizer's source (default: name); the teacher's must have the "
-                                   "student's vocabulary")
+    tokenizer: Optional[str] = opt(None, "the tokenizer's source (default: name); a teacher's other "
+                                   "vocabulary is distilled across (method.cross_tokenizer)")
     revision: Optional[str] = opt(None, "hub revision")
     adapter: Optional[str] = opt(None, "a peft LoRA adapter directory, loaded onto the model and merged")
     lora: LoraConfig = opt(factory=LoraConfig, help="LoRA for the student (the teacher is frozen)")
@@ -190,7 +190,8 @@ class Config:
     """The whole run: student ``model``, ``teacher``, ``data``, ``method``, ``train``, ``eval``, ``output``."""
 
     model: ModelConfig = opt(factory=ModelConfig, help="the student")
-    teacher: Optional[ModelConfig] = opt(None, "the teacher (frozen; same vocabulary)", section=ModelConfig)
+    teacher: Optional[ModelConfig] = opt(None, "the teacher (frozen; its own vocabulary: method.cross_tokenizer)",
+                                       section=ModelConfig)
     data: DataConfig = opt(factory=DataConfig)
     method: MethodConfig = opt(factory=MethodConfig)  # type: ignore[valid-type]
     train: TrainConfig = opt(factory=TrainConfig)
