@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,26 +54,29 @@ def test_spans_are_spelled_exactly(pair, shared, tmp_path):
     assert len(Vocab(sp).encode(b"once")) == 2  # "on" "ce": the SentencePiece prefix space dropped, not byte by byte
 
 
-def _gate64(kind, q_logits, p_logits, s, t):
-    """The cross gate, brute force in float64 (Python loops over the vocabularies)."""
-    q, p = torch.softmax(q_logits.double(), -1).tolist(), torch.softmax(p_logits.double(), -1).tolist()
+def _gate64(kind, q_logits, p_logits, s_onehot, t_onehot):
+    """The cross gate in float64 by another route: numpy sorting, and next-byte distributions as products with
+    one-hot [V, 257] first-byte matrices built from the byte tables."""
+    q, p = (torch.softmax(x.double(), -1).numpy() for x in (q_logits, p_logits))
     if kind == "sorted":
-        qs, ps = sorted(q, reverse=True), sorted(p, reverse=True)
+        qs, ps = -np.sort(-q), -np.sort(-p)
         n = max(len(qs), len(ps))
-        qs, ps = qs + [0.0] * (n - len(qs)), ps + [0.0] * (n - len(ps))
-        return 0.5 * sum(abs(a - b) for a, b in zip(qs, ps))
-    qb, pb = [0.0] * 257, [0.0] * 257
-    for probs, table, out in ((q, s.table, qb), (p, t.table, pb)):
-        for i, x in enumerate(probs):
-            out[table[i][0] if table[i] else 256] += x
-    m = [(a + b) / 2 for a, b in zip(qb, pb)]
-    kl = lambda a: sum(x * math.log(x / y) for x, y in zip(a, m) if x > 0)  # noqa: E731
+        return 0.5 * float(np.abs(np.pad(qs, (0, n - len(qs))) - np.pad(ps, (0, n - len(ps)))).sum())
+    qb, pb = q @ s_onehot, p @ t_onehot
+    m = (qb + pb) / 2
+    kl = lambda a: float(sum(x * math.log(x / y) for x, y in zip(a, m) if x > 0))  # noqa: E731
     return 0.5 * kl(qb) + 0.5 * kl(pb)
 
 
-def _last_logits(model, ids):
+def _onehot(table):
+    out = np.zeros((len(table), 257))
+    out[np.arange(len(table)), [b[0] if b else 256 for b in table]] = 1.0
+    return out
+
+
+def _all_logits(model, ids):
     with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0, -1]
+        return model(input_ids=torch.tensor([ids])).logits[0]
 
 
 @pytest.mark.parametrize("kind,gate,tau0,decay", [("byte", "jsd", 0.53, 0.005), ("sorted", "jsd", 0.98965, 0.0),
@@ -90,19 +94,20 @@ def test_the_rule_recomputed(pair, kind, gate, tau0, decay):
                         schedule="exp" if decay else "const")
     out = cross_switch(student, teacher, s_ids, s_mask, t_ids, t_mask, cfg, s, t, kind=kind)
     resp = out.responses(s_ids.shape[1])
-    writers = []
+    writers, onehots = [], (_onehot(s.table), _onehot(t.table))
     for i in range(len(prompts)):
         t_tokens, steps = out.trace[i]
         sp = tp = 0
         forced = False
-        for n_s, n_t, d, writer in steps:
-            q, p = _last_logits(student, s_rows[i] + resp[i][:sp]), _last_logits(teacher, t_rows[i] + t_tokens[:tp])
+        s_all, t_all = _all_logits(student, s_rows[i] + resp[i]), _all_logits(teacher, t_rows[i] + t_tokens)
+        for n_s, n_t, d, writer in steps:  # (causal models: the logits after a prefix are those of the full forward)
+            q, p = s_all[len(s_rows[i]) + sp - 1], t_all[len(t_rows[i]) + tp - 1]
             if gate == "rank":
                 first = t.encode(s.table[int(q.argmax())])[0]
                 want = float((p > p[first]).sum())
                 assert d == want and (writer == "teacher") == (d > tau0 or forced)
             else:
-                want = _gate64(kind, q, p, s, t)
+                want = _gate64(kind, q, p, *onehots)
                 assert abs(d - want) < 1e-4, (d, want)
                 tau = tau0 * math.exp(-decay * sp)
                 assert forced or (writer == "teacher") == (d > tau), (d, tau, writer)
