@@ -21,6 +21,7 @@ from switchkd.config import load_config
 METHODS = ("sft", "kd", "seqkd", "gkd", "switch")
 GATES = ("byte", "shared", "sorted")
 CROSS = ["train.loss_chunk=0", "method.cross_tokenizer=gold"]  # (the chunked head works on one vocabulary)
+CALIB_ITERS = 6  # bisection steps of each gate's calibration (after the bracket): the share to a few percent
 STUDY_PROMPTS = 32  # Dolly dev prompts after the calibration's, for the gate study
 
 
@@ -78,7 +79,7 @@ def gate_study(teacher: Path, student: Path, s: Any, device: str, out: Path) -> 
         def one(gate: str = gate) -> Dict[str, Any]:
             cfg = _config(teacher, student, s, device, [f"method.switch.cross_gate={gate}"])
             tau0, share = calibrate_config(cfg, s.target, s.calib_prompts, s.calib_prompts,
-                                           log=lambda x: print(f"{gate}: {x}", flush=True))
+                                           log=lambda x: print(f"{gate}: {x}", flush=True), iters=CALIB_ITERS)
             return {"tau0": tau0, "calib_share": share} | study_rollouts(teacher, student, s, gate, tau0, device)
         res[gate] = real.cached(out / "gates" / f"{gate}.json", one)
         print(f"gate {gate}: tau0 {res[gate]['tau0']:.4g}, share {res[gate]['share']:.2f}, "

@@ -85,7 +85,7 @@ def ln2_note(tau0: float, decay: float, schedule: str = "exp", gate: str = "jsd"
 
 
 def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int = 8,
-                     log: Optional[Callable[[str], None]] = None) -> tuple[float, float]:
+                     log: Optional[Callable[[str], None]] = None, iters: int = 14) -> tuple[float, float]:
     """``switchkd calibrate``: tau0 for a ``target`` teacher share on the first ``limit`` prompts of
     ``data.dev`` (else ``data.train``), decoded as the config's SWITCH rollouts are (schedule, decay,
     gate, sampling; seeded with ``train.seed``) on one batch of ``batch_size`` at a time."""
@@ -125,7 +125,8 @@ def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int =
         roll = lambda r: cross_switch(student, teacher, ids, mask, t_ids, t_mask, r, *vocabs,  # noqa: E731
                                       kind=cfg.method.switch.cross_gate, shared=(view.s_matched, view.t_matched),
                                       t_max_len=t_max)
-    return calibrate_tau0(student, teacher, ids, mask, replace(rcfg, seed=cfg.train.seed), target, log=log, roll=roll)
+    return calibrate_tau0(student, teacher, ids, mask, replace(rcfg, seed=cfg.train.seed), target, iters=iters, log=log,
+                          roll=roll)
 
 
 def _cross_view(cfg: Any) -> Any:

@@ -185,7 +185,7 @@ def bpe_student(shared, tmp_path_factory):
 
 
 @pytest.mark.slow  # end-to-end training runs with a 50K-vocabulary student
-@pytest.mark.parametrize("preset,extra", [("kd", []), ("kd", ["method.cross_tokenizer=uld"]), ("seqkd", []),
+@pytest.mark.parametrize("preset,extra", [("sft", []), ("kd", []), ("kd", ["method.cross_tokenizer=uld"]), ("seqkd", []),
                                           ("gkd", ["method.mixture.student_ratio=1.0"]),
                                           ("distillm", ["method.distillm.init_student_prob=1.0"]),
                                           ("switch", ["method.switch.tau0=0.5"]), ("skd", []), ("minillm", [])])
