@@ -9,7 +9,6 @@ depend on how the step is split.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -23,14 +22,13 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from accelerate.utils import load as safe_load
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from switchkd import distributed
+from switchkd import checkpoint, distributed
 from switchkd.batch import Batch
-from switchkd.config import Config, ConfigError, LoraConfig, to_yaml
+from switchkd.config import Config, ConfigError, to_yaml
 from switchkd.data import Tokenized, collate, load_examples, tokenize
 from switchkd.evaluate import generate_texts, rouge_l
 from switchkd.lmdata import LMStream, lm_loss, read_texts
@@ -44,8 +42,8 @@ from switchkd.losses import (
     token_loss,
 )
 from switchkd.methods import make_source
-from switchkd.models import load_model, load_pair, with_adapter
-from switchkd.rundir import acquire_lock, check_output_dir, release_lock, truncate_metrics
+from switchkd.models import load_pair
+from switchkd.rundir import acquire_lock, check_output_dir, release_lock
 from switchkd.teacher_cache import TeacherCache, read_meta
 
 
@@ -172,7 +170,7 @@ class Trainer:
             distributed.configure_deepspeed(self.acc, cfg)
         # the scheduler is stepped once per optimizer step (a prepared one would step once per process)
         self.student, self.opt = self.acc.prepare(self.student, opt)
-        self.sched = sched  # checkpointed as JSON by _checkpoint (accelerate would pickle it)
+        self.sched = sched  # checkpointed as JSON by checkpoint.write (accelerate would pickle it)
         self.teacher_engine = distributed.prepare_teacher(self.teacher, self.acc)  # sharded like the student
         self.teacher = distributed.unwrap(self.teacher_engine)
         self.source = make_source(cfg, self.student, self.teacher, self.tok, self.vocab, self.acc.unwrap_model,
@@ -238,7 +236,7 @@ class Trainer:
         """Train to ``self.total`` optimizer steps; returns the final model directory."""
         cfg = self.cfg
         if cfg.train.resume:
-            self._resume()
+            checkpoint.resume(self)
         if self.dev is not None and self.source.wants_reference():
             self.source.on_validation(self._source_dev_loss())  # the reference evaluation before training
         batches = self._micro_batches()
@@ -251,7 +249,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 self._validate_and_log(rec, before)
                 if cfg.train.save_every and self.state.step % cfg.train.save_every == 0 and self.state.step < self.total:
-                    self._checkpoint()
+                    checkpoint.write(self)
         finally:  # the bar's last state ends its line before anything else is printed (Ctrl-C included)
             bar.close()
         return self._finish()
@@ -353,7 +351,7 @@ class Trainer:
             score = sum(rouge_l(t, e.references) for t, e in zip(texts, self.dev)) / len(self.dev)
             if self.cfg.train.keep_best and (self.state.best is None or score > self.state.best):
                 self.state.best, self.state.best_step = score, self.state.step
-                self._save_model(self.out / "best")
+                checkpoint.save_model(self, self.out / "best")
         self.acc.wait_for_everyone()
         return score
 
@@ -364,95 +362,6 @@ class Trainer:
         if self.acc.trackers:
             self.acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=self.state.step)
 
-    def _save_model(self, path: Path) -> None:
-        """``save_pretrained`` (safetensors) into a temporary directory, then rename.  A LoRA student
-        saves its adapter (``path/``; with ``output.merge``: ``path/adapter/`` and the merged model in ``path/``).
-        Called by the main process, or by every process when the student is sharded (the full state
-        dict is gathered collectively; the main process writes)."""
-        state = self.acc.get_state_dict(self.student) if self.sharded else None
-        if not self.acc.is_main_process:
-            return
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = distributed.unwrap(self.acc.unwrap_model(self.student))
-        if state is not None:
-            state = distributed.retie(model, state)
-        if hasattr(model, "merge_and_unload") and self.cfg.output.merge:
-            model.save_pretrained(tmp / "adapter", safe_serialization=True, state_dict=state)
-            self.tok.save_pretrained(tmp / "adapter")
-            merged = with_adapter(load_model(replace(self.cfg.model, lora=LoraConfig()), self.tok), str(tmp / "adapter")) \
-                if self.sharded else copy.deepcopy(model).merge_and_unload()
-            merged.save_pretrained(tmp, safe_serialization=True)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
-        self.tok.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-
-    def _checkpoint(self) -> None:
-        """Model, optimizer, scheduler, RNG, step, data position and the run's shape, written atomically
-        (a ``.tmp`` directory renamed when complete); the newest two are kept."""
-        root = self.out / "checkpoints"
-        tmp = root / f"step-{self.state.step:08d}.tmp"
-        self.acc.save_state(str(tmp))
-        self.acc.wait_for_everyone()  # every process's files (RNG states, FSDP shards) are written before the rename
-        if self.acc.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(asdict(self.state) | {"shape": self._shape(), "lm": (
-                self.lm.state_dict() if self.lm else None)}))
-            (tmp / "scheduler.json").write_text(json.dumps(self.sched.state_dict()))
-            torch.save(self.source.state_dict(), tmp / "source_state.pt")
-            final = tmp.with_suffix("")
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp"))[:-2]:
-                shutil.rmtree(old)
-        self.acc.wait_for_everyone()
-
-    def _shape(self) -> Dict[str, Any]:
-        """What a resumed run must share with the run that wrote the checkpoint."""
-        t = self.cfg.train
-        return {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "processes": self.acc.num_processes,
-                "model": self.cfg.model.name, "method.source": self.cfg.method.source}
-
-    def _resume(self) -> None:
-        """Continue from the newest readable checkpoint (a corrupt one is skipped with a warning);
-        ``metrics.jsonl`` keeps only the steps up to it."""
-        found = sorted(p for p in (self.out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
-        for ckpt in reversed(found):
-            try:
-                state = json.loads((ckpt / "trainer_state.json").read_text())
-                shape, lm_state = state.pop("shape", None), state.pop("lm", None)
-                # nothing in a checkpoint is unpickled beyond tensors, containers and numbers (no code runs)
-                source_state = torch.load(ckpt / "source_state.pt", weights_only=True)
-                sched_state = json.loads((ckpt / "scheduler.json").read_text())
-                for rng_file in ckpt.glob("random_states_*.pkl"):  # accelerate would skip a bad one silently
-                    safe_load(rng_file)  # accelerate's own loader: weights_only with numpy's RNG types allowed
-                if not any(ckpt.glob("random_states_*.pkl")):
-                    raise FileNotFoundError("no random_states_*.pkl")
-                if shape is not None and shape != self._shape():
-                    raise ConfigError(f"train.resume: {ckpt} was written by a run with {shape}; this run has "
-                                      f"{self._shape()}")
-                resumed = TrainState(**state)
-                self.acc.load_state(str(ckpt))
-                self.sched.load_state_dict(sched_state)
-            except ConfigError:
-                raise
-            except Exception as exc:  # truncated or garbage files: fall back to the previous checkpoint
-                print(f"switchkd: warning: skipping unreadable checkpoint {ckpt} ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else ''})", flush=True)
-                continue
-            self.state = resumed
-            self.source.load_state_dict(source_state)
-            if self.lm is not None and lm_state is not None:
-                self.lm.load_state_dict(lm_state)
-            if self.acc.is_main_process:
-                truncate_metrics(self.out, self.state.step)
-                print(f"resumed from {ckpt} at step {self.state.step}")
-            return
-        if self.acc.is_main_process:
-            truncate_metrics(self.out, 0)  # the steps logged before the kill are trained again
-            print(f"train.resume: no readable checkpoint in {self.out / 'checkpoints'}; starting from scratch")
-
     def _finish(self) -> Path:
         """Write ``final/``: the best dev checkpoint when kept, else the last weights."""
         final, best = self.out / "final", self.out / "best"
@@ -461,7 +370,7 @@ class Trainer:
                 shutil.rmtree(final, ignore_errors=True)
                 shutil.copytree(best, final)
         elif self.acc.is_main_process or self.sharded:
-            self._save_model(final)
+            checkpoint.save_model(self, final)
         self.acc.wait_for_everyone()
         self.acc.end_training()
         return final
