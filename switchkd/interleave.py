@@ -1,4 +1,5 @@
-"""Interleaved decoding across vocabularies: SWITCH and SKD when the teacher's tokenizer differs.
+"""Interleaved decoding across vocabularies: SWITCH, SKD and MiniLLM's sampling when the teacher's tokenizer
+differs.
 
 Both models read the same text, each in its own tokens, and both KV caches stay at the same byte of it.
 At each step the student's next-token distribution q [V_s] and the teacher's p [V_t] are compared by a
@@ -21,7 +22,9 @@ token that ends inside a UTF-8 character keeps the same writer until the charact
 student's sequence (its own tokens and the re-tokenized teacher spans, flagged ``from_teacher``) is what
 the student trains on; the loss reads the teacher's canonical tokenization of the whole response
 (:class:`switchkd.cross.CrossView`).  SKD's rule across vocabularies: the student's token is kept when
-the first teacher token of its bytes is among the teacher's top K.
+the first teacher token of its bytes is among the teacher's top K.  MiniLLM's teacher-mixed sampling
+(``source="mixed"``): each step the teacher writes with probability ``teacher_mix``, else the student (for one
+vocabulary the same distribution as sampling a p + (1 - a) q token by token).
 """
 
 from __future__ import annotations
@@ -100,8 +103,9 @@ class _Row:
 def cross_switch(student: Any, teacher: Any, s_ids: Tensor, s_mask: Tensor, t_ids: Tensor, t_mask: Tensor,
                  cfg: RolloutConfig, s_vocab: Vocab, t_vocab: Vocab, kind: str = "byte",
                  shared: Optional[Tuple[Tensor, Tensor]] = None, t_max_len: Optional[int] = None) -> RolloutOutput:
-    """SWITCH (or SKD, ``cfg.gate == "rank"``) rollouts across vocabularies after left-padded prompts: the
-    student's ``s_ids``/``s_mask [B, P]`` and the teacher's own ``t_ids``/``t_mask [B, P_t]``; at most
+    """SWITCH (SKD: ``cfg.gate == "rank"``; MiniLLM: ``cfg.source == "mixed"``) rollouts across vocabularies after
+    left-padded prompts: the student's ``s_ids``/``s_mask [B, P]`` and the teacher's own ``t_ids``/``t_mask
+    [B, P_t]``; at most
     ``cfg.max_new_tokens`` student tokens per row, and the teacher's side at most ``t_max_len`` positions.
     Returns the student's sequences ``[B, P + N]`` with ``from_teacher``/``gate [B, N]``."""
     device, B, N = s_ids.device, s_ids.shape[0], cfg.max_new_tokens
