@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -22,12 +23,14 @@ METHODS = ("sft", "kd", "seqkd", "gkd", "switch")
 GATES = ("byte", "shared", "sorted")
 CROSS = ["train.loss_chunk=0", "method.cross_tokenizer=gold"]  # (the chunked head works on one vocabulary)
 CALIB_ITERS = 6  # bisection steps of each gate's calibration (after the bracket): the share to a few percent
+CONST_SHARE = 0.25  # the teacher share of the gate study (a constant threshold: the gate alone decides)
 STUDY_PROMPTS = 32  # Dolly dev prompts after the calibration's, for the gate study
 
 
-def study_rollouts(teacher: Path, student: Path, s: Any, gate: str, tau0: float, device: str) -> Dict[str, Any]:
-    """ROUGE-L and teacher share of greedy SWITCH rollouts (cross gate ``gate`` at ``tau0``) on Dolly dev prompts
-    after the calibration's."""
+def study_rollouts(teacher: Path, student: Path, s: Any, gate: str, tau0: float, device: str,
+                   extra: List[str] = ()) -> Dict[str, Any]:
+    """ROUGE-L and teacher share of greedy SWITCH rollouts (cross gate ``gate`` at ``tau0``; ``random``: the teacher
+    writes each step with probability ``tau0``) on Dolly dev prompts after the calibration's."""
     import torch
 
     from switchkd.batch import left_pad
@@ -39,7 +42,9 @@ def study_rollouts(teacher: Path, student: Path, s: Any, gate: str, tau0: float,
     from switchkd.models import load_pair
     from switchkd.rollout import from_method
 
-    cfg = _config(teacher, student, s, device, [f"method.switch.cross_gate={gate}", f"method.switch.tau0={tau0}"])
+    kind = "byte" if gate == "random" else gate
+    cfg = _config(teacher, student, s, device, [f"method.switch.cross_gate={kind}", f"method.switch.tau0={tau0}",
+                                                *extra])
     view = _cross_view(cfg)
     model, t_model, tok, vocab = load_pair(cfg.model, cfg.teacher, cross=True)
     model.to(device).eval()
@@ -53,8 +58,10 @@ def study_rollouts(teacher: Path, student: Path, s: Any, gate: str, tau0: float,
         ids, mask = (x.to(device) for x in left_pad([x.prompt for x in part], tok.pad_token_id))
         t_ids, t_mask = (x.to(device) for x in left_pad([x.teacher_prompt for x in part], view.t_tok.pad_token_id))
         rcfg = engine_config(from_method(cfg.method, "switch", s.new_tokens, tok, vocab), cfg.method.switch)
+        if gate == "random":  # the control: a writer drawn per step, whatever the models say
+            rcfg = replace(rcfg, source="mixed", teacher_mix=tau0, seed=i)
         with torch.no_grad():
-            out = cross_switch(model, t_model, ids, mask, t_ids, t_mask, rcfg, *vocabs, kind=gate,
+            out = cross_switch(model, t_model, ids, mask, t_ids, t_mask, rcfg, *vocabs, kind=kind,
                                shared=(view.s_matched, view.t_matched), t_max_len=s.max_length)
         for x, r in zip(part, out.responses(ids.shape[1])):
             scores.append(rouge_l(tok.decode(r, skip_special_tokens=True), examples[x.index].references))
@@ -71,20 +78,42 @@ def _config(teacher: Path, student: Path, s: Any, device: str, extra: List[str])
 
 
 def gate_study(teacher: Path, student: Path, s: Any, device: str, out: Path) -> Dict[str, Any]:
-    """Each cross gate calibrated to ``s.target`` teacher share on the first Dolly dev prompts, then scored."""
+    """Which cross gate finds where the teacher should write: each gate at a constant threshold calibrated to the
+    same teacher share (``CONST_SHARE``, on the first Dolly dev prompts), its greedy rollouts of the next
+    ``STUDY_PROMPTS`` prompts scored by ROUGE-L, and compared prompt by prompt with a control that draws the writer
+    at random with that share (a gate that places the teacher's tokens well beats it)."""
     from switchkd.calibrate import calibrate_config
 
-    res = {}
+    res: Dict[str, Any] = {}
+    const = ["method.switch.schedule=const", "method.switch.decay=0.0"]
     for gate in GATES:
         def one(gate: str = gate) -> Dict[str, Any]:
-            cfg = _config(teacher, student, s, device, [f"method.switch.cross_gate={gate}"])
-            tau0, share = calibrate_config(cfg, s.target, s.calib_prompts, s.calib_prompts,
+            cfg = _config(teacher, student, s, device, [f"method.switch.cross_gate={gate}", *const])
+            tau0, share = calibrate_config(cfg, CONST_SHARE, s.calib_prompts, s.calib_prompts,
                                            log=lambda x: print(f"{gate}: {x}", flush=True), iters=CALIB_ITERS)
-            return {"tau0": tau0, "calib_share": share} | study_rollouts(teacher, student, s, gate, tau0, device)
-        res[gate] = real.cached(out / "gates" / f"{gate}.json", one)
-        print(f"gate {gate}: tau0 {res[gate]['tau0']:.4g}, share {res[gate]['share']:.2f}, "
-              f"ROUGE-L {res[gate]['rougeL']:.2f} ± {res[gate]['se']:.2f}", flush=True)
+            return {"tau0": tau0, "calib_share": share} | study_rollouts(teacher, student, s, gate, tau0, device, const)
+        res[gate] = real.cached(out / "gates-const" / f"{gate}.json", one)
+    res["random"] = real.cached(out / "gates-const" / "random.json", lambda: {"tau0": CONST_SHARE} | study_rollouts(
+        teacher, student, s, "random", CONST_SHARE, device))
+    for gate, r in res.items():
+        diff = [a - b for a, b in zip(r["per_prompt"], res["random"]["per_prompt"])]
+        r["vs_random"] = (statistics.fmean(diff), statistics.stdev(diff) / len(diff) ** 0.5)
+        print(f"gate {gate}: tau0 {r['tau0']:.4g}, share {r['share']:.2f}, ROUGE-L {r['rougeL']:.2f} ± {r['se']:.2f}, "
+              f"minus random {r['vs_random'][0]:+.2f} ± {r['vs_random'][1]:.2f}", flush=True)
     return res
+
+
+def train_calibration(teacher: Path, student: Path, s: Any, device: str, out: Path, gate: str) -> Dict[str, Any]:
+    """The chosen gate's tau0 for SWITCH's training setting (the preset's exponential schedule, ``s.target`` share)."""
+    from switchkd.calibrate import calibrate_config
+
+    def one() -> Dict[str, Any]:
+        cfg = _config(teacher, student, s, device, [f"method.switch.cross_gate={gate}"])
+        tau0, share = calibrate_config(cfg, s.target, s.calib_prompts, s.calib_prompts,
+                                       log=lambda x: print(f"{gate}: {x}", flush=True), iters=CALIB_ITERS)
+        return {"tau0": tau0, "share": share}
+    c = real.cached(out / "gates" / f"{gate}.json", one)
+    return {"tau0": c["tau0"], "share": c.get("share", c.get("calib_share"))}
 
 
 def main(a: Any) -> None:
@@ -100,18 +129,19 @@ def main(a: Any) -> None:
     sft_init = real.train_run("smollm2/sft", base + [f"model.name={init}", f"train.max_steps={s.init_steps}",
                                                      f"train.lr={s.init_lr}", "data.dev=null"], out / "sft-init")
     res["gates"] = gate_study(teacher, sft_init, s, device, out)
-    best = max(GATES, key=lambda g: res["gates"][g]["rougeL"])
-    res["gate"] = best
+    best = max(GATES, key=lambda g: res["gates"][g]["vs_random"][0])
+    res["gate"], res["calibration"] = best, train_calibration(teacher, sft_init, s, device, out, best)
     for name, path in (("teacher", teacher), ("init", init), ("sft-init", sft_init)):
         res["scores"][name] = real.cached(out / "scores" / f"{name}.json", lambda p=path: real.score(p, s, device))
     for m in METHODS:
         t1 = time.time()
-        extra = {"switch": [f"method.switch.cross_gate={best}", f"method.switch.tau0={res['gates'][best]['tau0']}"]}
+        extra = {"switch": [f"method.switch.cross_gate={best}", f"method.switch.tau0={res['calibration']['tau0']}"]}
+        tag = f"switch-{best}" if m == "switch" else m
         final = real.train_run(f"smollm2/{m}", base + [f"model.name={sft_init}", f"teacher.name={teacher}",
-                               f"train.max_steps={s.steps}"] + extra.get(m, []), out / m)
-        print(f"{m}: trained in {time.time() - t1:.0f} s", flush=True)
-        res["metrics"][m] = real.run_metrics(out / m)
-        res["scores"][m] = real.cached(out / "scores" / f"{m}.json", lambda f=final: real.score(f, s, device))
+                               f"train.max_steps={s.steps}"] + extra.get(m, []), out / tag)
+        print(f"{tag}: trained in {time.time() - t1:.0f} s", flush=True)
+        res["metrics"][m] = real.run_metrics(out / tag)
+        res["scores"][m] = real.cached(out / "scores" / f"{tag}.json", lambda f=final: real.score(f, s, device))
     res["seconds"] = time.time() - t0
     (out / "results.json").write_text(json.dumps(res, indent=1))
     print(report(res))
@@ -120,9 +150,14 @@ def main(a: Any) -> None:
 
 def report(res: Dict[str, Any]) -> str:
     """Markdown: the gate study, and ROUGE-L per set with the gap closed on the five-set average."""
-    lines = ["| cross gate | tau0 | teacher share | ROUGE-L of the rollouts |", "|---|---:|---:|---:|"]
+    lines = ["| cross gate | tau0 | teacher share | ROUGE-L of the rollouts | minus random (paired) |",
+             "|---|---:|---:|---:|---:|"]
     for g, r in res["gates"].items():
-        lines.append(f"| {g} | {r['tau0']:.4g} | {r['share']:.2f} | {r['rougeL']:.2f} ± {r['se']:.2f} |")
+        d, e = r["vs_random"]
+        lines.append(f"| {g} | {r['tau0']:.4g} | {r['share']:.2f} | {r['rougeL']:.2f} ± {r['se']:.2f} | {d:+.2f} ± {e:.2f} |")
+    c = res["calibration"]
+    lines.append(f"\nSWITCH's training calibration ({res['gate']} gate, exponential schedule): tau0 {c['tau0']:.4g}, "
+                 f"teacher share {c['share']:.2f} on the calibration prompts.")
     sets = real.SETS
     avg = {k: statistics.fmean(v[x]["rougeL"] for x in sets) for k, v in res["scores"].items()}
     lines += ["", "| model | " + " | ".join(sets) + " | avg | gap closed |", "|---|" + "---:|" * (len(sets) + 2)]
@@ -131,5 +166,5 @@ def report(res: Dict[str, Any]) -> str:
         cells = " | ".join(f"{v[x]['rougeL']:.2f} ± {v[x]['se']:.2f}" for x in sets)
         gap = "" if k in ("teacher", "init") else f"{100 * (avg[k] - i) / max(t - i, 1e-9):.0f}%"
         lines.append(f"| {k} | {cells} | {avg[k]:.2f} | {gap} |")
-    lines.append(f"\nSWITCH trained with the `{res['gate']}` gate; {res['seconds'] / 60:.1f} min in all.")
+    lines.append(f"\n{res['seconds'] / 60:.1f} min in all.")
     return "\n".join(lines)

@@ -18,8 +18,10 @@ each GPT-2 token's embedding is the mean of the teacher's embeddings of the toke
 ``sft-init``: SFT on Dolly from the transplanted cut; then SFT (continued), KD, SeqKD, GKD and SWITCH with
 their ``configs/smollm2`` presets across vocabularies (GOLD's hybrid loss) for the same steps, scored on the
 five sets as ``bench/real.py`` does.  Before SWITCH trains, its cross gate is chosen by measurement: each
-gate's tau0 is calibrated to the same teacher share on Dolly dev prompts, SWITCH rollouts of 32 dev prompts
-are scored by ROUGE-L, and the best gate trains.  Writes ``results.json`` and ``report.md`` into ``--out``.
+gate at a constant threshold calibrated to the same teacher share (25%) on Dolly dev prompts, its greedy
+rollouts of 32 other dev prompts scored by ROUGE-L and compared prompt by prompt with a control that draws
+the writer at random with that share; the gate furthest above the control trains (its tau0 calibrated again
+for the preset's exponential schedule).  Writes ``results.json`` and ``report.md`` into ``--out``.
 
     python bench/cross_tokenizer.py [--steps 200] [--seeds 1] [--gkd] [--smoke] [--out runs/bench-cross]
     SWITCHKD_CACHE=<cache> python bench/cross_tokenizer.py --pair real [--smoke] [--out runs/bench-cross-real]
