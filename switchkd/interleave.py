@@ -5,12 +5,11 @@ Both models read the same text, each in its own tokens, and both KV caches stay 
 At each step the student's next-token distribution q [V_s] and the teacher's p [V_t] are compared by a
 *cross gate* (``method.switch.cross_gate``):
 
-- ``byte`` (default): each distribution is summed into the distribution of the next *byte* of text
-  (every token counted at its first byte; EOS and special tokens in one more bucket, 257 in all), and
-  ``method.switch.gate`` (JSD by default) compares the two.  Both models predict the same event, so the
-  gate is a divergence in the usual sense (0 iff the models agree on what comes next, byte-wise).
-- ``shared``: both distributions restricted to the tokens the two vocabularies share by string (TRL
-  GOLD's vocabulary mapping), renormalised, then ``method.switch.gate``.
+- ``shared`` (default): both distributions restricted to the tokens the two vocabularies share by string
+  (TRL GOLD's vocabulary mapping), renormalised, then ``method.switch.gate`` (JSD by default);
+- ``byte``: each distribution summed into the distribution of the next *byte* of text (every token
+  counted at its first byte; EOS and special tokens in one more bucket, 257 in all), then
+  ``method.switch.gate``: both models predict the same event, but only its first byte.
 - ``sorted``: half the L1 distance of the two distributions sorted in decreasing order (ULD's distance,
   Boizard et al. 2024; in [0, 1], blind to which tokens carry the mass).
 
@@ -48,7 +47,7 @@ def _marginal(probs: Tensor, first: Tensor) -> Tensor:
 
 
 def cross_gate(kind: str, gate: str, q_logits: Tensor, p_logits: Tensor, s: Vocab, t: Vocab,
-               shared: Tuple[Tensor, Tensor]) -> Tensor:
+               shared: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """The gate ``[B]`` between student logits ``q [B, V_s]`` and teacher logits ``p [B, V_t]`` (``kind`` one of
     :data:`CROSS_GATES`; ``gate`` the divergence of ``byte``/``shared``)."""
     q, p = torch.softmax(q_logits.double(), -1), torch.softmax(p_logits.double(), -1)
@@ -101,7 +100,7 @@ class _Row:
 
 @torch.no_grad()
 def cross_switch(student: Any, teacher: Any, s_ids: Tensor, s_mask: Tensor, t_ids: Tensor, t_mask: Tensor,
-                 cfg: RolloutConfig, s_vocab: Vocab, t_vocab: Vocab, kind: str = "byte",
+                 cfg: RolloutConfig, s_vocab: Vocab, t_vocab: Vocab, kind: str = "shared",
                  shared: Optional[Tuple[Tensor, Tensor]] = None, t_max_len: Optional[int] = None) -> RolloutOutput:
     """SWITCH (SKD: ``cfg.gate == "rank"``; MiniLLM: ``cfg.source == "mixed"``) rollouts across vocabularies after
     left-padded prompts: the student's ``s_ids``/``s_mask [B, P]`` and the teacher's own ``t_ids``/``t_mask
@@ -115,6 +114,10 @@ def cross_switch(student: Any, teacher: Any, s_ids: Tensor, s_mask: Tensor, t_id
     s = Stepper(student, s_ids, s_mask, vs)
     tt = Stepper(teacher, t_ids, t_mask, vt)
     t_room = (t_max_len or 1 << 30) - t_ids.shape[1]
+    if kind == "shared" and shared is None:
+        from switchkd.cross import shared_vocabulary
+
+        shared = shared_vocabulary(s_vocab.tok, t_vocab.tok)
     rows = [_Row() for _ in range(B)]
     synced = is_sharded(student) or is_sharded(teacher)  # FSDP2 / ZeRO-3: every rank steps until all are done
     t = 0
@@ -127,7 +130,7 @@ def cross_switch(student: Any, teacher: Any, s_ids: Tensor, s_mask: Tensor, t_id
         elif cfg.gate in TOKEN_GATES:
             d, exceed = _rank_gate(s_tok, tt.logits, s_vocab, t_vocab, cfg)
         else:
-            d = cross_gate(kind, cfg.gate, s.logits, tt.logits, s_vocab, t_vocab, shared or (torch.zeros(0), torch.zeros(0)))
+            d = cross_gate(kind, cfg.gate, s.logits, tt.logits, s_vocab, t_vocab, shared)
             exceed = (d > thresholds(pos, cfg).to(d.dtype)).tolist()
             d = d.tolist()
         s_new, t_new = [[] for _ in rows], [[] for _ in rows]

@@ -15,6 +15,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # several test processes (make test): the cores shared out among them
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 _real_connect = socket.socket.connect
 
 

@@ -62,7 +62,11 @@ def _gate64(kind, q_logits, p_logits, s_onehot, t_onehot):
         qs, ps = -np.sort(-q), -np.sort(-p)
         n = max(len(qs), len(ps))
         return 0.5 * float(np.abs(np.pad(qs, (0, n - len(qs))) - np.pad(ps, (0, n - len(ps)))).sum())
-    qb, pb = q @ s_onehot, p @ t_onehot
+    if kind == "shared":  # restricted to the tokens spelled the same in both vocabularies, renormalised
+        qb, pb = q[s_onehot], p[t_onehot]
+        qb, pb = qb / qb.sum(), pb / pb.sum()
+    else:
+        qb, pb = q @ s_onehot, p @ t_onehot
     m = (qb + pb) / 2
     kl = lambda a: float(sum(x * math.log(x / y) for x, y in zip(a, m) if x > 0))  # noqa: E731
     return 0.5 * kl(qb) + 0.5 * kl(pb)
@@ -79,7 +83,8 @@ def _all_logits(model, ids):
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
-@pytest.mark.parametrize("kind,gate,tau0,decay", [("byte", "jsd", 0.53, 0.005), ("sorted", "jsd", 0.98965, 0.0),
+@pytest.mark.parametrize("kind,gate,tau0,decay", [("shared", "jsd", 0.0036, 0.0), ("byte", "jsd", 0.53, 0.005),
+                                                  ("sorted", "jsd", 0.98965, 0.0),
                                                   ("byte", "rank", 20.5, 0.0)])
 def test_the_rule_recomputed(pair, kind, gate, tau0, decay):
     """(Random models: their gates are flat, so the thresholds sit inside the measured range.)"""
@@ -94,7 +99,12 @@ def test_the_rule_recomputed(pair, kind, gate, tau0, decay):
                         schedule="exp" if decay else "const")
     out = cross_switch(student, teacher, s_ids, s_mask, t_ids, t_mask, cfg, s, t, kind=kind)
     resp = out.responses(s_ids.shape[1])
-    writers, onehots = [], (_onehot(s.table), _onehot(t.table))
+    writers = []
+    if kind == "shared":
+        pairs = [(i, byt5.get_vocab()[w]) for w, i in gpt2.get_vocab().items() if w in byt5.get_vocab()]
+        onehots = (np.array([i for i, _ in pairs]), np.array([j for _, j in pairs]))
+    else:
+        onehots = (_onehot(s.table), _onehot(t.table))
     for i in range(len(prompts)):
         t_tokens, steps = out.trace[i]
         sp = tp = 0

@@ -134,7 +134,7 @@ class Source:
             new.teacher_selected = out.teacher_logits[out.response_mask]
         return new, out
 
-    def _interleaved(self, batch: "Batch", mode: str, gate: str = "byte") -> "tuple[Batch, RolloutOutput]":
+    def _interleaved(self, batch: "Batch", mode: str, gate: str = "shared") -> "tuple[Batch, RolloutOutput]":
         """Across vocabularies (:mod:`switchkd.interleave`): ``switch`` (the cross ``gate``) or ``mixed`` (the teacher
         writes each step with probability ``teacher_mix``) rollouts, both models reading the text in their own
         tokens; the teacher's spans re-tokenized into the student's sequence."""

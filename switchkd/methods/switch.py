@@ -44,9 +44,9 @@ class SwitchConfig:
     speculative: bool = opt(True, "rollouts by draft-and-verify (the same tokens as lockstep in fp32 greedy)")
     draft_k: int = opt(4, "the first draft length; later ones from the measured rejection rate", rule=COUNT)
     max_draft_k: int = opt(16, "the longest draft (>= draft_k)", rule=COUNT)
-    cross_gate: str = opt("byte", "across vocabularies, what the gate compares: the two next-byte distributions "
-                          "(byte), the distributions over the tokens both vocabularies share (shared), or ULD's "
-                          "sorted-probability distance (sorted)", choices=("byte", "shared", "sorted"))
+    cross_gate: str = opt("shared", "across vocabularies, what the gate compares: the distributions over the tokens "
+                          "both vocabularies share (shared), the two next-byte distributions (byte), or ULD's "
+                          "sorted-probability distance (sorted)", choices=("shared", "byte", "sorted"))
 
 
 def engine_config(rcfg: "RolloutConfig", sw: SwitchConfig) -> "RolloutConfig":
