@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo demo-teacher test-fast bench-real bench-long bench-cross test lint bench bench-quality bench-crispr bench-gpu bench-priming clean
+.PHONY: demo demo-teacher test-fast bench-real bench-long bench-cross bench-cross-real test lint bench bench-quality bench-crispr bench-gpu bench-priming clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ bench-long: $(STAMP)
 
 bench-cross: $(STAMP)
 	$(BIN)/python bench/cross_tokenizer.py
+
+bench-cross-real: $(STAMP)
+	$(BIN)/python bench/cross_tokenizer.py --pair real
 
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/gpu.py
