@@ -27,12 +27,12 @@ demo: $(STAMP)
 demo-teacher: $(STAMP)
 	$(BIN)/python scripts/build_demo_teacher.py
 
-# tests run in TEST_WORKERS processes (pytest-xdist; a file's tests stay in one process, in order)
+# tests run in TEST_WORKERS processes (pytest-xdist; an idle process takes tests queued for the other)
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/rollout.py
