@@ -155,6 +155,8 @@ class CrossView:
         responses) and the response alignment; the student's side is unchanged."""
         from switchkd.batch import left_pad, right_pad
 
+        if batch.alignment is not None and batch.alignment.view is self:  # already built (a rollout's own view, or a
+            return batch  # batch held across MiniLLM's PPO epochs): new responses come in a new Batch without one
         if batch.teacher_prompt_ids is None:
             raise ValueError("a cross-vocabulary batch needs the teacher's own prompts (tokenize with the teacher's "
                              "tokenizer)")
