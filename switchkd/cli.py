@@ -133,7 +133,7 @@ def _generate(args: argparse.Namespace) -> None:
     from switchkd.generate import generate_dataset
     from switchkd.rundir import check_output_path
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(preset_path(args.config), args.overrides)
     check_output_path(args.output, "--output", "file", [cfg.data.train, cfg.data.dev, args.config])
     n = generate_dataset(cfg, args.output, args.batch_size)
     print(f"wrote {n} teacher responses to {args.output}")
@@ -144,10 +144,16 @@ def _cache_teacher(args: argparse.Namespace) -> None:
     from switchkd.rundir import check_output_path
     from switchkd.teacher_cache import build_cache
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(preset_path(args.config), args.overrides)
     check_output_path(args.output, "--output", "dir", [cfg.data.train, cfg.data.dev, cfg.teacher and cfg.teacher.name])
     out = build_cache(cfg, args.output, args.k, args.batch_size)
     print(f"wrote the teacher's top-{args.k} cache to {out}; train with method.teacher_cache={out}")
+
+
+def _serve_teacher(args: argparse.Namespace) -> None:
+    from switchkd.serve import serve_teacher
+
+    serve_teacher(args.model, args.port, args.host, args.max_logprobs, args.dtype, args.vllm_args)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -262,6 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--batch-size", type=positive, default=16)
     ct.set_defaults(func=_cache_teacher)
 
+    st = sub.add_parser("serve-teacher", help="serve a teacher with vLLM's OpenAI-compatible server for teacher.server "
+                        "(other flags go to vLLM)")
+    st.add_argument("model", help="teacher model directory or hub id (a GGUF file: switchkd convert gguf first)")
+    st.add_argument("--port", type=positive, default=8000)
+    st.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    st.add_argument("--max-logprobs", type=positive, default=64,
+                    help="log-probabilities per position the server may return (at least teacher.top_k)")
+    st.add_argument("--dtype", default="auto", help="the weights' dtype in vLLM (auto: the model's; float32 for "
+                    "targets equal to an fp32 teacher in the process)")
+    st.set_defaults(func=_serve_teacher, vllm_args=[])
+
     c = sub.add_parser("convert", help="convert a foreign checkpoint to a Hugging Face model directory")
     csub = c.add_subparsers(dest="format", required=True)
     ll = csub.add_parser("llama2c", help="llama2.c model.bin + tokenizer.bin -> Llama directory")
@@ -340,6 +357,9 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argpars
     """Parse ``argv``; ``dotted.key=value`` overrides are accepted anywhere after the config (also after
     a flag, e.g. ``calibrate CONFIG --target 0.53 train.seed=2``), anything else unknown is an error."""
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "command", None) == "serve-teacher":  # the rest are vLLM's own flags
+        args.vllm_args = extra
+        return args
     stray = [x for x in extra if x.startswith("-") or "=" not in x]
     if stray or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")

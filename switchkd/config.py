@@ -54,6 +54,19 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: a :class:`ModelConfig`, or a model on a vLLM server (``server``) that the run queries instead of
+    loading it (``name`` then names its tokenizer and, for ``switchkd serve-teacher``, the model served)."""
+
+    server: Optional[str] = opt(None, "URL of a vLLM OpenAI-compatible server holding the teacher (switchkd "
+                                "serve-teacher): targets are its top_k log-probabilities + a tail bucket, no teacher "
+                                "in the training processes")
+    top_k: int = opt(20, "teacher.server: log-probabilities per position (at most the server's --max-logprobs)",
+                     rule=COUNT)
+    timeout: float = opt(300.0, "teacher.server: seconds a request may take before it is retried", rule=gt(0))
+
+
+@dataclass
 class DataConfig:
     """Instruction data (local JSON/JSONL/parquet, a hub dataset id, or ``synthetic``)."""
 
@@ -82,6 +95,17 @@ class DecodingConfig:
     top_p: float = opt(1.0, "nucleus sampling", rule=in_range(0.0, 1.0, lo_open=True))
 
 
+ENGINES = ("switchkd", "vllm")
+
+
+@dataclass
+class RolloutDecodingConfig(DecodingConfig):
+    """``method.decoding``: how training rollouts sample, and which engine decodes them."""
+
+    engine: str = opt("switchkd", "the student's rollouts: switchkd (the built-in KV-cached engine) or vllm (a vLLM "
+                      "engine in the training process holding the student's current weights)", choices=ENGINES)
+
+
 def decoding_of(cfg: Any) -> Dict[str, Any]:
     """The :class:`DecodingConfig` fields of ``cfg`` (a DecodingConfig, EvalConfig or RolloutConfig) by name."""
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DecodingConfig)}
@@ -100,7 +124,7 @@ class _MethodFields:
     temperature: float = opt(1.0, "the divergence's temperature", rule=gt(0))
     kd_ratio: float = opt(1.0, "loss = kd_ratio x divergence + (1 - kd_ratio) x CE", rule=PROB)
     max_new_tokens: int = opt(128, "response tokens a training rollout may decode", rule=COUNT)
-    decoding: DecodingConfig = opt(factory=DecodingConfig, help="how training rollouts sample")
+    decoding: RolloutDecodingConfig = opt(factory=RolloutDecodingConfig, help="how training rollouts sample")
     compile: str = opt("auto", "static KV caches + a compiled one-token decode step: auto (on CUDA), true, false",
                        rule=((lambda v: str(v).lower() in ("auto", "true", "false")), "auto, true or false"))
     instruction_weight: float = opt(0.0, "an instruction loss (Li et al. 2024): + weight x forward KL (T = 1) on the prompt "
@@ -190,8 +214,8 @@ class Config:
     """The whole run: student ``model``, ``teacher``, ``data``, ``method``, ``train``, ``eval``, ``output``."""
 
     model: ModelConfig = opt(factory=ModelConfig, help="the student")
-    teacher: Optional[ModelConfig] = opt(None, "the teacher (frozen; its own vocabulary: method.cross_tokenizer)",
-                                       section=ModelConfig)
+    teacher: Optional[TeacherConfig] = opt(None, "the teacher (frozen; its own vocabulary: method.cross_tokenizer; "
+                                         "or on a vLLM server: teacher.server)", section=TeacherConfig)
     data: DataConfig = opt(factory=DataConfig)
     method: MethodConfig = opt(factory=MethodConfig)  # type: ignore[valid-type]
     train: TrainConfig = opt(factory=TrainConfig)
@@ -300,7 +324,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             raise ConfigError(f"{where}: {msg}") from None
     try:
         if merged.teacher is not None:
-            merged.teacher = OmegaConf.merge(OmegaConf.structured(ModelConfig), merged.teacher)
+            merged.teacher = OmegaConf.merge(OmegaConf.structured(TeacherConfig), merged.teacher)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except (OmegaConfBaseException, TypeError, ValueError) as exc:
         raise ConfigError(f"config error: {_one_line(exc) if isinstance(exc, OmegaConfBaseException) else exc}") from None

@@ -314,6 +314,60 @@ def topk_kl_topk(student_logits: Tensor, teacher: TopK, *, k: int = 50) -> Tenso
     return kl_from_log_probs(_with_tail(teacher.logp[..., :k]), _with_tail(lq_top))
 
 
+@dataclass
+class TopKTail(TopK):
+    """A teacher distribution known by its k largest log-probabilities only (a teacher on a vLLM server:
+    ``prompt_logprobs``), read as k + 1 outcomes: the k tokens ``ids [N, k]`` with ``logp [N, k]`` and one
+    tail bucket holding the rest of the mass, as TRL's and ms-swift's server distillation read it.  The
+    student is read the same way (its log-probabilities at ``ids`` and its own mass on every other token).
+    ``token_logp [N]``: the teacher's log-probability of each response token (vLLM returns it beside the
+    top k), or None."""
+
+    token_logp: Optional[Tensor] = None
+
+    def __getitem__(self, rows: slice) -> "TopKTail":
+        sel = self.token_logp[rows] if self.token_logp is not None else None
+        return TopKTail(self.logp[rows], self.ids[rows], self.vocab, sel)
+
+    def to(self, device: Union[str, torch.device]) -> "TopKTail":
+        sel = self.token_logp.to(device) if self.token_logp is not None else None
+        return TopKTail(self.logp.to(device), self.ids.to(device), self.vocab, sel)
+
+    def dense(self) -> Tensor:
+        raise ValueError("a served teacher's top-k distribution has no dense form; use a divergence of SERVED")
+
+
+def with_tail(student_logits: Tensor, teacher: TopKTail) -> tuple[Tensor, Tensor]:
+    """Student and teacher as k + 1 outcomes (the teacher's top k, then the tail bucket):
+    ``student_logits [N, V]`` -> ``(log q [N, k + 1], log p [N, k + 1])``; the student's tail is the
+    log-sum-exp of its other logits, so its gradient reaches every token."""
+    s = (student_logits.float() if student_logits.dtype in (torch.float16, torch.bfloat16) else student_logits)
+    s = s.clamp(min=_NEG)
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    ids = teacher.ids.long()
+    lq_top = s.gather(-1, ids) - lse
+    lq_tail = torch.logsumexp(s.scatter(-1, ids, _NEG), -1, keepdim=True) - lse
+    lp = teacher.logp.to(s.dtype)
+    return torch.cat([lq_top, lq_tail], -1), _with_tail(lp)
+
+
+def served_divergence(name: str, student_logits: Tensor, teacher: TopKTail, **params: float) -> Tensor:
+    """``name`` against a served teacher's top k (how: :data:`SERVED`); ``[N, V] -> [N]``."""
+    how = SERVED.get(name)
+    if how == "bucket":  # the divergence over the k + 1 outcomes (its functions read log-probabilities as logits)
+        lq, lp = with_tail(student_logits, teacher)
+        return DIVERGENCES[name](lq, lp, **params)
+    if name == "topk_kl":
+        return topk_kl_topk(student_logits, teacher, k=int(params.get("k", 50)))
+    if name == "topk_kl_renorm":  # BiLD's renormalised top k: the teacher's k largest are known exactly
+        k = min(int(params.get("k", 50)), teacher.k)
+        ids = teacher.ids[:, :k].long()
+        temperature = params.get("temperature", 3.0)
+        return topk_kl_renorm(student_logits.gather(-1, ids), teacher.logp[:, :k], temperature=temperature, k=k)
+    raise ValueError(f"divergence {name!r} is not defined on a served teacher's top-k log-probabilities; "
+                     f"choose one of {sorted(n for n in SERVED if n != 'ce')}")
+
+
 DIVERGENCES: Dict[str, Callable[..., Tensor]] = {
     "fkl": fkl,
     "rkl": rkl,
@@ -325,6 +379,22 @@ DIVERGENCES: Dict[str, Callable[..., Tensor]] = {
     "topk_kl_renorm": topk_kl_renorm,
     "bild": bild,
     "ce": ce,
+}
+
+#: how each divergence is evaluated against a served teacher's top-k log-probabilities (:class:`TopKTail`; read by
+#: ``switchkd.checks`` from this file's source: a divergence absent here is refused with ``teacher.server``):
+#: ``bucket``: over the k + 1 outcomes (top k + tail bucket; temperature 1); ``top``: from the top k alone, exact
+#: for ``params.k <= teacher.top_k``; ``none``: no teacher term
+SERVED: Dict[str, str] = {
+    "fkl": "bucket",
+    "rkl": "bucket",
+    "jsd": "bucket",
+    "tvd": "bucket",
+    "skl": "bucket",
+    "srkl": "bucket",
+    "topk_kl": "top",
+    "topk_kl_renorm": "top",
+    "ce": "none",
 }
 
 #: parameters each divergence accepts besides ``temperature`` (its keyword-only arguments; ``switchkd.checks`` reads
@@ -346,6 +416,8 @@ def divergence(
     if name not in DIVERGENCES:
         raise KeyError(f"unknown divergence {name!r}; choose one of {sorted(DIVERGENCES)}")
     fn = DIVERGENCES[name]
+    if isinstance(teacher_logits, TopKTail) and name != "ce":  # a served teacher: its top k + a tail bucket
+        return served_divergence(name, student_logits, teacher_logits, **params)
     if isinstance(teacher_logits, TopK):  # a cached teacher: sparse where exact, else rebuilt
         if params.get("temperature", 1.0) == 1.0 and name == "fkl":
             return fkl_topk(student_logits, teacher_logits)

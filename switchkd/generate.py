@@ -21,13 +21,19 @@ from switchkd.rollout import from_method, rollout
 
 
 def teacher_and_data(cfg: Config, command: str) -> tuple[Any, Any, str, List[Example], List[Tokenized]]:
-    """The frozen teacher (on the GPU when there is one), its tokenizer, the device, and ``data.train``
+    """The frozen teacher (on the GPU when there is one; a :class:`switchkd.served.ServedTeacher` with
+    ``teacher.server``), its tokenizer, the device, and ``data.train``
     loaded and tokenized exactly as training does (priming included)."""
     if cfg.teacher is None:
         raise ConfigError(f"config error: switchkd {command} needs teacher.name")
     tok = load_tokenizer(cfg.teacher)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher = load_model(cfg.teacher, tok, trainable=False).to(device)
+    if cfg.teacher.server:  # the teacher's own vLLM server samples (switchkd.served)
+        from switchkd.served import connect
+
+        teacher = connect(cfg)
+    else:
+        teacher = load_model(cfg.teacher, tok, trainable=False).to(device)
     examples = load_examples(cfg.data.train, cfg.data, tok, cfg.data.limit)
     items, stats = tokenize(examples, tok, cfg.data.max_prompt_length, cfg.data.max_length, cfg.method.priming)
     print(stats.line(command))
@@ -60,9 +66,14 @@ def _write(tmp: Path, teacher: Any, tok: Any, device: str, examples: List[Exampl
             prompts = [x.teacher_prompt or x.prompt for x in chunk]
             b = build_batch(prompts, [[] for _ in chunk], tok.pad_token_id, [x.index for x in chunk])
             P = b.prompt_ids.shape[1]
-            rcfg = from_method(m, "teacher", min(m.max_new_tokens, cfg.data.max_length - P), tok, len(tok))
-            r = rollout(None, teacher, b.prompt_ids.to(device), b.prompt_mask.to(device), rcfg)
+            budget = max(1, min(m.max_new_tokens, cfg.data.max_length - P))
+            if getattr(teacher, "served", False):  # the server samples with the preset's decoding settings
+                responses = teacher.sample(prompts, budget, m.decoding, tok.eos_token_id, seed=cfg.train.seed * 1000 + i)
+            else:
+                rcfg = from_method(m, "teacher", budget, tok, len(tok))
+                r = rollout(None, teacher, b.prompt_ids.to(device), b.prompt_mask.to(device), rcfg)
+                responses = [r.sequences[j, P:][r.response_mask[j]].tolist() for j in range(len(chunk))]
             for j, x in enumerate(chunk):
                 ex = examples[x.index]
-                text = tok.decode(r.sequences[j, P:][r.response_mask[j]], skip_special_tokens=True).strip()
+                text = tok.decode(responses[j], skip_special_tokens=True).strip()
                 f.write(json.dumps({"instruction": ex.instruction, "input": "", "prompt": ex.prompt, "output": text}) + "\n")

@@ -72,6 +72,8 @@ def teacher_targets(teacher: Any, batch: Batch, vocab: int) -> TeacherTargets:
     response); each side's own labels select the positions, so no offset arithmetic is involved."""
     if batch.teacher_selected is not None:
         return batch.teacher_selected
+    if getattr(teacher, "served", False):  # a teacher on a vLLM server: its top-k log-probabilities (a TopKTail)
+        return teacher.targets(batch, vocab)
     if batch.alignment is not None:  # another vocabulary: the teacher's own tokens, merged over aligned groups
         view = batch.alignment.view
         logits = response_logits(teacher, batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_labels,
@@ -209,6 +211,8 @@ def micro_batch_loss(student: Any, teacher: Optional[Any], batch: Batch, method:
     """The objective's sums for one micro-batch: ``(sum of token_loss over its response tokens, sum of the
     instruction loss over its prompt positions or None)`` — by the chunked head (``loss_chunk`` > 0, the
     student's ``head``), with the instruction loss (``method.instruction_weight`` > 0), or plainly."""
+    if getattr(teacher, "served", False) and batch.teacher_selected is None and kd_weight(method) > 0:
+        batch.teacher_selected = teacher.targets(batch, vocab)  # every path below reads the served top-k from here
     if loss_chunk > 0:
         return chunked_loss_sum(student, head, batch, teacher, batch.teacher_selected, method, vocab, loss_chunk), None
     if method.instruction_weight > 0:

@@ -151,16 +151,23 @@ def markdown(cls: type) -> str:
     rows = ["| key | type | default | valid | meaning |", "|---|---|---|---|---|"]
     optional_sections = []
     for e in entries(cls):
-        if e.optional_section:  # an optional section repeating another dataclass: one row
+        if e.optional_section:  # an optional section repeating another dataclass: one row, then the fields it adds
+            f = next(f for f in dataclasses.fields(cls) if f.name == e.optional_section)
             if e.optional_section not in optional_sections:
                 optional_sections.append(e.optional_section)
-                f = next(f for f in dataclasses.fields(cls) if f.name == e.optional_section)
                 rows.append(f"| `{e.optional_section}.*` | section | `—` | | {f.metadata.get('help', '')} |")
-            continue
+            if e.key.count(".") > 1 or e.key.split(".")[-1] not in _own_fields(f.metadata["section"]):
+                continue
         valid = ", ".join(f"`{c}`" for c in e.choices) if e.choices else (e.rule[1] if e.rule else "")
         meaning = e.help.replace("|", "\\|")
         rows.append(f"| `{e.key}` | {type_name(e.field)} | `{_show(e.default)}` | {valid} | {meaning} |")
     return "\n".join(rows) + "\n"
+
+
+def _own_fields(section: type) -> set:
+    """The fields a dataclass declares beyond those of the dataclasses it extends."""
+    inherited = {f.name for base in section.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    return {f.name for f in dataclasses.fields(section)} - inherited
 
 
 def add_flags(parser: Any, cls: type, names: Sequence[str], defaults: Optional[Dict[str, Any]] = None) -> None:

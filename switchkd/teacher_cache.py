@@ -36,6 +36,9 @@ def build_cache(cfg: Config, output: str | Path, k: int = 64, batch_size: int = 
     """Run the teacher once over ``data.train`` and write the top-k cache to ``output``."""
     from switchkd.generate import teacher_and_data
 
+    if cfg.teacher is not None and cfg.teacher.server:
+        raise ConfigError(f"teacher.server={cfg.teacher.server}: switchkd cache-teacher runs the teacher in the process; "
+                          "unset teacher.server (or train with the server directly)")
     teacher, tok, device, _, items = teacher_and_data(cfg, "cache-teacher")
     vocab = len(tok)
     logp, ids, lengths, index = [], [], [], []

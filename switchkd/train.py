@@ -44,6 +44,7 @@ from switchkd.losses import (
 from switchkd.methods import make_source
 from switchkd.models import load_pair
 from switchkd.rundir import acquire_lock, check_output_dir, release_lock
+from switchkd.served import connect
 from switchkd.teacher_cache import TeacherCache, read_meta
 
 
@@ -142,8 +143,11 @@ class Trainer:
         self.sharded = distributed.kind(self.acc) != "replicated"
         set_seed(cfg.train.seed)
         self.cross, self.teacher_tok = self._cross_view()
+        served = cfg.teacher is not None and bool(cfg.teacher.server)
         self.student, self.teacher, self.tok, self.vocab = load_pair(
-            cfg.model, None if cfg.method.teacher_cache else cfg.teacher, cross=self.cross is not None)
+            cfg.model, None if cfg.method.teacher_cache or served else cfg.teacher, cross=self.cross is not None)
+        if served:  # the teacher stays on its vLLM server: checked before the first optimizer step
+            self.teacher = connect(cfg, self.tok)
         if self.cross is not None:  # the teacher reads at most its own positions
             c = self.teacher.config
             self.cross.max_length = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
@@ -171,8 +175,11 @@ class Trainer:
         # the scheduler is stepped once per optimizer step (a prepared one would step once per process)
         self.student, self.opt = self.acc.prepare(self.student, opt)
         self.sched = sched  # checkpointed as JSON by checkpoint.write (accelerate would pickle it)
-        self.teacher_engine = distributed.prepare_teacher(self.teacher, self.acc)  # sharded like the student
-        self.teacher = distributed.unwrap(self.teacher_engine)
+        if not served:
+            self.teacher_engine = distributed.prepare_teacher(self.teacher, self.acc)  # sharded like the student
+            self.teacher = distributed.unwrap(self.teacher_engine)
+        else:
+            self.teacher_engine = None
         self.source = make_source(cfg, self.student, self.teacher, self.tok, self.vocab, self.acc.unwrap_model,
                                   seed=cfg.train.seed * 1000 + self.acc.process_index)
         self.source.total_steps, self.source.sharded, self.source.cross = self.total, self.sharded, self.cross
@@ -207,6 +214,10 @@ class Trainer:
 
         s_tok, t_tok = load_tokenizer(cfg.model), load_tokenizer(cfg.teacher)
         view = view_for(cfg, s_tok, t_tok)
+        if view is not None and cfg.teacher.server:
+            raise ConfigError(f"teacher.server={cfg.teacher.server}: the teacher's vocabulary differs from the student's "
+                              "(a served teacher's top-k ids are its own tokens); load the teacher in the process "
+                              "(unset teacher.server) to distil across vocabularies")
         return view, (t_tok if view is not None else None)
 
     def _tokenize(self, examples: List[Any]) -> tuple:
@@ -258,6 +269,7 @@ class Trainer:
         """One optimizer step: the source's micro-batches, the objective's gradients, the update; its log record."""
         cfg, t0 = self.cfg, time.perf_counter()
         group = [self._with_cache(b) for b in self.source.step_batches(batches, self.state.step, cfg.train.grad_accum)]
+        sequences_s = time.perf_counter() - t0  # the step's sequences: rollouts, teacher samples (0 for dataset rows)
         self.student.train(self.source.dropout)
         lm = [self.lm.next(cfg.train.batch_size, self.acc.device) for _ in group] if self.lm else None
         extra: Dict[str, float] = {}
@@ -276,7 +288,8 @@ class Trainer:
         tokens = sum(int(b.attention_mask.sum()) for b in group) * self.acc.num_processes
         step_s = time.perf_counter() - t0  # sequences (rollouts included) + losses + optimizer step
         return {"step": self.state.step, "epoch": self.state.epoch, "loss": loss, "lr": self.sched.get_last_lr()[0],
-                "step_s": step_s, "tokens_per_s": tokens / step_s, "response_tokens": n_tok} | extra
+                "step_s": step_s, "sequences_s": sequences_s, "tokens_per_s": tokens / step_s,
+                "response_tokens": n_tok} | extra
 
     def _validate_and_log(self, rec: Dict[str, Any], before: tuple) -> None:
         """The source's own validation (after an epoch), the dev evaluation (every ``train.eval_every`` steps

@@ -62,6 +62,18 @@ class Source:
         return None
 
     @classmethod
+    def served_teacher_reason(cls, cfg: "Config") -> Optional[str]:
+        """Why this source cannot work with a teacher on a vLLM server (``teacher.server``: top-k log-probabilities
+        of whole sequences and the server's samples, no per-step teacher), or None."""
+        return None
+
+    @classmethod
+    def vllm_reason(cls, cfg: "Config") -> Optional[str]:
+        """Why this source's rollouts cannot come from a vLLM engine holding the student
+        (``method.decoding.engine=vllm``), or None.  The base class decodes nothing."""
+        return "decodes no student rollouts"
+
+    @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
         """Cross-field rules of this source; raise ``error(message)`` at the first broken one."""
 
@@ -118,8 +130,15 @@ class Source:
         from switchkd.rollout import from_method, rollout
 
         P = batch.prompt_ids.shape[1]
-        rcfg = from_method(self.cfg.method, mode, min(self.cfg.method.max_new_tokens, self.cfg.data.max_length - P),
-                           self.tok, self.vocab, keep_teacher)
+        budget = max(1, min(self.cfg.method.max_new_tokens, self.cfg.data.max_length - P))
+        if mode == "teacher" and getattr(self.teacher, "served", False):  # the teacher's server samples
+            prompts = batch.teacher_prompts() or batch.prompts()
+            responses = self.teacher.sample(prompts, budget, self.cfg.method.decoding, self.tok.eos_token_id,
+                                            seed=self.rng.getrandbits(31))
+            return batch.with_responses(responses, self.tok.pad_token_id), None
+        if mode == "student" and self.cfg.method.decoding.engine == "vllm":  # a vLLM engine holding the student
+            return batch.with_responses(self._vllm_sample(batch.prompts(), budget, greedy), self.tok.pad_token_id), None
+        rcfg = from_method(self.cfg.method, mode, budget, self.tok, self.vocab, keep_teacher)
         rcfg = self.rollout_config(rcfg)
         rcfg.seed = self.rng.getrandbits(62)  # sampling from the source's own (checkpointed) RNG: resumes exactly
         rcfg.do_sample = rcfg.do_sample and not greedy
@@ -133,6 +152,17 @@ class Source:
         if keep_teacher:
             new.teacher_selected = out.teacher_logits[out.response_mask]
         return new, out
+
+    def _vllm_sample(self, prompts: "List[List[int]]", budget: int, greedy: bool) -> "List[List[int]]":
+        """The student's responses to ``prompts`` from its vLLM engine (:mod:`switchkd.vllm_engine`), built on first
+        use and given the student's current weights before each rollout."""
+        from switchkd.vllm_engine import VLLMStudent
+
+        if getattr(self, "_vllm", None) is None:
+            self._vllm = VLLMStudent(self.unwrap(self.student), self.tok, self.cfg.data.max_length,
+                                     seed=self.cfg.train.seed)
+        return self._vllm.sample(prompts, budget, self.cfg.method.decoding, self.tok.eos_token_id,
+                                 seed=self.rng.getrandbits(62), greedy=greedy)
 
     def _interleaved(self, batch: "Batch", mode: str, gate: str = "shared") -> "tuple[Batch, RolloutOutput]":
         """Across vocabularies (:mod:`switchkd.interleave`): ``switch`` (the cross ``gate``) or ``mixed`` (the teacher

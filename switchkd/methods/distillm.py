@@ -59,6 +59,10 @@ class DistillmSource(Source):
     dev_metric = "cross_entropy"  # what on_validation receives: the student's CE on the dev references
 
     @classmethod
+    def vllm_reason(cls, cfg: "Config") -> Optional[str]:
+        return None  # its rollouts are the student's own samples
+
+    @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
         if not cfg.data.dev:
             raise error("config error: method.source=distillm needs data.dev: its student-data probability rises "

@@ -37,6 +37,10 @@ class MixtureSource(Source):
     dropout = False
 
     @classmethod
+    def vllm_reason(cls, cfg: "Config") -> Optional[str]:
+        return None  # its rollouts are the student's own samples
+
+    @classmethod
     def teacher_reason(cls, cfg: "Config") -> Optional[str]:
         return "method.mixture.seq_kd=true" if cfg.method.mixture.seq_kd else None
 

@@ -48,6 +48,10 @@ class ImitkdSource(Source):
     decodes: ClassVar[bool] = True
 
     @classmethod
+    def vllm_reason(cls, cfg: "Config") -> Optional[str]:
+        return None  # its rollouts are the student's own samples
+
+    @classmethod
     def teacher_reason(cls, cfg: "Config") -> Optional[str]:
         if cfg.method.imitkd.targets == "argmax":
             return "method.imitkd.targets=argmax"
@@ -113,11 +117,16 @@ class ImitkdSource(Source):
         if not rows:
             return labels
         idx = torch.tensor(rows, device=labels.device)
+        sub = labels[idx]
+        keep = sub[:, 1:] != -100
+        if getattr(self.teacher, "served", False):  # a served teacher: the first of its top k at each response token
+            top = self.teacher.targets(batch.select(rows), self.vocab)
+            sub[:, 1:][keep] = top.ids[:, 0].to(sub.device)
+            labels[idx] = sub
+            return labels
         with torch.no_grad():
             logits = self.teacher(batch.input_ids[idx], attention_mask=batch.attention_mask[idx]).logits
         pred = logits[:, :, : self.vocab].argmax(-1)  # [b, T] next tokens
-        sub = labels[idx]
-        keep = sub[:, 1:] != -100
         sub[:, 1:] = torch.where(keep, pred[:, :-1], sub[:, 1:])
         labels[idx] = sub
         return labels

@@ -142,6 +142,14 @@ class MinillmSource(Source):
         return "method.source=minillm"
 
     @classmethod
+    def served_teacher_reason(cls, cfg: "Config") -> Optional[str]:
+        return "samples from the teacher-mixed distribution, which needs the teacher's distribution at every step"
+
+    @classmethod
+    def vllm_reason(cls, cfg: "Config") -> Optional[str]:
+        return "samples from the teacher-mixed distribution, which needs the teacher's distribution at every step"
+
+    @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
         m = cfg.method
         if m.instruction_weight > 0 or m.priming != "none":

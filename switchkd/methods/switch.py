@@ -82,6 +82,14 @@ class SwitchSource(Source):
         return f"method.source={cls.name}"
 
     @classmethod
+    def served_teacher_reason(cls, cfg: "Config") -> Optional[str]:
+        return "decides who writes each token from the teacher's full next-token distribution while decoding"
+
+    @classmethod
+    def vllm_reason(cls, cfg: "Config") -> Optional[str]:
+        return "decodes with both models at every step (its drafts are not taken from vLLM)"
+
+    @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
         sw = cfg.method.switch
         if sw.max_draft_k < sw.draft_k:
