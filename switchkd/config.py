@@ -64,6 +64,9 @@ class TeacherConfig(ModelConfig):
     top_k: int = opt(20, "teacher.server: log-probabilities per position (at most the server's --max-logprobs)",
                      rule=COUNT)
     timeout: float = opt(300.0, "teacher.server: seconds a request may take before it is retried", rule=gt(0))
+    retries: int = opt(5, "teacher.server: attempts of a request that failed for a transient reason (unreachable, "
+                       "reset, timed out, HTTP 5xx), 1, 2, 4, 8, ... s apart; then the run stops in one line",
+                       rule=COUNT)
 
 
 @dataclass

@@ -274,7 +274,7 @@ def connect(cfg: Any, tokenizer: Optional[Any] = None) -> ServedTeacher:
     t_tok = load_tokenizer(cfg.teacher)
     if tokenizer is not None:
         check_compatible(tokenizer, t_tok)
-    teacher = ServedTeacher(cfg.teacher.server, t_tok, cfg.teacher.top_k, cfg.teacher.timeout)
+    teacher = ServedTeacher(cfg.teacher.server, t_tok, cfg.teacher.top_k, cfg.teacher.timeout, cfg.teacher.retries)
     teacher.check(len(t_tok))
     return teacher
 

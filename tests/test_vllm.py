@@ -242,6 +242,93 @@ def test_a_url_that_is_not_a_vllm_server_is_one_line(vllm_server, tmp_path, caps
     assert "not a vLLM OpenAI-compatible server" in line
 
 
+class _Proxy:
+    """An HTTP forwarder on 127.0.0.1 in front of the suite's real server.  It stops listening (connection refused,
+    as a dead server) after serving ``budget`` batched target requests (``prompt_logprobs`` over several prompts:
+    a training step's), and can be started again on the same port."""
+
+    def __init__(self, upstream: str, port: int, budget: int | None = None) -> None:
+        import http.server
+        import threading
+        import urllib.request
+
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # noqa: ANN002
+                pass
+
+            def _forward(self, body: bytes | None) -> None:
+                req = urllib.request.Request(upstream + self.path, data=body, headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as r:
+                        code, data = r.status, r.read()
+                except urllib.error.HTTPError as exc:
+                    code, data = exc.code, exc.read()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._forward(None)
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                payload = json.loads(body or b"{}")
+                batched = "prompt_logprobs" in payload and isinstance((payload.get("prompt") or [None])[0], list)
+                self._forward(body)
+                if batched and proxy.budget is not None:
+                    proxy.budget -= 1
+                    if proxy.budget <= 0:
+                        threading.Thread(target=proxy.stop).start()
+
+        self.budget = budget
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_mid_run_stops_it_in_one_line_and_resume_ends_as_an_uninterrupted_run(vllm_server, tmp_path,
+                                                                                                capsys):
+    """KD with the teacher behind a proxy that goes dead after step 3 (checkpoint at step 2): one line, exit 2, the
+    checkpoint intact; with the endpoint back, ``train.resume=true`` ends with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    url, teacher = vllm_server
+    student = build(tmp_path / "student", layers=1, seed=1)
+    port = _free_port()
+    common = ["train", "tiny/kd", f"model.name={student}", f"teacher.name={teacher}", "data.train=synthetic",
+              "data.synthetic_size=32", "data.max_length=96", "data.max_prompt_length=48", "train.max_steps=5",
+              "train.batch_size=4", "train.lr=3e-3", "train.eval_every=0", "train.save_every=2", "train.loss_chunk=0",
+              "data.dev=null", "teacher.retries=2"]
+    assert main([*common, f"teacher.server={url}", f"output.dir={tmp_path / 'whole'}"]) == 0
+    proxy = _Proxy(url, port, budget=3)
+    try:
+        rc = main([*common, f"teacher.server=http://127.0.0.1:{port}", f"output.dir={tmp_path / 'cut'}"])
+    finally:
+        proxy.stop() if proxy.thread.is_alive() and proxy.budget else None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("switchkd: error: teacher.server=") and "train.resume=true" in err[-1], err
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-00000002"]
+    assert not (tmp_path / "cut" / "final").exists()
+    proxy = _Proxy(url, port)  # the endpoint is back
+    try:
+        assert main([*common, f"teacher.server=http://127.0.0.1:{port}", f"output.dir={tmp_path / 'cut'}",
+                     "train.resume=true"]) == 0
+    finally:
+        proxy.stop()
+    a = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
 def test_transient_errors_are_retried_then_one_line():
     class Flaky(ServedTeacher):
         calls = 0
