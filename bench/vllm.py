@@ -8,8 +8,13 @@ optimizer steps from ``sft-init`` with the ``configs/smollm2`` preset as it is p
 - rollouts: GKD and DistiLLM with ``method.decoding.engine`` switchkd and vllm (DistiLLM with its student
   probability starting at 0.5 instead of 0, so that a short run rolls out at all);
 - teacher: KD, SeqKD and GKD with the teacher in the process and on ``switchkd serve-teacher`` (fp32, top 20);
-- MiniLLM and SWITCH need the teacher's distribution at every decoding step: refused with either key (``--runs
-  minillm,switch`` times them on switchkd's engine for reference).
+- two writers: MiniLLM and SWITCH on switchkd's engine, with vLLM drafts (``switchkd.drafted``) and with vLLM
+  drafts against the served teacher.
+
+How often SWITCH's gate over the served top 20 + tail agrees with the exact gate: on the student's greedy
+responses to 32 Dolly dev prompts, per response position, the exact JSD (the teacher in the process) and the
+bucketed JSD (the server's top 20), and the decisions both give at the preset's tau_t and at the tau0 where the
+exact gate has the teacher write 53% of the tokens.
 
 Reported per run: seconds per optimizer step (mean over the steps after the first), the part of it spent making
 the step's sequences (``sequences_s``: rollouts, teacher samples), and the student's dev cross-entropy on 64 Dolly
@@ -51,8 +56,13 @@ RUNS = {  # name -> (preset, extra overrides); "{server}" is replaced by the tea
     "kd-server": ("smollm2/kd", ["teacher.server={server}"]),
     "seqkd": ("smollm2/seqkd", []),
     "seqkd-server": ("smollm2/seqkd", ["teacher.server={server}"]),
+    "minillm": ("smollm2/minillm", []),
+    "minillm-vllm": ("smollm2/minillm", ["method.decoding.engine=vllm"]),
+    "minillm-vllm-server": ("smollm2/minillm", ["method.decoding.engine=vllm", "teacher.server={server}"]),
+    "switch": ("smollm2/switch", []),
+    "switch-vllm": ("smollm2/switch", ["method.decoding.engine=vllm"]),
+    "switch-vllm-server": ("smollm2/switch", ["method.decoding.engine=vllm", "teacher.server={server}"]),
 }
-REFERENCE = {"minillm": "smollm2/minillm", "switch": "smollm2/switch"}  # switchkd's engine only
 
 
 def free_port() -> int:
@@ -161,6 +171,70 @@ print(json.dumps(res))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def agreement(student: Path, url: str, teacher: Path, tau0: float, decay: float, n_prompts: int = 32,
+              new_tokens: int = 128) -> Dict[str, Any]:
+    """SWITCH's JSD gate over the served top k + tail against the exact gate, per response position of the
+    student's greedy responses to ``n_prompts`` Dolly dev prompts."""
+    script = f'''
+import json, math, torch
+from switchkd.config import DataConfig, ModelConfig
+from switchkd.data import build_batch, load_examples, tokenize
+from switchkd.divergences import TopKTail, jsd, with_tail
+from switchkd.models import load_model, load_tokenizer
+from switchkd.rollout import RolloutConfig, rollout
+from switchkd.served import ServedTeacher
+tok = load_tokenizer(ModelConfig(name="{student}"))
+items, _ = tokenize(load_examples("{DATA / 'dolly' / 'dev.jsonl'}", DataConfig(format="minillm", template="chat"), tok,
+                    {n_prompts}), tok, 128, 256, "none")
+prompts = [x.prompt for x in items]
+b = build_batch(prompts, [[] for _ in prompts], tok.pad_token_id, list(range(len(prompts))))
+student = load_model(ModelConfig(name="{student}"), tok, trainable=False)
+teacher = load_model(ModelConfig(name="{teacher}"), tok, trainable=False)
+cfg = RolloutConfig(source="student", max_new_tokens={new_tokens}, do_sample=False, eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id, vocab_size=len(tok))
+responses = []
+for i in range(0, len(prompts), 8):
+    out = rollout(student, None, b.prompt_ids[i:i + 8], b.prompt_mask[i:i + 8], cfg)
+    responses += out.responses(b.prompt_ids.shape[1])
+served = ServedTeacher("{url}", tok, {TOP_K}); served.check(len(tok))
+rows = served.logprobs([p + r for p, r in zip(prompts, responses)])
+exact, bucket, pos = [], [], []
+with torch.no_grad():
+    for p, r, row in zip(prompts, responses, rows):
+        seq = torch.tensor([p + r])
+        q = student(seq).logits[0, len(p) - 1:-1, :len(tok)].float()
+        t = teacher(seq).logits[0, len(p) - 1:-1, :len(tok)].float()
+        exact += jsd(q, t, beta=0.5).tolist()
+        top = TopKTail(torch.tensor(row.logp[len(p):]), torch.tensor(row.ids[len(p):]), len(tok))
+        lq, lp = with_tail(q, top)
+        bucket += jsd(lq, lp, beta=0.5).tolist()
+        pos += list(range(len(r)))
+exact, bucket, pos = torch.tensor(exact), torch.tensor(bucket), torch.tensor(pos, dtype=torch.float64)
+def decisions(tau0):
+    tau = tau0 * torch.exp(-{decay} * pos)
+    return exact > tau, bucket > tau
+lo, hi = 0.0, 10.0
+for _ in range(40):  # tau0 where the exact gate has the teacher write 53% of the positions
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if float(decisions(mid)[0].float().mean()) > 0.53 else (lo, mid)
+res = {{"positions": len(pos), "responses": len(responses), "ratio_mean": float((bucket / exact.clamp(min=1e-12)).mean()),
+       "exact_mean": float(exact.mean()), "bucket_mean": float(bucket.mean())}}
+for name, tau0 in (("preset", {tau0}), ("share53", hi)):
+    e, s = decisions(tau0)
+    res[name] = {{"tau0": tau0, "agree": float((e == s).float().mean()), "exact_share": float(e.float().mean()),
+                 "served_share": float(s.float().mean()),
+                 "first_teacher_same": float(sum(int(torch.equal(a.nonzero()[:1], c.nonzero()[:1]))
+                                            for a, c in zip(e.split([len(r) for r in responses]),
+                                                            s.split([len(r) for r in responses]))) / len(responses))}}
+print(json.dumps(res))
+'''
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def report(res: Dict[str, Any], out: Path) -> str:
     lines = [f"steps per run: {res['steps']}, batch {res['batch']}; server ready after {res['server_start_s']:.0f} s", "",
              "| run | s / step | sequences s / step | first step s | dev CE |", "|---|---:|---:|---:|---:|"]
@@ -169,6 +243,15 @@ def report(res: Dict[str, Any], out: Path) -> str:
                      f"{r['dev_ce']:.3f} |")
     lines += ["", f"dev CE of sft-init: {res['sft_init_dev_ce']:.3f}", "", "probe (seconds): " +
               ", ".join(f"{k} {v:.2f}" for k, v in res["probe"].items())]
+    g = res.get("agreement")
+    if g:
+        lines += ["", f"served gate vs exact gate over {g['positions']} positions of {g['responses']} responses: mean JSD "
+                  f"exact {g['exact_mean']:.4f}, top-{TOP_K} + tail {g['bucket_mean']:.4f} (mean ratio {g['ratio_mean']:.3f})"]
+        for name in ("preset", "share53"):
+            d = g[name]
+            lines.append(f"- tau0 {d['tau0']:.3f} ({name}): decisions agree at {100 * d['agree']:.1f}% of positions; "
+                         f"teacher share exact {100 * d['exact_share']:.1f}%, served {100 * d['served_share']:.1f}%; "
+                         f"same first teacher position in {100 * d['first_teacher_same']:.0f}% of responses")
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
@@ -196,8 +279,10 @@ def main() -> None:
     try:
         res["sft_init_dev_ce"] = cached(out / "sft-init-dev.json", lambda: dev_ce(sft_init, a.dev))
         res["probe"] = cached(out / "probe.json", lambda: probe(sft_init, url, teacher))
+        res["agreement"] = cached(out / "agreement.json", lambda: agreement(sft_init, url, teacher, 3.28, 0.1))
+        print("gate agreement:", json.dumps(res["agreement"]), flush=True)
         for name in [r for r in a.runs.split(",") if r]:
-            preset, extra = RUNS[name] if name in RUNS else (REFERENCE[name], [])
+            preset, extra = RUNS[name]
             method = preset.split("/")[1]
             own = method_overrides(method, s, 3.28)  # (3.28: the preset's tau0, calibrated on this pair)
             dev = [] if method == "distillm" else ["data.dev=null"]  # DistiLLM's schedule reads its dev CE

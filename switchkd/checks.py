@@ -168,8 +168,7 @@ def _check_served(cfg: Any, source: Any, error: Callable[[str], Exception]) -> N
                     f"distributions on the prompt; it does not work with {url}")
     why = source.served_teacher_reason(cfg)
     if why:
-        raise error(f"config error: method.source={m.source} {why}; it does not work with {url} (use teacher.name "
-                    "without teacher.server)")
+        raise error(f"config error: method.source={m.source} with {url}: {why}")
 
 
 def _check_engine(cfg: Any, source: Any, error: Callable[[str], Exception]) -> None:

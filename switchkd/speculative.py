@@ -46,7 +46,7 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
     B, N = input_ids.shape[0], cfg.max_new_tokens
     rec = Record(B, N, vocab, pad, device, cfg.keep_teacher_logits)
     L = torch.zeros(B, dtype=torch.long, device=device)  # decided tokens per row
-    k, cost = max(1, cfg.draft_k), cfg.teacher_cost if cfg.teacher_cost is not None else _cost_ratio(teacher, student)
+    k, cost = max(1, cfg.draft_k), cfg.teacher_cost if cfg.teacher_cost is not None else cost_ratio(teacher, student)
     pending: Optional[Tensor] = None  # each row's last decided token, not yet fed to the teacher
     rejected, examined = 0.0, 0.0  # decayed counts behind the rejection-rate estimate
     row_checks = 0  # rows verified, summed over blocks (a row's block = one verification of its drafts)
@@ -62,10 +62,11 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
             if j < kk - 1:
                 s.feed(D[-1][:, None])
         drafts, q = torch.stack(D, 1), torch.stack(Q, 1)  # [B, kk], [B, kk, V]
-        p = _verify(tt, pending, drafts)  # [B, kk, V] in one teacher forward
+        p = verify(tt, pending, drafts)  # [B, kk, V] in one teacher forward
         idx = L[:, None] + torch.arange(kk, device=device)  # response positions [B, kk]
         d, exceed = switch_gate(q, p, idx, cfg, gate_fn, drafts if cfg.gate in TOKEN_GATES else None)
-        toks, by_t, n_dec = _decide(exceed, drafts, p, choose, active, N - L, eos_ids)
+        toks, by_t, n_dec = decide(exceed, drafts, lambda first, hit: choose(p[torch.arange(B, device=device), first]),
+                                   active, N - L, eos_ids)
         row_checks += int(active.sum())
         cols = torch.where(torch.arange(kk, device=device) < n_dec[:, None], idx, N)
         rec.write(cols, toks, by_t, d, p if rec.kept is not None else None)
@@ -110,15 +111,27 @@ def draft_stats(draft: Any, target: Any, input_ids: Tensor, attention_mask: Tens
             "acceptance": (decided - by_target) / max(1, decided)}
 
 
-def _decide(exceed: Tensor, drafts: Tensor, p: Tensor, choose: Any, active: Tensor, room: Tensor,
-            eos_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row decisions of a block: ``exceed``/``drafts [B, kk]``, teacher logits ``p [B, kk, V]``,
-    ``active [B]``, ``room [B]`` (tokens left) -> ``(tokens [B, kk], by_teacher [B, kk], n_decided [B])``."""
+def decide(exceed: Tensor, drafts: Tensor, teacher_token: Any, active: Tensor, room: Tensor,
+           eos_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row decisions of a drafted block, for every draft-and-verify loop.
+
+    Args:
+        exceed: ``[B, kk]`` where the rule has the teacher write instead of the draft.
+        drafts: the student's drafted tokens ``[B, kk]``.
+        teacher_token: ``(first [B], hit [B]) -> [B]``: the teacher's token at each row's position ``first``
+            (used where ``hit``).
+        active: rows still decoding ``[B]``; room: tokens each row may still write ``[B]``.
+        eos_ids: the end-of-sequence ids.
+
+    Returns:
+        ``(tokens [B, kk], by_teacher [B, kk], n_decided [B])``: the drafts up to each row's first exceeding
+        position, the teacher's token there, the row ending at its EOS or its room.
+    """
     B, kk = drafts.shape
     j = torch.arange(kk, device=drafts.device)
     hit = exceed.any(1)
     first = torch.where(hit, exceed.float().argmax(1), kk - 1)  # the last decided position
-    t_tok = choose(p[torch.arange(B, device=p.device), first])  # the teacher's token there
+    t_tok = teacher_token(first, hit)  # the teacher's token there
     by_t = (j[None] == first[:, None]) & hit[:, None]
     toks = torch.where(by_t, t_tok[:, None], drafts)
     n_dec = torch.minimum(first + 1, room)
@@ -128,9 +141,10 @@ def _decide(exceed: Tensor, drafts: Tensor, p: Tensor, choose: Any, active: Tens
     return toks, by_t & (j[None] < n_dec[:, None]), n_dec
 
 
-def _verify(tt: Stepper, pending: Optional[Tensor], drafts: Tensor) -> Tensor:
-    """Teacher logits at each of the ``drafts [B, kk]`` positions, ``[B, kk, V]``, in at most one forward:
-    the pending decided token and all drafts but the last are fed together."""
+def verify(tt: Stepper, pending: Optional[Tensor], drafts: Tensor) -> Tensor:
+    """A model's logits at each of the ``drafts [B, kk]`` positions, ``[B, kk, V]``, in at most one forward of
+    its stepper ``tt``: the pending decided token ``[B]`` (None in the first block) and all drafts but the last
+    are fed together."""
     if pending is None:
         return tt.logits[:, None] if drafts.shape[1] == 1 else torch.cat([tt.logits[:, None], tt.feed(drafts[:, :-1])], 1)
     return tt.feed(torch.cat([pending[:, None], drafts[:, :-1]], 1))
@@ -146,7 +160,7 @@ def next_k(r: float, cost: float, max_k: int) -> int:
     return min(range(1, max(1, max_k) + 1), key=per_token)
 
 
-def _cost_ratio(teacher: Any, student: Any) -> float:
+def cost_ratio(teacher: Any, student: Any) -> float:
     """Teacher/student layer counts (parameter counts when a config has none): a one-token forward
     of a small model costs about per layer; override with ``RolloutConfig.teacher_cost``."""
     layers = [getattr(getattr(m, "config", None), "num_hidden_layers", None) for m in (teacher, student)]

@@ -421,13 +421,61 @@ print(json.dumps({{"gaps": gaps, "syncs": engine.syncs, "vllm": first_vllm, "own
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny/gkd", "tiny/distillm"])
-def test_methods_train_with_rollouts_on_vllm(vllm_server, tmp_path, preset):
-    """GKD and DistiLLM with ``method.decoding.engine=vllm`` (in a subprocess: vLLM in the training process)."""
+def test_vllm_drafts_are_decided_as_the_in_process_engine_decides(vllm_server, tmp_path):
+    """SWITCH and SKD with the student's drafts from a real vLLM engine (greedy): the tokens, the writers and the
+    gate equal switchkd's draft-and-verify engine's on the same models."""
+    _, teacher = vllm_server
+    build(tmp_path / "student", layers=1, seed=1, init=0.6)
+    out = _script(tmp_path, f'''
+import json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from switchkd.data import left_pad
+from switchkd.drafted import drafted_rollout
+from switchkd.rollout import RolloutConfig, rollout
+from switchkd.vllm_engine import VLLMStudent
+tok = AutoTokenizer.from_pretrained("{tmp_path / 'student'}")
+student = AutoModelForCausalLM.from_pretrained("{tmp_path / 'student'}", dtype=torch.float32).eval()
+teacher = AutoModelForCausalLM.from_pretrained("{teacher}", dtype=torch.float32).eval()
+engine = VLLMStudent(student, tok, 128, seed=0)
+ids, mask = left_pad([[464, 3290, 318], [40, 588, 257, 922, 1110, 13, 50, 11], [7454]], tok.eos_token_id)
+found = {{}}
+for gate, shift in (("jsd", 0.0), ("rank", 0.5)):
+    cfg = RolloutConfig(source="switch", max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.eos_token_id, vocab_size=len(tok), seed=1, gate=gate, schedule="const",
+                        tau0=float("inf"))
+    free = rollout(student, teacher, ids, mask, cfg)  # the student writes all: tau0 = its median gate (+ 0.5)
+    cfg.tau0 = float(free.gate[free.response_mask].median()) + shift
+    own = rollout(student, teacher, ids, mask, cfg)
+    drafted = drafted_rollout(engine, student, teacher, ids, mask, cfg)
+    m = own.response_mask
+    found[gate] = {{"tokens": torch.equal(own.sequences, drafted.sequences),
+                   "writers": torch.equal(own.from_teacher, drafted.from_teacher),
+                   "gate": float((own.gate[m] - drafted.gate[m]).abs().max()),
+                   "gate_differs": float(((own.gate[m] - drafted.gate[m]).abs() > 1e-4).float().mean()),
+                   "teacher_share": float(own.from_teacher[m].float().mean())}}
+print(json.dumps(found))
+''')
+    for gate, r in out.items():
+        assert r["tokens"] and r["writers"], (gate, r)
+        # SKD's rank counts teacher logits above the draft's: a near-tie (1e-7) may order differently in a block
+        # forward than in a one-token step, moving a rank by one at a rare position without changing a decision
+        assert r["gate"] <= 1e-4 if gate == "jsd" else (r["gate"] <= 1 and r["gate_differs"] <= 0.03), (gate, r)
+        assert 0 < r["teacher_share"] < 1, (gate, r)  # both models wrote
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, extra", [
+    ("tiny/gkd", []), ("tiny/distillm", DISTILLM), ("tiny/minillm", ["teacher.server", "method.minillm.ppo_epochs=2"]),
+    ("tiny/switch", ["teacher.server"]),
+], ids=["gkd", "distillm", "minillm-server", "switch-server"])
+def test_methods_train_with_rollouts_on_vllm(vllm_server, tmp_path, preset, extra):
+    """GKD, DistiLLM, MiniLLM and SWITCH with ``method.decoding.engine=vllm`` (in a subprocess: vLLM in the training
+    process); MiniLLM and SWITCH with the teacher on the server too (SKD's rank gate, in process and served:
+    tests/test_drafted.py and the drafts test above)."""
     url, teacher = vllm_server
     student = build(tmp_path / "student", layers=1, seed=1)
     out = tmp_path / "run"
-    extra = DISTILLM if preset == "tiny/distillm" else []
+    extra = [f"teacher.server={url}" if x == "teacher.server" else x for x in extra]
     args = ["train", preset, f"model.name={student}", f"teacher.name={teacher}", "method.decoding.engine=vllm",
             "data.train=synthetic", "data.synthetic_size=32", "data.max_length=96", "data.max_prompt_length=48",
             "method.max_new_tokens=12", "train.max_steps=3", "train.batch_size=4", "train.eval_every=0",
@@ -438,3 +486,17 @@ def test_methods_train_with_rollouts_on_vllm(vllm_server, tmp_path, preset):
     assert res.returncode == 0, res.stderr[-3000:]
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["tiny/switch", "teacher.server=http://127.0.0.1:9"], "set method.decoding.engine=vllm"),
+    (["tiny/minillm", "teacher.server=http://127.0.0.1:9"], "set method.decoding.engine=vllm"),
+    (["tiny/skd", "teacher.server=http://127.0.0.1:9", "method.decoding.engine=vllm", "method.skd.top_k=30"],
+     "raise teacher.top_k"),
+    (["tiny/minillm", "method.decoding.engine=vllm", "method.decoding.temperature=0.7"], "temperature=1"),
+])
+def test_rollouts_the_served_or_vllm_path_cannot_reproduce_are_one_line(tmp_path, capsys, args, expected):
+    assert main(["train", *args, f"output.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("switchkd: error: config error:") and expected in err[0], err
+    assert not (tmp_path / "run").exists()

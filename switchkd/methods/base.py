@@ -145,24 +145,34 @@ class Source:
         student = self.unwrap(self.student)
         was_training = student.training
         student.eval()
-        out = rollout(student, self.teacher, batch.prompt_ids, batch.prompt_mask, rcfg,
-                      batch.teacher_prompt_ids, batch.teacher_prompt_mask)
+        if self.cfg.method.decoding.engine == "vllm" and mode in ("switch", "mixed"):  # both writers: vLLM drafts, in-process or served verification
+            from switchkd.drafted import drafted_rollout
+
+            out = drafted_rollout(self._vllm_engine(), student, self.teacher, batch.prompt_ids, batch.prompt_mask, rcfg,
+                                  batch.teacher_prompt_ids, batch.teacher_prompt_mask)
+        else:
+            out = rollout(student, self.teacher, batch.prompt_ids, batch.prompt_mask, rcfg,
+                          batch.teacher_prompt_ids, batch.teacher_prompt_mask)
         student.train(was_training)
         new = batch.with_responses(out.responses(P), self.tok.pad_token_id)
-        if keep_teacher:
+        if keep_teacher and out.teacher_logits is not None:  # (a served teacher's targets are fetched by the loss)
             new.teacher_selected = out.teacher_logits[out.response_mask]
         return new, out
 
     def _vllm_sample(self, prompts: "List[List[int]]", budget: int, greedy: bool) -> "List[List[int]]":
         """The student's responses to ``prompts`` from its vLLM engine (:mod:`switchkd.vllm_engine`), built on first
         use and given the student's current weights before each rollout."""
+        return self._vllm_engine().sample(prompts, budget, self.cfg.method.decoding, self.tok.eos_token_id,
+                                          seed=self.rng.getrandbits(62), greedy=greedy)
+
+    def _vllm_engine(self) -> Any:
+        """The student's :class:`switchkd.vllm_engine.VLLMStudent`, built on first use."""
         from switchkd.vllm_engine import VLLMStudent
 
         if getattr(self, "_vllm", None) is None:
             self._vllm = VLLMStudent(self.unwrap(self.student), self.tok, self.cfg.data.max_length,
                                      seed=self.cfg.train.seed)
-        return self._vllm.sample(prompts, budget, self.cfg.method.decoding, self.tok.eos_token_id,
-                                 seed=self.rng.getrandbits(62), greedy=greedy)
+        return self._vllm
 
     def _interleaved(self, batch: "Batch", mode: str, gate: str = "shared") -> "tuple[Batch, RolloutOutput]":
         """Across vocabularies (:mod:`switchkd.interleave`): ``switch`` (the cross ``gate``) or ``mixed`` (the teacher
@@ -170,8 +180,13 @@ class Source:
         tokens; the teacher's spans re-tokenized into the student's sequence."""
         from dataclasses import replace
 
+        from switchkd.config import ConfigError
         from switchkd.interleave import Vocab, cross_switch
         from switchkd.rollout import from_method
+
+        if self.cfg.method.decoding.engine == "vllm":
+            raise ConfigError(f"method.decoding.engine=vllm: method.source={self.cfg.method.source} decodes across "
+                              "vocabularies with both models in the process; use method.decoding.engine=switchkd")
 
         if getattr(self, "_vocabs", None) is None:
             self._vocabs = (Vocab(self.cross.s_tok, self.cross.s_table), Vocab(self.cross.t_tok, self.cross.t_table))

@@ -143,11 +143,19 @@ class MinillmSource(Source):
 
     @classmethod
     def served_teacher_reason(cls, cfg: "Config") -> Optional[str]:
-        return "samples from the teacher-mixed distribution, which needs the teacher's distribution at every step"
+        if cfg.method.decoding.engine != "vllm":
+            return ("the teacher-mixed sampling needs the teacher at every step; set method.decoding.engine=vllm (vLLM "
+                    "drafts, the teacher's tokens sampled by its server) or load the teacher in the process")
+        return None
 
     @classmethod
     def vllm_reason(cls, cfg: "Config") -> Optional[str]:
-        return "samples from the teacher-mixed distribution, which needs the teacher's distribution at every step"
+        d = cfg.method.decoding
+        if not d.do_sample or d.temperature != 1.0 or d.top_k or d.top_p < 1.0:
+            return ("decodes the teacher-mixed distribution greedily or after temperature/top-k/top-p, which vLLM "
+                    "drafts cannot reproduce (each writer's tokens would be chosen apart); set "
+                    "method.decoding.do_sample=true, temperature=1, top_k=0, top_p=1")
+        return None
 
     @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
@@ -170,6 +178,8 @@ class MinillmSource(Source):
         if self.cross is not None:
             return self._across(batch)
         new, out = self._rollout(batch, "mixed", keep_teacher=True)
+        if getattr(self.teacher, "served", False):  # the served top k + tail and the sampled tokens' log-probabilities
+            new.teacher_selected = self.teacher.targets(new, self.vocab)
         new.policy = self.policy(new, out.logprobs[out.response_mask])
         return new
 
@@ -211,7 +221,8 @@ class MinillmSource(Source):
 
         with torch.no_grad():
             y = batch.labels[:, 1:][batch.labels[:, 1:] != -100]
-            t_lp = torch.log_softmax(batch.teacher_selected.float(), -1).gather(-1, y[:, None]).squeeze(-1)
+            t = batch.teacher_selected
+            t_lp = t.token_logp if hasattr(t, "token_logp") else torch.log_softmax(t.float(), -1).gather(-1, y[:, None]).squeeze(-1)
             w = importance_weight(s_lp, t_lp, self.settings.teacher_mix)
         return self._policy(batch, s_lp, t_lp, s_lp, w)
 
@@ -271,6 +282,9 @@ def _plain(batch: "Batch") -> Dict[str, Any]:
 
     out = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch) if f.name != "policy"}
     out = {k: (v.cpu() if hasattr(v, "cpu") else v) for k, v in out.items()}
+    t = out.get("teacher_selected")
+    if hasattr(t, "token_logp"):  # a served teacher's targets (TopKTail)
+        out["teacher_selected"] = {"served": [t.logp.cpu(), t.ids.cpu(), t.vocab, t.token_logp.cpu()]}
     p = batch.policy
     return out | ({"policy": [p.advantage.cpu(), p.old_logprob.cpu(), p.weight.cpu(), p.clip]} if p else {})
 
@@ -280,4 +294,9 @@ def _from_plain(state: Dict[str, Any]) -> "Batch":
 
     state = dict(state)
     policy = state.pop("policy", None)
+    t = state.get("teacher_selected")
+    if isinstance(t, dict) and "served" in t:
+        from switchkd.divergences import TopKTail
+
+        state["teacher_selected"] = TopKTail(*t["served"])
     return Batch(**state, policy=PolicyTerm(*policy) if policy else None)

@@ -22,6 +22,7 @@ from switchkd.methods.switch import SwitchSource
 from switchkd.schema import COUNT, opt
 
 if TYPE_CHECKING:
+    from switchkd.config import Config
     from switchkd.decoding import RolloutConfig
 
 
@@ -41,6 +42,14 @@ class SkdSource(SwitchSource):
     Section: ClassVar[Optional[type]] = SkdConfig
     prefix = "skd"
     warn_saturation = False  # a teacher share near 0 or 1 is SKD's own schedule, not a mis-set threshold
+
+    @classmethod
+    def served_teacher_reason(cls, cfg: "Config") -> Optional[str]:
+        why = super().served_teacher_reason(cfg)
+        if why is None and cfg.method.skd.top_k > cfg.teacher.top_k:
+            return (f"method.skd.top_k={cfg.method.skd.top_k} ranks beyond the teacher.top_k={cfg.teacher.top_k} "
+                    "log-probabilities the server returns; raise teacher.top_k")
+        return why
 
     def rollout_config(self, rcfg: "RolloutConfig") -> "RolloutConfig":
         rcfg = super().rollout_config(rcfg)

@@ -83,11 +83,14 @@ class SwitchSource(Source):
 
     @classmethod
     def served_teacher_reason(cls, cfg: "Config") -> Optional[str]:
-        return "decides who writes each token from the teacher's full next-token distribution while decoding"
+        if cfg.method.decoding.engine != "vllm":
+            return ("the gate needs the teacher at every drafted block; set method.decoding.engine=vllm (vLLM drafts, "
+                    "the gate over the served top-k and tail) or load the teacher in the process")
+        return None
 
     @classmethod
     def vllm_reason(cls, cfg: "Config") -> Optional[str]:
-        return "decodes with both models at every step (its drafts are not taken from vLLM)"
+        return None  # vLLM drafts, decided by switchkd.drafted
 
     @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
