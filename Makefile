@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(shell echo "$(TORCH_SPEC) $(VLLM_SPEC) $(EXTRAS)" 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo demo-teacher test-fast bench-vllm bench-real bench-long bench-cross bench-cross-real test lint bench bench-quality bench-crispr bench-gpu bench-priming clean
+.PHONY: demo demo-teacher test-fast bench-vllm bench-prune bench-real bench-long bench-cross bench-cross-real test lint bench bench-quality bench-crispr bench-gpu bench-priming clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ bench-real: $(STAMP)
 
 bench-vllm: $(STAMP)
 	$(BIN)/python bench/vllm.py
+
+bench-prune: $(STAMP)
+	$(BIN)/python bench/prune.py
 
 bench-long: $(STAMP)
 	$(BIN)/python bench/long_response.py

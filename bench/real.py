@@ -228,6 +228,29 @@ def run_metrics(run: Path) -> Dict[str, Any]:
             "teacher_share": {k: statistics.fmean(v) for k, v in share.items()}}
 
 
+def dev_ce(model_dir: Path, n: int) -> float:
+    """The student's cross-entropy per response token on the first ``n`` Dolly dev examples (chat template)."""
+    import torch
+
+    from switchkd.config import DataConfig, ModelConfig
+    from switchkd.data import collate, load_examples, tokenize
+    from switchkd.losses import response_logits
+    from switchkd.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name=str(model_dir)))
+    model = load_model(ModelConfig(name=str(model_dir)), tok, trainable=False)
+    items, _ = tokenize(load_examples(str(DATA / "dolly" / "dev.jsonl"), DataConfig(format="minillm", template="chat"),
+                                      tok, n), tok, 128, 256, "none")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(items), 8):
+            b = collate(items[i:i + 8], tok.pad_token_id)
+            logits, target = response_logits(model, b.input_ids, b.attention_mask, b.labels, len(tok))
+            total += float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"))
+            count += int(target.numel())
+    return total / count
+
+
 def cached(path: Path, fn: Any) -> Any:
     """JSON result of ``fn()``, stored at ``path`` and reused."""
     if path.is_file():

@@ -7,14 +7,16 @@ optimizer steps from ``sft-init`` with the ``configs/smollm2`` preset as it is p
 
 - rollouts: GKD and DistiLLM with ``method.decoding.engine`` switchkd and vllm (DistiLLM with its student
   probability starting at 0.5 instead of 0, so that a short run rolls out at all);
-- teacher: KD, SeqKD and GKD with the teacher in the process and on ``switchkd serve-teacher`` (fp32, top 20);
+- teacher: KD, SeqKD, GKD and DistiLLM with the teacher in the process and on ``switchkd serve-teacher`` (fp32,
+  top 20);
 - two writers: MiniLLM and SWITCH on switchkd's engine, with vLLM drafts (``switchkd.drafted``) and with vLLM
   drafts against the served teacher.
 
 How often SWITCH's gate over the served top 20 + tail agrees with the exact gate: on the student's greedy
 responses to 32 Dolly dev prompts, per response position, the exact JSD (the teacher in the process) and the
-bucketed JSD (the server's top 20), and the decisions both give at the preset's tau_t and at the tau0 where the
-exact gate has the teacher write 53% of the tokens.
+bucketed JSD (the server's top 20), and the decisions both give at the preset's tau_t (tau0 3.28, decay 0.1) and at the
+constant tau where the exact gate has the teacher write 53% of the tokens (the preset's decay makes the gate a
+position cut-off on this pair: no tau0 reaches 53% there).
 
 Reported per run: seconds per optimizer step (mean over the steps after the first), the part of it spent making
 the step's sequences (``sequences_s``: rollouts, teacher samples), and the student's dev cross-entropy on 64 Dolly
@@ -42,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from real import DATA, SETTINGS, SMOKE, cached, common, method_overrides, prepare_models, train_run  # noqa: E402
+from real import DATA, SETTINGS, SMOKE, cached, common, dev_ce, method_overrides, prepare_models, train_run  # noqa: E402
 
 TOP_K = 20
 RUNS = {  # name -> (preset, extra overrides); "{server}" is replaced by the teacher server's URL
@@ -52,6 +54,7 @@ RUNS = {  # name -> (preset, extra overrides); "{server}" is replaced by the tea
     "gkd-vllm-server": ("smollm2/gkd", ["method.decoding.engine=vllm", "teacher.server={server}"]),
     "distillm": ("smollm2/distillm", ["method.distillm.init_student_prob=0.5"]),
     "distillm-vllm": ("smollm2/distillm", ["method.distillm.init_student_prob=0.5", "method.decoding.engine=vllm"]),
+    "distillm-server": ("smollm2/distillm", ["method.distillm.init_student_prob=0.5", "teacher.server={server}"]),
     "kd": ("smollm2/kd", []),
     "kd-server": ("smollm2/kd", ["teacher.server={server}"]),
     "seqkd": ("smollm2/seqkd", []),
@@ -105,29 +108,6 @@ def step_times(run: Path) -> Dict[str, float]:
     return {"step_s": statistics.fmean(r["step_s"] for r in later),
             "sequences_s": statistics.fmean(r.get("sequences_s", 0.0) for r in later),
             "first_step_s": rows[0]["step_s"], "steps": len(rows)}
-
-
-def dev_ce(model_dir: Path, n: int) -> float:
-    """The student's cross-entropy per response token on the first ``n`` Dolly dev examples (chat template)."""
-    import torch
-
-    from switchkd.config import DataConfig, ModelConfig
-    from switchkd.data import collate, load_examples, tokenize
-    from switchkd.losses import response_logits
-    from switchkd.models import load_model, load_tokenizer
-
-    tok = load_tokenizer(ModelConfig(name=str(model_dir)))
-    model = load_model(ModelConfig(name=str(model_dir)), tok, trainable=False)
-    items, _ = tokenize(load_examples(str(DATA / "dolly" / "dev.jsonl"), DataConfig(format="minillm", template="chat"),
-                                      tok, n), tok, 128, 256, "none")
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(items), 8):
-            b = collate(items[i:i + 8], tok.pad_token_id)
-            logits, target = response_logits(model, b.input_ids, b.attention_mask, b.labels, len(tok))
-            total += float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"))
-            count += int(target.numel())
-    return total / count
 
 
 def probe(student: Path, url: str, teacher: Path, n_prompts: int = 8, new_tokens: int = 64) -> Dict[str, float]:
@@ -210,17 +190,18 @@ with torch.no_grad():
         bucket += jsd(lq, lp, beta=0.5).tolist()
         pos += list(range(len(r)))
 exact, bucket, pos = torch.tensor(exact), torch.tensor(bucket), torch.tensor(pos, dtype=torch.float64)
-def decisions(tau0):
-    tau = tau0 * torch.exp(-{decay} * pos)
+def decisions(tau0, decay):
+    tau = tau0 * torch.exp(-decay * pos)
     return exact > tau, bucket > tau
-lo, hi = 0.0, 10.0
-for _ in range(40):  # tau0 where the exact gate has the teacher write 53% of the positions
+lo, hi = 0.0, 1.0
+for _ in range(40):  # a constant tau where the exact gate has the teacher write 53% of the positions (JSD <= ln 2)
     mid = (lo + hi) / 2
-    lo, hi = (mid, hi) if float(decisions(mid)[0].float().mean()) > 0.53 else (lo, mid)
+    lo, hi = (mid, hi) if float(decisions(mid, 0.0)[0].float().mean()) > 0.53 else (lo, mid)
 res = {{"positions": len(pos), "responses": len(responses), "ratio_mean": float((bucket / exact.clamp(min=1e-12)).mean()),
        "exact_mean": float(exact.mean()), "bucket_mean": float(bucket.mean())}}
-for name, tau0 in (("preset", {tau0}), ("share53", hi)):
-    e, s = decisions(tau0)
+for name, tau0, decay in (("preset", {tau0}, {decay}), ("share53", hi, 0.0)):
+    res[name + "_decay"] = decay
+    e, s = decisions(tau0, decay)
     res[name] = {{"tau0": tau0, "agree": float((e == s).float().mean()), "exact_share": float(e.float().mean()),
                  "served_share": float(s.float().mean()),
                  "first_teacher_same": float(sum(int(torch.equal(a.nonzero()[:1], c.nonzero()[:1]))
@@ -249,7 +230,7 @@ def report(res: Dict[str, Any], out: Path) -> str:
                   f"exact {g['exact_mean']:.4f}, top-{TOP_K} + tail {g['bucket_mean']:.4f} (mean ratio {g['ratio_mean']:.3f})"]
         for name in ("preset", "share53"):
             d = g[name]
-            lines.append(f"- tau0 {d['tau0']:.3f} ({name}): decisions agree at {100 * d['agree']:.1f}% of positions; "
+            lines.append(f"- tau0 {d['tau0']:.3f}, decay {g.get(name + '_decay', 0.1)} ({name}): decisions agree at {100 * d['agree']:.1f}% of positions; "
                          f"teacher share exact {100 * d['exact_share']:.1f}%, served {100 * d['served_share']:.1f}%; "
                          f"same first teacher position in {100 * d['first_teacher_same']:.0f}% of responses")
     text = "\n".join(lines) + "\n"

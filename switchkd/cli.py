@@ -174,8 +174,32 @@ def _shrink(args: argparse.Namespace) -> None:
     from switchkd.shrink import parse_keep, shrink
 
     keep = parse_keep(args.keep) if args.keep is not None else None
-    out, kept = shrink(args.teacher, args.out_dir, layers=args.layers, keep=keep)
-    print(f"kept decoder blocks {','.join(map(str, kept))}; wrote the student to {out}")
+    out, kept = shrink(args.teacher, args.out_dir, layers=args.layers, keep=keep, data=args.data,
+                       samples=args.samples)
+    how = " (highest Block Influence)" if args.data else ""
+    print(f"kept decoder blocks {','.join(map(str, kept))}{how}; wrote the student to {out}")
+
+
+def _count(text: str) -> int:
+    from switchkd.prune import parse_count
+
+    return parse_count(text)
+
+
+def _prune(args: argparse.Namespace) -> None:
+    from switchkd.prune import Shape, prune
+
+    shape = Shape(hidden=args.hidden, mlp=args.mlp, heads_per_group=args.heads_per_group, layers=args.layers)
+    if (shape == Shape()) == (args.params is None):
+        raise ConfigError("prune: give the sizes to keep (--hidden, --mlp, --heads-per-group, --layers: any subset) "
+                          "or --params N, not both")
+    r = prune(args.teacher, args.out_dir, shape, args.data, samples=args.samples, batch_size=args.batch_size,
+              max_length=args.max_length, params=args.params)
+    s = r["shape"]
+    print(f"hidden {s.hidden}, MLP {s.mlp}, {s.heads_per_group} query heads per key/value group, blocks "
+          f"{','.join(map(str, r['blocks']))} (importance from {r['examples']} examples)")
+    print(f"{r['parameters'] / 1e6:.1f}M parameters (teacher {r['teacher_parameters'] / 1e6:.1f}M); "
+          f"wrote the student to {r['out']}")
 
 
 def _debias(args: argparse.Namespace) -> None:
@@ -297,7 +321,29 @@ def build_parser() -> argparse.ArgumentParser:
     how = sh.add_mutually_exclusive_group(required=True)
     how.add_argument("--layers", type=positive, help="keep N evenly spaced blocks (first and last included)")
     how.add_argument("--keep", help="keep these blocks, e.g. 0,3,7 (0-based, increasing)")
+    sh.add_argument("--data", help="with --layers: keep the blocks with the highest Block Influence on this "
+                                   "calibration data (any format train reads) instead of evenly spaced ones")
+    sh.add_argument("--samples", type=positive, default=128, help="calibration examples for --data")
     sh.set_defaults(func=_shrink)
+
+    pr = sub.add_parser("prune", help="a width- and depth-pruned student (Minitron: activation importance, "
+                                      "Block Influence) from a Llama-family or GPT-2 teacher")
+    pr.add_argument("teacher", help="teacher model directory or hub id")
+    pr.add_argument("out_dir", help="new directory for the student model and tokenizer")
+    pr.add_argument("--hidden", type=positive, help="hidden (embedding) channels to keep (Llama family)")
+    pr.add_argument("--mlp", type=positive, help="MLP neurons to keep in every block")
+    pr.add_argument("--heads-per-group", type=positive,
+                    help="query heads to keep in every key/value group (Llama family; GQA groups are kept)")
+    pr.add_argument("--layers", type=positive, help="decoder blocks to keep, those with the highest Block Influence")
+    pr.add_argument("--params", type=_count, help="instead of sizes: a parameter budget, e.g. 60M; the shape of a "
+                                                 "small width/depth grid within 5%% of it whose pruned model has the "
+                                                 "lowest cross-entropy on held-out calibration examples")
+    pr.add_argument("--data", required=True, help="calibration text: a JSON/JSONL file in any format `train` reads "
+                                                  "(the chat template applied), or a built-in suite")
+    pr.add_argument("--samples", type=positive, default=1024, help="calibration examples (Minitron: 1024)")
+    pr.add_argument("--batch-size", type=positive, default=8, help="examples per forward")
+    pr.add_argument("--max-length", type=positive, default=512, help="tokens per calibration example")
+    pr.set_defaults(func=_prune)
 
     b = sub.add_parser("debias", help="CRISPR: find and zero bias neurons, scored on BBQ-format data")
     b.add_argument("--model", required=True, help="model directory (causal LM or encoder-decoder)")

@@ -30,8 +30,8 @@ from typing import Any, List, Optional
 import torch
 from torch import Tensor
 
-from switchkd.decoding import TOKEN_GATES, GATES, Record, RolloutConfig, RolloutOutput, Stepper, setup, switch_gate
-from switchkd.speculative import cost_ratio, verify, decide, next_k
+from switchkd.decoding import GATES, TOKEN_GATES, Record, RolloutConfig, RolloutOutput, Stepper, setup, switch_gate
+from switchkd.speculative import cost_ratio, decide, next_k, verify
 
 
 def _rows(ids: Tensor, mask: Tensor) -> List[List[int]]:
@@ -101,9 +101,10 @@ def drafted_rollout(drafter: Any, student: Any, teacher: Any, input_ids: Tensor,
             gate, exceed = switch_gate(q, teacher_logits, positions, cfg, gate_fn,
                                        drafts if cfg.gate in TOKEN_GATES else None)
 
-        def teacher_token(first: Tensor, hit: Tensor) -> Tensor:
-            if teacher_logits is not None:
-                return choose(teacher_logits[torch.arange(B, device=device), first])
+        def teacher_token(first: Tensor, hit: Tensor, logits: Optional[Tensor] = teacher_logits,
+                          drafts: Tensor = drafts, active: Tensor = active) -> Tensor:
+            if logits is not None:
+                return choose(logits[torch.arange(B, device=device), first])
             return _served_tokens(teacher, teacher_prefixes, drafts, first, hit & active, cfg, pad, generator, device)
 
         tokens, by_teacher, n_decided = decide(exceed, drafts, teacher_token, active, N - decided, eos_ids)

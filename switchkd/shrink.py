@@ -64,6 +64,13 @@ def kept_state(state: Dict[str, Any], keep: Sequence[int]) -> Dict[str, Any]:
     return out
 
 
+def torch_top(scores: Any, k: int) -> List[int]:
+    """Indices of the ``k`` highest ``scores`` (ties: the lower index)."""
+    import torch
+
+    return torch.argsort(-scores, stable=True)[:k].tolist()
+
+
 def cut(teacher: Any, keep: Sequence[int]) -> Any:
     """A model of ``teacher``'s class with only its blocks ``keep`` (same dtype), weights copied."""
     state = teacher.state_dict()
@@ -90,8 +97,10 @@ def cut(teacher: Any, keep: Sequence[int]) -> Any:
 
 
 def shrink(src: str | Path, out_dir: str | Path, layers: Optional[int] = None,
-           keep: Optional[Sequence[int]] = None) -> tuple[Path, List[int]]:
-    """Cut ``src`` (a model directory or hub id) to ``layers`` evenly spaced blocks or to the blocks
+           keep: Optional[Sequence[int]] = None, data: Optional[str] = None,
+           samples: int = 128) -> tuple[Path, List[int]]:
+    """Cut ``src`` (a model directory or hub id) to ``layers`` blocks — those with the highest Block Influence on
+    ``samples`` examples of ``data`` (:mod:`switchkd.prune`), or evenly spaced without ``data`` — or to the blocks
     ``keep``; write model and tokenizer to ``out_dir`` (new or empty), renamed into place when complete.
     Returns ``(out_dir, kept block indices)``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,23 +109,40 @@ def shrink(src: str | Path, out_dir: str | Path, layers: Optional[int] = None,
         raise ConfigError("shrink: give exactly one of --layers N or --keep I,J,...")
     from switchkd.rundir import check_output_path
 
-    out = check_output_path(out_dir, "OUT_DIR", "dir", [src])  # before anything is read
+    if data is not None and keep is not None:
+        raise ConfigError("shrink: --data chooses blocks by Block Influence; --keep names them: give one")
+    out = check_output_path(out_dir, "OUT_DIR", "dir", [src, data])  # before anything is read
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        total = int(AutoConfig.from_pretrained(str(src)).num_hidden_layers)
+        config = AutoConfig.from_pretrained(str(src))
+        total = int(config.num_hidden_layers)
+        if data is not None:
+            from switchkd.prune import sizes_of
+
+            sizes_of(config)  # Block Influence is measured on the architectures prune knows
         keep = even_layers(total, layers) if layers is not None else list(keep or [])
         check_keep(keep, total)  # before the weights load
-        teacher = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto")
         tok = AutoTokenizer.from_pretrained(str(src))
+        sequences = None
+        if data is not None:
+            from switchkd.prune import calibration_sequences
+
+            sequences = calibration_sequences(data, tok, samples, 512)  # its mistakes before the weights load
+        teacher = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto")
     except ConfigError:
         raise
     except Exception as exc:  # not a model directory, corrupt safetensors, unknown architecture
         if isinstance(exc, (KeyboardInterrupt, MemoryError)):
             raise
         raise ConfigError(f"{src}: cannot load as a causal LM ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if sequences is not None:
+        from switchkd.prune import importance
+
+        influence = importance(teacher, sequences, tok.pad_token_id if tok.pad_token_id is not None else 0).blocks
+        keep = sorted(torch_top(influence, len(keep)))
     student = cut(teacher, keep)
     write_new_dir(out, lambda tmp: (student.save_pretrained(tmp, safe_serialization=True), tok.save_pretrained(tmp)))
     return out, keep

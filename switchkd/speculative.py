@@ -65,7 +65,7 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
         p = verify(tt, pending, drafts)  # [B, kk, V] in one teacher forward
         idx = L[:, None] + torch.arange(kk, device=device)  # response positions [B, kk]
         d, exceed = switch_gate(q, p, idx, cfg, gate_fn, drafts if cfg.gate in TOKEN_GATES else None)
-        toks, by_t, n_dec = decide(exceed, drafts, lambda first, hit: choose(p[torch.arange(B, device=device), first]),
+        toks, by_t, n_dec = decide(exceed, drafts, lambda first, hit, p=p: choose(p[torch.arange(B, device=device), first]),
                                    active, N - L, eos_ids)
         row_checks += int(active.sum())
         cols = torch.where(torch.arange(kk, device=device) < n_dec[:, None], idx, N)

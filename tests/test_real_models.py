@@ -309,15 +309,20 @@ def test_saturation_warning_and_ln2_note():
 
 # --- the configs/smollm2 presets ------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["sft", "kd", "seqkd", "gkd", "distillm", "minillm", "switch"])
+@pytest.mark.parametrize("method", ["sft", "kd", "seqkd", "gkd", "distillm", "minillm", "switch", "heal"])
 def test_smollm2_presets_train_on_a_model_with_the_same_properties(method, pair, shared, tmp_path, capsys):
     """Each preset as shipped (chat template, loss_chunk, its method section) on a ChatML / pad = EOS /
-    tied / GQA pair: a 2-block student cut from the teacher trains, and its weights move."""
+    tied / GQA pair: a 2-block student cut from the teacher (heal: pruned in width and depth by ``switchkd
+    prune`` on Dolly) trains, and its weights move."""
     from safetensors.torch import load_file
 
     student = tmp_path / "student"
-    assert main(["shrink", str(pair), str(student), "--layers", "2"]) == 0
     dolly = shared / "data/minillm_data/dolly"
+    if method == "heal":
+        assert main(["prune", str(pair), str(student), "--hidden", "24", "--mlp", "32", "--heads-per-group", "1",
+                     "--layers", "2", "--data", str(dolly / "train.jsonl"), "--samples", "8"]) == 0
+    else:
+        assert main(["shrink", str(pair), str(student), "--layers", "2"]) == 0
     over = [f"model.name={student}", f"teacher.name={pair}", f"data.train={dolly / 'train.jsonl'}",
             f"data.dev={dolly / 'dev.jsonl'}", "data.limit=12", "data.max_prompt_length=120", "data.max_length=160",
             "method.max_new_tokens=8", "train.max_steps=2", "train.batch_size=2", "train.eval_every=1",

@@ -421,6 +421,37 @@ print(json.dumps({{"gaps": gaps, "syncs": engine.syncs, "vllm": first_vllm, "own
 
 
 @pytest.mark.slow
+def test_a_lora_students_merged_weights_reach_the_engine(vllm_server, tmp_path):
+    """A peft LoRA student: after optimizer steps on its adapters the engine's log-probabilities equal the adapted
+    student's (<= 1e-4) and differ from the base model's (the adapters reached the engine merged)."""
+    _, teacher = vllm_server
+    build(tmp_path / "student", layers=1, seed=1, init=0.6)
+    out = _script(tmp_path, f'''
+import json, torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from switchkd.vllm_engine import VLLMStudent
+tok = AutoTokenizer.from_pretrained("{tmp_path / 'student'}")
+base = AutoModelForCausalLM.from_pretrained("{tmp_path / 'student'}", dtype=torch.float32)
+seq = [464, 3290, 318, 257, 922, 13, 632]
+with torch.no_grad():
+    before = torch.log_softmax(base(torch.tensor([seq])).logits[0], -1)
+model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+engine = VLLMStudent(model, tok, 128, seed=0)
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+for step in range(2):
+    model(torch.tensor([seq]), labels=torch.tensor([seq])).loss.backward(); opt.step(); opt.zero_grad()
+served = engine.logprobs(seq, 5)
+with torch.no_grad():
+    lp = torch.log_softmax(model(torch.tensor([seq])).logits[0], -1)
+gap = max(abs(v - float(lp[j - 1, t])) for j, e in enumerate(served) if e for t, v in e.items())
+moved = max(abs(v - float(before[j - 1, t])) for j, e in enumerate(served) if e for t, v in e.items())
+print(json.dumps({{"gap": gap, "moved": moved, "syncs": engine.syncs}}))
+''')
+    assert out["syncs"] == 1 and out["gap"] <= 1e-4 and out["moved"] > 1e-2, out
+
+
+@pytest.mark.slow
 def test_vllm_drafts_are_decided_as_the_in_process_engine_decides(vllm_server, tmp_path):
     """SWITCH and SKD with the student's drafts from a real vLLM engine (greedy): the tokens, the writers and the
     gate equal switchkd's draft-and-verify engine's on the same models."""
