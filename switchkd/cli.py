@@ -174,6 +174,11 @@ def _shrink(args: argparse.Namespace) -> None:
     from switchkd.shrink import parse_keep, shrink
 
     keep = parse_keep(args.keep) if args.keep is not None else None
+    if args.layers is not None and (args.data is None) == (not args.even):
+        raise ConfigError(f"shrink --layers {args.layers}: give --data FILE (keep the blocks of highest Block Influence "
+                          "on that calibration data; measured better, docs/real-models.md) or --even (evenly spaced)")
+    if args.even and args.layers is None:
+        raise ConfigError("shrink: --even goes with --layers N")
     out, kept = shrink(args.teacher, args.out_dir, layers=args.layers, keep=keep, data=args.data,
                        samples=args.samples)
     how = " (highest Block Influence)" if args.data else ""
@@ -315,15 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
     gg.add_argument("out_dir", help="new directory for the model (safetensors), config and tokenizer")
     gg.set_defaults(func=_convert_gguf)
 
-    sh = sub.add_parser("shrink", help="a depth-pruned student: a teacher's decoder blocks, evenly spaced or chosen")
+    sh = sub.add_parser("shrink", help="a depth-pruned student: a teacher's decoder blocks of highest Block "
+                                       "Influence, evenly spaced or chosen")
     sh.add_argument("teacher", help="teacher model directory or hub id")
     sh.add_argument("out_dir", help="new directory for the student model and tokenizer")
     how = sh.add_mutually_exclusive_group(required=True)
-    how.add_argument("--layers", type=positive, help="keep N evenly spaced blocks (first and last included)")
+    how.add_argument("--layers", type=positive, help="keep N blocks: with --data those of highest Block "
+                                                     "Influence, with --even evenly spaced")
     how.add_argument("--keep", help="keep these blocks, e.g. 0,3,7 (0-based, increasing)")
     sh.add_argument("--data", help="with --layers: keep the blocks with the highest Block Influence on this "
                                    "calibration data (any format train reads) instead of evenly spaced ones")
     sh.add_argument("--samples", type=positive, default=128, help="calibration examples for --data")
+    sh.add_argument("--even", action="store_true", help="with --layers: keep N evenly spaced blocks, first and last "
+                                                        "included (no calibration data)")
     sh.set_defaults(func=_shrink)
 
     pr = sub.add_parser("prune", help="a width- and depth-pruned student (Minitron: activation importance, "

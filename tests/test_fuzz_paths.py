@@ -127,7 +127,11 @@ READS: List[tuple] = [
     ("debias --model", "model/model.safetensors", lambda w: ["debias", "--model", str(w / "model"), "--data",
                                                              str(w / "bbq.jsonl"), "--output", str(w / "out")], False),
     ("shrink teacher", "model/model.safetensors", lambda w: ["shrink", str(w / "model"), str(w / "out"), "--layers",
-                                                             "1"], False),
+                                                             "1", "--even"], False),
+    ("prune --data", "data.jsonl", lambda w: ["prune", str(w / "model"), str(w / "out"), "--layers", "1", "--data",
+                                              str(w / "data.jsonl")], True),
+    ("prune teacher", "model/model.safetensors", lambda w: ["prune", str(w / "model"), str(w / "out"), "--layers", "1",
+                                                            "--data", str(w / "data.jsonl")], False),
     ("train config file", "config.yaml", lambda w: ["train", str(w / "config.yaml")], False),
     ("convert gguf", "model.gguf", lambda w: ["convert", "gguf", str(w / "model.gguf"), str(w / "out")], False),
     ("convert llama2c model", "stories260K.bin", lambda w: ["convert", "llama2c", str(w / "stories260K.bin"),
@@ -189,7 +193,9 @@ WRITES: List[tuple] = [
                                     f"teacher.name={TINY}", "--output", str(o)], lambda w: w / "data.jsonl", False),
     ("debias", lambda o, w: ["debias", "--model", str(w / "model"), "--data", str(w / "bbq.jsonl"), "--output", str(o)],
      lambda w: w / "model", False),
-    ("shrink", lambda o, w: ["shrink", str(w / "model"), str(o), "--layers", "1"], lambda w: w / "model", False),
+    ("shrink", lambda o, w: ["shrink", str(w / "model"), str(o), "--layers", "1", "--even"], lambda w: w / "model", False),
+    ("prune", lambda o, w: ["prune", str(w / "model"), str(o), "--layers", "1", "--data", str(w / "data.jsonl")],
+     lambda w: w / "model", False),
     ("convert gguf", lambda o, w: ["convert", "gguf", str(w / "model.gguf"), str(o)], lambda w: w / "model.gguf", False),
     ("demo", lambda o, w: ["demo", "--quick", "--methods", "sft", "--output", str(o)], None, False),
     ("convert llama2c", lambda o, w: ["convert", "llama2c", str(w / "stories260K.bin"), str(w / "tok512.bin"), str(o)],
@@ -223,7 +229,7 @@ def test_bad_output_paths(world, name, argv, same, variant, capsys):
     elif variant == "same_as_input":
         target = same(world)
     try:
-        fragment = "output.dir" if name == "train" else "OUT_DIR" if name in ("shrink", "convert gguf",
+        fragment = "output.dir" if name == "train" else "OUT_DIR" if name in ("shrink", "prune", "convert gguf",
                                                                                  "convert llama2c") else "--output"
         _expect_one_line(capsys, argv(target, world), fragment, world)
     finally:

@@ -126,7 +126,7 @@ def test_shrink_equals_the_kept_blocks(kind, pair, tmp_path, capsys):
         tok.save_pretrained(src)
     else:
         src = pair
-    assert main(["shrink", str(src), str(tmp_path / "small"), "--layers", "2"]) == 0
+    assert main(["shrink", str(src), str(tmp_path / "small"), "--layers", "2", "--even"]) == 0
     assert "kept decoder blocks 0,3" in capsys.readouterr().out
     big = AutoModelForCausalLM.from_pretrained(src).eval()
     small = AutoModelForCausalLM.from_pretrained(tmp_path / "small").eval()
@@ -152,13 +152,14 @@ def test_shrink_refuses_what_it_cannot_cut(pair, tmp_path, capsys):
     (tmp_path / "notamodel").mkdir()
     cases = [(["--keep", "0,4"], "outside 0..3"), (["--keep", "2,1"], "distinct and increasing"),
              (["--keep", "0,0"], "distinct and increasing"), (["--keep", "a,b"], "comma-separated"),
-             (["--layers", "5"], "expected 1..4")]
+             (["--layers", "5", "--even"], "expected 1..4"), (["--layers", "2"], "give --data FILE"),
+             (["--keep", "1", "--even"], "--even goes with --layers")]
     for flags, msg in cases:
         assert msg in _one_line_error(capsys, main(["shrink", str(pair), str(tmp_path / "o"), *flags]))
         assert not (tmp_path / "o").exists()
-    assert "already exists" in _one_line_error(capsys, main(["shrink", str(pair), str(tmp_path / "full"), "--layers", "2"]))
+    assert "already exists" in _one_line_error(capsys, main(["shrink", str(pair), str(tmp_path / "full"), "--layers", "2", "--even"]))
     assert "cannot load" in _one_line_error(capsys, main(["shrink", str(tmp_path / "notamodel"), str(tmp_path / "o"),
-                                                          "--layers", "2"]))
+                                                          "--layers", "2", "--even"]))
     assert main(["shrink", str(pair), str(tmp_path / "o"), "--layers", "0"]) == 2
     assert main(["shrink", str(pair), str(tmp_path / "o"), "--layers", "2", "--keep", "0"]) == 2
     assert not (tmp_path / "o").exists()
@@ -322,7 +323,7 @@ def test_smollm2_presets_train_on_a_model_with_the_same_properties(method, pair,
         assert main(["prune", str(pair), str(student), "--hidden", "24", "--mlp", "32", "--heads-per-group", "1",
                      "--layers", "2", "--data", str(dolly / "train.jsonl"), "--samples", "8"]) == 0
     else:
-        assert main(["shrink", str(pair), str(student), "--layers", "2"]) == 0
+        assert main(["shrink", str(pair), str(student), "--layers", "2", "--even"]) == 0
     over = [f"model.name={student}", f"teacher.name={pair}", f"data.train={dolly / 'train.jsonl'}",
             f"data.dev={dolly / 'dev.jsonl'}", "data.limit=12", "data.max_prompt_length=120", "data.max_length=160",
             "method.max_new_tokens=8", "train.max_steps=2", "train.batch_size=2", "train.eval_every=1",
