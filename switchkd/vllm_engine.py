@@ -90,8 +90,9 @@ class VLLMStudent:
         vllm = _import_vllm()
         self.student, self.tok = student, tokenizer
         self.dir = tempfile.TemporaryDirectory(prefix="switchkd-vllm-")
-        with merged(student) as plain:
-            plain.save_pretrained(self.dir.name, safe_serialization=True)
+        with merged(student) as plain, torch.no_grad():  # under the plain names (a LoRA student's merged weights)
+            plain.save_pretrained(self.dir.name, safe_serialization=True,
+                                  state_dict={name: t.clone() for name, t in plain_weights(plain)})
         tokenizer.save_pretrained(self.dir.name)
         dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
         kw: Dict[str, Any] = {}
