@@ -110,6 +110,15 @@ def step_times(run: Path) -> Dict[str, float]:
             "first_step_s": rows[0]["step_s"], "steps": len(rows)}
 
 
+def run_script(script: str) -> Dict[str, Any]:
+    """Run ``script`` (Python printing one JSON line last) in a fresh process (vLLM in it); its JSON."""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def probe(student: Path, url: str, teacher: Path, n_prompts: int = 8, new_tokens: int = 64) -> Dict[str, float]:
     """Seconds to sample ``new_tokens`` for ``n_prompts`` Dolly prompts: switchkd's engine (the student), the
     in-process vLLM engine (the student), the server (the teacher), and switchkd's engine on the teacher."""
@@ -144,11 +153,7 @@ t = time.perf_counter(); served.sample(prompts, {new_tokens}, DecodingConfig(), 
 res["server_teacher"] = time.perf_counter() - t
 print(json.dumps(res))
 '''
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    if out.returncode:
-        raise SystemExit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_script(script)
 
 
 def agreement(student: Path, url: str, teacher: Path, tau0: float, decay: float, n_prompts: int = 32,
@@ -209,11 +214,7 @@ for name, tau0, decay in (("preset", {tau0}, {decay}), ("share53", hi, 0.0)):
                                                             s.split([len(r) for r in responses]))) / len(responses))}}
 print(json.dumps(res))
 '''
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    if out.returncode:
-        raise SystemExit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_script(script)
 
 
 def report(res: Dict[str, Any], out: Path) -> str:

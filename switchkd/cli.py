@@ -186,7 +186,7 @@ def _shrink(args: argparse.Namespace) -> None:
 
 
 def _count(text: str) -> int:
-    from switchkd.prune import parse_count
+    from switchkd.prune_shapes import parse_count
 
     return parse_count(text)
 

@@ -266,7 +266,8 @@ def test_bad_requests_are_one_line_and_write_nothing(tok, tmp_path, capsys):
 
 
 def test_parameter_count_is_the_built_models(tok):
-    from switchkd.prune import check_shape, parameter_count, parameters
+    from switchkd.prune import check_shape, parameters
+    from switchkd.prune_shapes import parameter_count
 
     qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)).eval()
@@ -281,7 +282,8 @@ def test_parameter_count_is_the_built_models(tok):
 
 
 def test_params_picks_a_shape_near_the_budget_by_held_out_cross_entropy(tok, tmp_path, capsys):
-    from switchkd.prune import parameters, shapes_near
+    from switchkd.prune import parameters
+    from switchkd.prune_shapes import shapes_near
 
     model = llama(tok)
     target = parameters(model) * 2 // 3
