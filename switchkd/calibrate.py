@@ -17,6 +17,8 @@ from switchkd.methods.switch import engine_config
 from switchkd.rollout import RolloutConfig, RolloutOutput, rollout
 
 Roll = Callable[[RolloutConfig], RolloutOutput]  # a SWITCH rollout of fixed prompts under a config
+TOLERANCE = 0.01  # a measured share this close to the target ends the search (the share of 8 prompts x 64 tokens
+# moves in steps of ~0.01 between neighbouring tau0s: teacher tokens change the trajectories)
 
 
 def teacher_share(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: RolloutConfig,
@@ -29,10 +31,11 @@ def teacher_share(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: Ro
 
 def calibrate_tau0(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: RolloutConfig, target: float,
                    iters: int = 14, log: Optional[Callable[[str], None]] = None,
-                   roll: Optional[Roll] = None) -> tuple[float, float]:
-    """``(tau0, measured share)`` with the share closest to ``target`` found by bisecting log(tau0)
-    between bounds from a student-only probe's gate values; ``cfg`` gives everything else (schedule,
-    decay, gate, sampling: a greedy ``cfg`` makes the search deterministic)."""
+                   roll: Optional[Roll] = None, tolerance: float = TOLERANCE) -> tuple[float, float]:
+    """``(tau0, measured share)``: the first tau0 whose measured share lies within ``tolerance`` of ``target``, else
+    the closest found, by bisecting log(tau0) between bounds from a student-only probe's gate values (at most
+    ``iters`` bisection rounds); ``cfg`` gives everything else (schedule, decay, gate, sampling: a greedy ``cfg``
+    makes the search deterministic).  ``log`` receives one line per measured round."""
     if not 0.0 < target < 1.0:
         raise ValueError(f"target share must be in (0, 1), got {target}")
     roll = roll or (lambda c: rollout(student, teacher, ids, mask, c))
@@ -42,26 +45,32 @@ def calibrate_tau0(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: R
     if g.numel() == 0:
         raise ValueError("the two models agree exactly on these prompts: no tau0 gives a teacher share")
     lo, hi = math.log(float(g.min()) / 2), math.log(float(g.max()) * 2)
+    best = [math.inf, 0.0, 0.0]  # |share - target|, tau0, share
 
     def share_at(log_tau: float) -> float:
         share = teacher_share(student, teacher, ids, mask, replace(cfg, source="switch", tau0=math.exp(log_tau)), roll)
+        best[:] = min(best, [abs(share - target), math.exp(log_tau), share])
         if log is not None:
-            log(f"calibrate: tau0 {math.exp(log_tau):.4g} -> teacher share {share:.3f}")
+            log(f"calibrate: round {share_at.rounds}: tau0 {math.exp(log_tau):.4g} -> teacher share {share:.3f} "
+                f"(target {target} +- {tolerance})")
+        share_at.rounds += 1
         return share
 
-    best = (math.inf, 0.0, 0.0)
+    share_at.rounds = 1  # type: ignore[attr-defined]
     for end, want_above, step in ((hi, False, 2.0), (lo, True, -2.0)):  # widen the bracket: the share is
         for _ in range(10):  # measured on trajectories that teacher tokens change, so probe bounds can miss
             share = share_at(end)
-            best = min(best, (abs(share - target), math.exp(end), share))
-            if (share >= target) == want_above:
+            if best[0] <= tolerance or (share >= target) == want_above:
                 break
             end += step
+        if best[0] <= tolerance:
+            return best[1], best[2]
         hi, lo = (end, lo) if not want_above else (hi, end)
     for _ in range(iters):
         mid = (lo + hi) / 2
         share = share_at(mid)
-        best = min(best, (abs(share - target), math.exp(mid), share))
+        if best[0] <= tolerance:
+            break
         if share > target:
             lo = mid
         else:
@@ -85,7 +94,8 @@ def ln2_note(tau0: float, decay: float, schedule: str = "exp", gate: str = "jsd"
 
 
 def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int = 8,
-                     log: Optional[Callable[[str], None]] = None, iters: int = 14) -> tuple[float, float]:
+                     log: Optional[Callable[[str], None]] = None, iters: int = 14,
+                     tolerance: float = TOLERANCE) -> tuple[float, float]:
     """``switchkd calibrate``: tau0 for a ``target`` teacher share on the first ``limit`` prompts of
     ``data.dev`` (else ``data.train``), decoded as the config's SWITCH rollouts are (schedule, decay,
     gate, sampling; seeded with ``train.seed``) on one batch of ``batch_size`` at a time."""
@@ -126,7 +136,7 @@ def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int =
                                       kind=cfg.method.switch.cross_gate, shared=(view.s_matched, view.t_matched),
                                       t_max_len=t_max)
     return calibrate_tau0(student, teacher, ids, mask, replace(rcfg, seed=cfg.train.seed), target, iters=iters, log=log,
-                          roll=roll)
+                          roll=roll, tolerance=tolerance)
 
 
 def _cross_view(cfg: Any) -> Any:

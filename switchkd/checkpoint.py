@@ -21,6 +21,7 @@ from accelerate.utils import load as safe_load
 
 from switchkd import distributed
 from switchkd.config import ConfigError, LoraConfig
+from switchkd.model_card import write_card
 from switchkd.models import load_model, with_adapter
 from switchkd.rundir import truncate_metrics
 
@@ -50,6 +51,7 @@ def save_model(trainer: "Trainer", path: Path) -> None:
     else:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
     trainer.tok.save_pretrained(tmp)
+    write_card(tmp, trainer.cfg, trainer.source.settings, trainer.state.step, trainer.out / "metrics.jsonl")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 

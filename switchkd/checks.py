@@ -52,6 +52,7 @@ CANONICAL_FIELDS = ("instruction", "input", "output", "prompt", "messages", "con
 TEMPLATE_FIELDS = {"instruction", "input"}
 PRIMING_FIELDS = {"reference"}
 LOGGERS = ("tensorboard", "wandb")
+NAMED_TEMPLATES = ("auto", "alpaca", "none", "chat")
 TINY_KEYS = ("layers", "dim", "heads", "kv_heads", "ffn", "positions", "seed")
 
 
@@ -72,14 +73,20 @@ def check(cfg: Any, error: Callable[[str], Exception]) -> None:
     bad_loggers = [x for x in cfg.train.loggers if x not in LOGGERS]
     if bad_loggers:
         raise error(f"config error: train.loggers has {bad_loggers[0]!r}; valid: {', '.join(LOGGERS)}")
+    import importlib.util
+
+    missing = [x for x in cfg.train.loggers if importlib.util.find_spec(x) is None]
+    if missing:
+        raise error(f"config error: train.loggers has {missing[0]!r}, which is not installed: pip install "
+                    f"'switchkd[logging]' (or pip install {missing[0]}), or remove it from train.loggers")
     buckets = list(cfg.eval.buckets)
     if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets) or buckets != sorted(set(buckets)):
         raise error(f"config error: eval.buckets={buckets}; expected increasing word counts >= 1")
     if cfg.eval.max_prompt_length >= cfg.eval.max_length:
         raise error("config error: eval.max_prompt_length must be smaller than eval.max_length")
     _check_fields(cfg.data.fields, error)
-    _check_placeholders("data.template", cfg.data.template, TEMPLATE_FIELDS, ("alpaca", "none", "chat"), error)
-    if cfg.data.template not in ("alpaca", "none", "chat") and "instruction" not in set(_placeholders(cfg.data.template)):
+    _check_placeholders("data.template", cfg.data.template, TEMPLATE_FIELDS, NAMED_TEMPLATES, error)
+    if cfg.data.template not in NAMED_TEMPLATES and "instruction" not in set(_placeholders(cfg.data.template)):
         raise error(f"config error: data.template={cfg.data.template!r}: a custom template needs {{instruction}} "
                     "(or use alpaca, chat or none)")
     _check_placeholders("method.priming", cfg.method.priming, PRIMING_FIELDS,

@@ -39,8 +39,10 @@ def _calibrate(args: argparse.Namespace) -> None:
     if cfg.method.source != "switch":
         raise ConfigError(f"{args.config}: method.source is {cfg.method.source!r}; switchkd calibrate finds SWITCH's "
                           "tau0 and needs a SWITCH config (method.source=switch), e.g. smollm2/switch")
+    if not 0.0 <= args.tolerance < 0.5:
+        raise ConfigError(f"--tolerance {args.tolerance}: expected a share difference in [0, 0.5)")
     tau0, share = calibrate_config(cfg, args.target, args.limit, args.batch_size,
-                                   log=lambda line: print(line, file=sys.stderr, flush=True))
+                                   log=lambda line: print(line, file=sys.stderr, flush=True), tolerance=args.tolerance)
     print(f"method.switch.tau0={tau0:.6g}  (measured teacher share {share:.3f}, target {args.target})")
     sw = cfg.method.switch
     note = ln2_note(tau0, sw.decay, sw.schedule, sw.gate)
@@ -74,12 +76,12 @@ def _eval(args: argparse.Namespace) -> None:
 
     import torch
 
-    from switchkd.checks import _check_placeholders
+    from switchkd.checks import NAMED_TEMPLATES, _check_placeholders
     from switchkd.config import DataConfig, EvalConfig, ModelConfig
     from switchkd.evaluate import evaluate, format_table
     from switchkd.models import load_model, load_tokenizer
 
-    _check_placeholders("--template", args.template, {"instruction", "input"}, ("alpaca", "none"), ConfigError)
+    _check_placeholders("--template", args.template, {"instruction", "input"}, NAMED_TEMPLATES, ConfigError)
     ecfg = EvalConfig(limit=args.limit, batch_size=args.batch_size, do_sample=not args.greedy,
                       max_prompt_length=args.max_prompt_length, max_length=args.max_length,
                       max_new_tokens=args.max_new_tokens, metric=args.metric)
@@ -104,7 +106,12 @@ def _eval(args: argparse.Namespace) -> None:
     _check_fields(fields, ConfigError)
     mcfg = ModelConfig(name=args.model, dtype=args.dtype)
     tok = load_tokenizer(mcfg)
+    from switchkd.data import resolve_template
+
+    template = resolve_template(args.template, tok)
     sets = read_sets(args.data, tok, ecfg, DataConfig(template=args.template, fields=fields))  # before the model
+    described = "the model's chat template" if template == "chat" else f"the {template!r} template"
+    print(f"eval: prompts through {described}{' (--template auto)' if args.template == 'auto' else ''}", flush=True)
     model = load_model(mcfg, tok, trainable=False)
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit and args.max_length > limit:
@@ -126,6 +133,28 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"draft for {args.draft_for} on {name}: {d['tokens_per_verification']:.2f} tokens per verification "
               f"(k={d['k']}, {100 * d['acceptance']:.1f}% written by the draft)")
     print(f"wrote {out / 'scores.json'} and {out / 'predictions.jsonl'}")
+
+
+def _answers(args: argparse.Namespace) -> None:
+    from switchkd.answers import answer_all, decoding, show, write_jsonl
+    from switchkd.checks import NAMED_TEMPLATES, _check_fields, _check_placeholders
+    from switchkd.config import DataConfig
+
+    _check_placeholders("--template", args.template, {"instruction", "input"}, NAMED_TEMPLATES, ConfigError)
+    fields = dict(item.partition("=")[::2] for item in args.field)
+    if any(not k or not v for k, v in fields.items()):
+        raise ConfigError(f"--field {args.field}: expected CANONICAL=NAME, e.g. instruction=question")
+    _check_fields(fields, ConfigError)
+    out = Path(args.output) if args.output else None
+    if out is not None and (out.exists() or not out.parent.is_dir()):
+        raise ConfigError(f"--output {out}: {'exists; choose a new file' if out.exists() else 'its folder does not exist'}")
+    ecfg = decoding(not args.sample, args.max_new_tokens, args.max_prompt_length, args.batch_size)
+    examples, answers = answer_all(args.model, args.data, args.limit, ecfg,
+                                   DataConfig(template=args.template, fields=fields), args.dtype, args.seed)
+    show(examples, answers)
+    if out is not None:
+        write_jsonl(out, examples, answers)
+        print(f"wrote {len(examples)} records with {len(answers)} models' answers to {out}", file=sys.stderr)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -181,8 +210,14 @@ def _shrink(args: argparse.Namespace) -> None:
         raise ConfigError("shrink: --even goes with --layers N")
     out, kept = shrink(args.teacher, args.out_dir, layers=args.layers, keep=keep, data=args.data,
                        samples=args.samples)
+    from switchkd.models import saved_parameters
+
     how = " (highest Block Influence)" if args.data else ""
-    print(f"kept decoder blocks {','.join(map(str, kept))}{how}; wrote the student to {out}")
+    count = saved_parameters(out)
+    teacher = saved_parameters(args.teacher) if Path(args.teacher).is_dir() else None
+    size = f"; {count / 1e6:.1f}M parameters" if count else ""
+    size += f" (teacher {teacher / 1e6:.1f}M)" if count and teacher else ""
+    print(f"kept decoder blocks {','.join(map(str, kept))}{how}{size}; wrote the student to {out}")
 
 
 def _count(text: str) -> int:
@@ -281,6 +316,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure the model as a greedy speculative-decoding draft for TEACHER (same tokenizer)")
     e.add_argument("--draft-k", type=positive, default=4, help="draft tokens per verification (default 4)")
     e.set_defaults(func=_eval)
+
+    an = sub.add_parser("answers", help="print several models' answers to the same prompts side by side (each through "
+                        "its own chat template), optionally written as JSONL")
+    an.add_argument("--model", action="append", required=True, help="model directory or hub id; repeat for several")
+    an.add_argument("--data", required=True, help="a JSON/JSONL file in any format training reads, or a built-in suite "
+                    "(synthetic:test, arith:test)")
+    an.add_argument("--limit", type=positive, default=5, help="the first N records (default 5)")
+    an.add_argument("--output", help="also write the records and answers here as JSON Lines (a new file)")
+    an.add_argument("--max-new-tokens", type=positive, default=128, help="answer tokens (default 128)")
+    an.add_argument("--max-prompt-length", type=positive, default=256, help="longer prompts keep their last tokens")
+    an.add_argument("--batch-size", type=positive, default=8, help="prompts per generation batch")
+    an.add_argument("--sample", action="store_true", help="sample at temperature 1 (default: greedy)")
+    an.add_argument("--seed", type=int, default=None, help="the sampling seed")
+    add_flags(an, DataConfig, ("template",))
+    add_flags(an, ModelConfig, ("dtype",))
+    an.add_argument("--field", action="append", default=[], metavar="CANONICAL=NAME",
+                    help="map a canonical field to yours, e.g. --field instruction=question --field output=answer")
+    an.set_defaults(func=_answers)
 
     g = sub.add_parser("generate", help="write the teacher's responses to data.train as a JSONL dataset (SeqKD)")
     g.add_argument("config", help="YAML preset naming teacher and data, e.g. configs/tiny/seqkd.yaml")
@@ -389,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--target", type=float, required=True, help="teacher-written share, e.g. 0.53")
     cal.add_argument("--limit", type=positive, default=32, help="prompts read from data.dev (else data.train)")
     cal.add_argument("--batch-size", type=positive, default=8, help="prompts rolled out per measurement")
+    cal.add_argument("--tolerance", type=float, default=0.01,
+                     help="stop at the first tau0 whose measured share is this close to --target (default 0.01)")
     cal.set_defaults(func=_calibrate)
 
     d = sub.add_parser("demo", help="the built-in end-to-end demo on the synthetic suite")

@@ -78,8 +78,8 @@ class DataConfig:
     dev: Optional[str] = opt(None, "the dev set (same forms as train): dev loss, dev ROUGE-L, best checkpoint")
     format: str = opt("auto", "record format (auto: detected from the fields)", choices=lambda: ("auto", *FORMATS))
     fields: Dict[str, str] = opt(factory=dict, help="canonical field -> your field's name, e.g. {instruction: question}")
-    template: str = opt("alpaca", "prompt template: alpaca, chat (the tokenizer's chat template), none, or a string "
-                        "with {instruction} and {input}")
+    template: str = opt("auto", "prompt template: auto (chat when the tokenizer has a chat template, else alpaca), "
+                        "alpaca, chat (the tokenizer's chat template), none, or a string with {instruction} and {input}")
     max_prompt_length: int = opt(256, "longer prompts are dropped (their count is printed)", rule=COUNT)
     max_length: int = opt(512, "prompt + response tokens; longer responses are cut", rule=ge(2))
     limit: Optional[int] = opt(None, "use the first N examples", rule=optional(COUNT))
@@ -180,7 +180,9 @@ class TrainConfig:
                           "(bounded memory, same loss)", rule=COUNT0)
     eval_every: int = opt(0, "optimizer steps between dev evaluations (0: only at the end)", rule=COUNT0)
     save_every: int = opt(0, "optimizer steps between checkpoints (0: none)", rule=COUNT0)
-    keep_best: bool = opt(True, "final/ is the checkpoint with the best dev ROUGE-L")
+    dev_rouge: int = opt(64, "dev prompts scored by greedy ROUGE-L at each dev evaluation (the first N of the dev set; "
+                         "0: dev loss only, and the best checkpoint is the lowest dev loss)", rule=COUNT0)
+    keep_best: bool = opt(True, "final/ is the checkpoint with the best dev ROUGE-L (train.dev_rouge=0: dev loss)")
     resume: bool = opt(False, "continue from the newest readable checkpoint in output.dir")
     log_every: int = opt(10, "optimizer steps between log lines", rule=COUNT)
     loggers: List[str] = opt(factory=list, help="tensorboard and/or wandb (when installed)")
@@ -210,6 +212,9 @@ class OutputConfig:
     dir: str = opt("runs/default", "the run directory (config.yaml, metrics.jsonl, checkpoints/, best/, final/)")
     merge: bool = opt(False, "with model.lora: final/ (and best/) also hold the merged model")
     overwrite: bool = opt(False, "replace a finished or interrupted run in dir (else refused unless train.resume)")
+    push_to_hub: Optional[str] = opt(None, "a Hugging Face Hub repository id: final/ (with its model card) is uploaded "
+                                     "there at the end (needs hub access and a token: hf auth login or HF_TOKEN)")
+    hub_private: bool = opt(True, "with push_to_hub: create the repository private")
 
 
 @dataclass

@@ -136,11 +136,22 @@ def render_prompt(template: str, instruction: str, inp: str) -> str:
     return template.format(instruction=instruction, input=inp)
 
 
+def resolve_template(template: str, tokenizer: Any) -> str:
+    """``data.template`` with ``auto`` resolved: ``chat`` when ``tokenizer`` has a chat template, else ``alpaca``."""
+    if template != "auto":
+        return template
+    return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+
+
 def to_example(row: Dict[str, Any], fmt: str, cfg: DataConfig, tokenizer: Any, where: str) -> Example:
     """Normalise one record of format ``fmt`` into an :class:`Example`."""
     missing = [k for k in FORMATS[fmt] if k not in row]
     if missing:
-        raise ConfigError(f"{where}: missing field '{missing[0]}' for format {fmt} (required: {', '.join(FORMATS[fmt])})")
+        raise ConfigError(f"{where}: missing field '{missing[0]}' for format {fmt} (required: {', '.join(FORMATS[fmt])}; "
+                          f"the record has {', '.join(sorted(map(str, row))) or 'none'}): map your field names with "
+                          "data.fields, e.g. data.fields={instruction: question, output: answer} (eval: --field "
+                          "instruction=question), or set data.format (auto detects minillm, dolly, and messages / "
+                          "ShareGPT conversations)")
     meta = {k: row[k] for k in ("topic", "category") if k in row}
     if fmt == "messages":
         msgs = row["messages"]
@@ -165,9 +176,10 @@ def to_example(row: Dict[str, Any], fmt: str, cfg: DataConfig, tokenizer: Any, w
     refs = list(out) if isinstance(out, list) else [out]
     if not refs or not all(isinstance(r, str) for r in refs):
         raise ConfigError(f"{where}: the reference answer must be a string or a non-empty list of strings")
-    if cfg.template == "alpaca" and isinstance(row.get("prompt"), str):
+    template = resolve_template(cfg.template, tokenizer)
+    if template == "alpaca" and isinstance(row.get("prompt"), str):
         prompt = row["prompt"]
-    elif cfg.template == "chat":  # one user turn through the tokenizer's chat template
+    elif template == "chat":  # one user turn through the tokenizer's chat template
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(f"{where}: data.template=chat needs a tokenizer with a chat template; this one has none "
                               "(use data.template=alpaca or none)")
@@ -175,13 +187,22 @@ def to_example(row: Dict[str, Any], fmt: str, cfg: DataConfig, tokenizer: Any, w
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                                add_generation_prompt=True)
     else:
-        prompt = render_prompt(cfg.template, instruction, inp)
-    return Example(prompt=prompt, references=refs, instruction=instruction, meta=meta)
+        prompt = render_prompt(template, instruction, inp)
+    return Example(prompt=prompt, references=refs, instruction=instruction, meta=meta, context=inp)
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 def _remap(row: Dict[str, Any], fields: Dict[str, str]) -> Dict[str, Any]:
-    """Add canonical field names from the user's mapping ``{canonical: source}``."""
-    return row | {canon: row[src] for canon, src in fields.items() if src in row}
+    """Add canonical field names from the user's mapping ``{canonical: source}``; a ShareGPT record
+    (``conversations``: ``[{from, value}]``) also gets ``messages`` (``[{role, content}]``)."""
+    row = row | {canon: row[src] for canon, src in fields.items() if src in row}
+    turns = row.get("conversations")
+    if "messages" not in row and isinstance(turns, list) and all(isinstance(t, dict) and "from" in t for t in turns):
+        row["messages"] = [{"role": SHAREGPT_ROLES.get(str(t["from"]), str(t["from"])), "content": t.get("value")}
+                           for t in turns]
+    return row
 
 
 def load_examples(source: str, cfg: DataConfig, tokenizer: Any, limit: Optional[int] = None) -> List[Example]:

@@ -15,12 +15,14 @@ with the rejected columns masked as holes, as in :mod:`switchkd.speculative`), a
   temperature 1 and no top-k/top-p, which the MiniLLM source requires for this loop).  The student's
   log-probability of every token is recorded (MiniLLM's ``q_old``).
 
-With the teacher on a vLLM server (:class:`switchkd.served.ServedTeacher`), its distributions over a block come
-from ``prompt_logprobs`` on the row's prefix and drafts: its top ``teacher.top_k`` log-probabilities and a tail
-bucket; the gate compares the two models over those k + 1 outcomes (:func:`switchkd.divergences.with_tail`) and SKD's
-rank is exact while its K is at most ``teacher.top_k``.  The teacher's tokens are sampled by the server (greedy:
-its top-1).  The served gate approximates the exact one: docs/benchmarks.md measures how often they agree on the
-real pair.
+With the teacher on a vLLM server (:class:`switchkd.served.ServedTeacher`), its distribution at each drafted position
+comes from one sampled step after the row's prefix and the drafts before it
+(:meth:`~switchkd.served.ServedTeacher.next_tokens`: its top ``teacher.top_k`` raw log-probabilities and a tail
+bucket; short requests that reuse vLLM's prefix cache, where ``prompt_logprobs`` over the whole sequence would
+recompute it); the gate compares the two models over those k + 1 outcomes (:func:`switchkd.divergences.with_tail`)
+and SKD's rank is exact while its K is at most ``teacher.top_k``.  The teacher's token where it writes is the token
+that same step sampled with the run's settings (greedy: its top-1).  The served gate approximates the exact one:
+docs/benchmarks.md measures how often they agree on the real pair.
 """
 
 from __future__ import annotations
@@ -88,23 +90,27 @@ def drafted_rollout(drafter: Any, student: Any, teacher: Any, input_ids: Tensor,
         forwards["drafts"] += 1
         q = verify(student_stepper, pending, drafts)  # [B, block, V]
         positions = decided[:, None] + torch.arange(block, device=device)
-        teacher_logits = None
+        teacher_logits, served_tokens = None, None
         if mixed:
             gate = torch.full(drafts.shape, float("nan"), device=device)
             exceed = torch.rand(drafts.shape, generator=generator).to(device) < cfg.teacher_mix
             if not served:
                 teacher_logits = verify(teacher_stepper, pending, drafts)
         elif served:
-            gate, exceed = _served_gate(teacher, teacher_prefixes, drafts, q, positions, active, cfg)
+            seed = int(torch.randint(2 ** 30, (), generator=generator))
+            gate, exceed, served_tokens = _served_gate(teacher, teacher_prefixes, drafts, q, positions, active, cfg, seed)
         else:
             teacher_logits = verify(teacher_stepper, pending, drafts)
             gate, exceed = switch_gate(q, teacher_logits, positions, cfg, gate_fn,
                                        drafts if cfg.gate in TOKEN_GATES else None)
 
         def teacher_token(first: Tensor, hit: Tensor, logits: Optional[Tensor] = teacher_logits,
-                          drafts: Tensor = drafts, active: Tensor = active) -> Tensor:
+                          drafts: Tensor = drafts, active: Tensor = active,
+                          sampled: Optional[Tensor] = served_tokens) -> Tensor:
             if logits is not None:
                 return choose(logits[torch.arange(B, device=device), first])
+            if sampled is not None:
+                return sampled[torch.arange(B, device=device), first]
             return _served_tokens(teacher, teacher_prefixes, drafts, first, hit & active, cfg, pad, generator, device)
 
         tokens, by_teacher, n_decided = decide(exceed, drafts, teacher_token, active, N - decided, eos_ids)
@@ -150,22 +156,28 @@ def _draft(drafter: Any, prefixes: List[List[int]], active: Tensor, block: int, 
 
 
 def _served_gate(teacher: Any, prefixes: List[List[int]], drafts: Tensor, q: Tensor, positions: Tensor,
-                 active: Tensor, cfg: RolloutConfig) -> tuple[Tensor, Tensor]:
-    """The gate against a served teacher's top k + tail over a drafted block: ``(gate [B, block], exceed [B, block])``
-    (inactive rows: gate NaN, never exceeding)."""
+                 active: Tensor, cfg: RolloutConfig, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The gate against a served teacher's top k + tail over a drafted block, from one sampled step per drafted
+    position (:meth:`switchkd.served.ServedTeacher.next_tokens` after the row's prefix and the drafts before it).
+
+    Returns:
+        ``(gate [B, block], exceed [B, block], teacher_tokens [B, block])``: inactive rows' gate NaN, never exceeding;
+        the server's sampled token at every position (the teacher's token wherever it writes).
+    """
     from switchkd.divergences import TopKTail, with_tail
 
     B, block, vocab = q.shape
-    rows = active.nonzero().flatten().tolist()
-    answers = teacher.logprobs([prefixes[b] + drafts[b].tolist() for b in rows])
     k = teacher.top_k
+    rows = active.nonzero().flatten().tolist()
+    where = [(b, j) for b in rows for j in range(block)]
+    answers = teacher.next_tokens([prefixes[b] + drafts[b, :j].tolist() for b, j in where], cfg, cfg.eos_token_id,
+                                  seed=seed)
     ids = torch.zeros(B, block, k, dtype=torch.long)
     logp = torch.full((B, block, k), -float(torch.log(torch.tensor(float(vocab)))))
-    for b, row in zip(rows, answers):
-        start = len(prefixes[b])
-        ids[b] = torch.tensor(row.ids[start:start + block], dtype=torch.long)
-        logp[b] = torch.tensor(row.logp[start:start + block], dtype=torch.float32)
-    ids, logp = ids.to(q.device), logp.to(q.device)
+    tokens = torch.zeros(B, block, dtype=torch.long)
+    for (b, j), (token, top, values) in zip(where, answers):
+        ids[b, j], logp[b, j], tokens[b, j] = torch.tensor(top), torch.tensor(values, dtype=torch.float32), token
+    ids, logp, tokens = ids.to(q.device), logp.to(q.device), tokens.to(q.device)
     if cfg.gate in TOKEN_GATES:  # SKD: the draft's rank among the teacher's top k (k: outside them)
         match = ids == drafts[..., None]
         gate = torch.where(match.any(-1), match.float().argmax(-1), float(k)).to(q.dtype)
@@ -178,7 +190,7 @@ def _served_gate(teacher: Any, prefixes: List[List[int]], drafts: Tensor, q: Ten
         gate, exceed = switch_gate(lq.reshape(B, block, k + 1), lp.reshape(B, block, k + 1), positions, cfg,
                                    lambda s, t: gate_fn(s, t))
     nan = torch.full_like(gate, float("nan"))
-    return torch.where(active[:, None], gate, nan), exceed & active[:, None]
+    return torch.where(active[:, None], gate, nan), exceed & active[:, None], tokens
 
 
 def _served_tokens(teacher: Any, prefixes: List[List[int]], drafts: Tensor, first: Tensor, hit: Tensor,

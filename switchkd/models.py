@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
@@ -97,6 +98,16 @@ def _local_path_missing(name: str) -> bool:
     return looks_local and not Path(name).expanduser().exists()
 
 
+def check_name(name: str) -> None:
+    """A model name that cannot be a model: a missing local path, a file (a GGUF file: what to run)."""
+    if _local_path_missing(name):
+        raise ConfigError(f"model {name!r}: no such local directory")
+    if Path(name).expanduser().is_file():
+        fix = ("a GGUF file: convert it with switchkd convert gguf FILE.gguf DIR and use DIR" if name.endswith(".gguf")
+               else "expected a model directory (config.json, weights, tokenizer) or a hub id")
+        raise ConfigError(f"model {name!r} is a file: {fix}")
+
+
 @contextlib.contextmanager
 def unreadable(what: str) -> Iterator[None]:
     """Turn a failure to read a model's files (missing, truncated or garbage weights, a config.json of the wrong
@@ -110,14 +121,24 @@ def unreadable(what: str) -> Iterator[None]:
         if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise ConfigError(f"{what}: cannot load ({type(exc).__name__}: {first})") from None
+        raise ConfigError(f"{what}: cannot load ({type(exc).__name__}: {first}){_hint(str(exc))}") from None
+
+
+def _hint(text: str) -> str:
+    """What to do about a load failure users commonly meet: a hub id without hub access, a GGUF file."""
+    lowered = text.lower()
+    if "huggingface.co" in lowered or "offline" in lowered or "hf_hub_offline" in lowered:
+        return ("; the Hugging Face Hub is not reachable: point the config at a local model directory (teacher.name=DIR "
+                "or model.name=DIR; switchkd convert gguf FILE.gguf DIR makes one from a GGUF file)")
+    if "gguf" in lowered:
+        return "; a GGUF file: convert it with switchkd convert gguf FILE.gguf DIR and use DIR"
+    return ""
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer for ``cfg``, left-padded, with a pad token."""
     name = cfg.tokenizer or cfg.name
-    if _local_path_missing(name):
-        raise ConfigError(f"model {name!r}: no such local directory")
+    check_name(name)
     if name.startswith("tiny:"):
         tok = tiny_tokenizer()
     else:
@@ -174,8 +195,7 @@ def add_lora(model: PreTrainedModel, lora: LoraConfig, base_name: str) -> Any:
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, trainable: bool = True) -> PreTrainedModel:
     """Load (or build) the model, merging ``cfg.adapter`` (or the adapter that ``cfg.name`` is);
     a non-trainable model is frozen and in eval mode."""
-    if _local_path_missing(cfg.name):
-        raise ConfigError(f"model {cfg.name!r}: no such local directory")
+    check_name(cfg.name)
     base = adapter_base(cfg.name) if not cfg.name.startswith("tiny:") else None
     if base is not None:  # a saved LoRA adapter: its base, with the adapter merged
         model = with_adapter(load_model(replace(cfg, name=base, adapter=None), tokenizer), cfg.name)
@@ -245,3 +265,19 @@ def drop_layers(src: str, keep: Sequence[int], dst: Path) -> Path:
         return shrink(src, dst, keep=list(keep))[0]
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
+
+
+def saved_parameters(directory: str | Path) -> Optional[int]:
+    """The number of parameters in a saved model directory's safetensors files (tied weights stored once, counted
+    once), read from the files' headers; None when it has none."""
+    from safetensors import safe_open
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                total += math.prod(handle.get_slice(key).get_shape())
+    return total

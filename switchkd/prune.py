@@ -377,8 +377,7 @@ def calibration_sequences(data: str, tokenizer: Any, samples: int, max_length: i
     from switchkd.config import DataConfig
     from switchkd.data import load_examples, tokenize
 
-    template = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
-    examples = load_examples(data, DataConfig(template=template), tokenizer, samples)
+    examples = load_examples(data, DataConfig(template="auto"), tokenizer, samples)
     items, _ = tokenize(examples, tokenizer, max(1, max_length // 2), max_length)
     sequences = [x.prompt + x.response for x in items if x.prompt or x.response]
     if not sequences:

@@ -25,3 +25,4 @@ class Example:
     references: List[str]
     instruction: str = ""
     meta: Dict[str, Any] = field(default_factory=dict)
+    context: str = ""  # the record's input / context, when it has one

@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from switchkd.config import ConfigError
 
@@ -236,32 +236,78 @@ class ServedTeacher:
         return out.to(batch.device)
 
     # -- sampling --
+    def _sampling(self, max_new_tokens: int, decoding: Any, eos: List[int]) -> Dict[str, Any]:
+        """The ``/v1/completions`` sampling fields for ``decoding``'s settings (greedy: temperature 0)."""
+        greedy = not decoding.do_sample
+        return {"model": self.model, "max_tokens": int(max_new_tokens), "temperature": 0.0 if greedy else decoding.temperature,
+                "top_p": 1.0 if greedy else decoding.top_p, "top_k": -1 if greedy or not decoding.top_k else decoding.top_k,
+                "stop_token_ids": eos, "ignore_eos": False, "skip_special_tokens": False, "return_token_ids": True,
+                "logprobs": None}
+
+    def _choice(self, payload: Dict[str, Any]) -> Dict[str, Any]:
+        """The one choice of a single-prompt ``/v1/completions`` request, with its ``token_ids``."""
+        choice = (self.request("/v1/completions", payload).get("choices") or [{}])[0]
+        if choice.get("token_ids") is None:
+            raise ServerError(f"teacher.server={self.url}: /v1/completions returned no token_ids; expected "
+                              "vLLM 0.10 or newer")
+        return choice
+
     def sample(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, decoding: Any, eos_token_id: Any,
                seed: Optional[int] = None) -> List[List[int]]:
         """Responses to ``prompts`` (token lists) sampled by the server with ``decoding``'s settings
         (do_sample, temperature, top_k, top_p), at most ``max_new_tokens`` tokens, ending at EOS (kept) or the
         budget.  ``seed`` makes the server's sampling repeatable."""
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-        greedy = not decoding.do_sample
-        base = {"model": self.model, "max_tokens": int(max_new_tokens), "temperature": 0.0 if greedy else decoding.temperature,
-                "top_p": 1.0 if greedy else decoding.top_p, "top_k": -1 if greedy or not decoding.top_k else decoding.top_k,
-                "stop_token_ids": eos, "ignore_eos": False, "skip_special_tokens": False, "return_token_ids": True,
-                "logprobs": None}
+        base = self._sampling(max_new_tokens, decoding, eos)
 
         def one(i: int) -> List[int]:  # one request per row: vLLM seeds every prompt of a request alike
             payload = dict(base, prompt=list(map(int, prompts[i])))
             if seed is not None:
                 payload["seed"] = int(seed + i) % (2 ** 31)
-            answer = self.request("/v1/completions", payload)
-            choice = (answer.get("choices") or [{}])[0]
-            toks = choice.get("token_ids")
-            if toks is None:
-                raise ServerError(f"teacher.server={self.url}: /v1/completions returned no token_ids; expected "
-                                  "vLLM 0.10 or newer")
-            toks = list(toks)[:max_new_tokens]
+            choice = self._choice(payload)
+            toks = list(choice["token_ids"])[:max_new_tokens]
             if choice.get("finish_reason") == "stop" and eos and (not toks or toks[-1] not in eos):
                 toks = toks + [eos[0]]  # a stop token left out of the answer: the response keeps its EOS
             return toks[:max_new_tokens]
+
+        return self._map(one, list(range(len(prompts))))
+
+    def next_tokens(self, prompts: Sequence[Sequence[int]], decoding: Any, eos_token_id: Any,
+                    seed: Optional[int] = None) -> List[Tuple[int, List[int], List[float]]]:
+        """One step after each prompt: the token the server samples with ``decoding``'s settings and the teacher's
+        top ``top_k`` next-token log-probabilities there (vLLM's raw log-probabilities, before temperature and
+        truncation: the same numbers as ``prompt_logprobs``).
+
+        One short request per prompt (concurrent): unlike ``prompt_logprobs``, which vLLM computes over the whole
+        prompt without its prefix cache, a sampled step reuses the cached prefix, so a drafted block costs a few
+        tokens of prefill per position instead of every row's whole sequence.
+
+        Returns:
+            Per prompt ``(token, ids [top_k], logp [top_k])``, the ids by descending log-probability.
+        """
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        base = dict(self._sampling(1, decoding, eos), logprobs=self.top_k, return_tokens_as_token_ids=True)
+
+        def one(i: int) -> Tuple[int, List[int], List[float]]:
+            payload = dict(base, prompt=list(map(int, prompts[i])))
+            if seed is not None:
+                payload["seed"] = int(seed + i) % (2 ** 31)
+            try:
+                choice = self._choice(payload)
+            except ServerError as exc:
+                if "logprobs" in str(exc):
+                    raise ServerError(f"teacher.server={self.url}: the server returns fewer than teacher.top_k="
+                                      f"{self.top_k} log-probabilities ({_tail(str(exc))}); restart it with "
+                                      f"--max-logprobs {self.top_k} or more") from None
+                raise
+            toks = list(choice["token_ids"]) or [eos[0] if eos else 0]
+            top = ((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0] or {}
+            ranked = sorted(((int(str(t).rsplit(":", 1)[-1]), float(v)) for t, v in top.items()), key=lambda x: -x[1])
+            if len(ranked) < self.top_k:
+                raise ServerError(f"teacher.server={self.url}: {len(ranked)} log-probabilities for a sampled token, "
+                                  f"fewer than teacher.top_k={self.top_k}")
+            ranked = ranked[:self.top_k]
+            return int(toks[0]), [t for t, _ in ranked], [max(v, -1e30) if math.isfinite(v) else -1e30 for _, v in ranked]
 
         return self._map(one, list(range(len(prompts))))
 

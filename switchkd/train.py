@@ -138,8 +138,7 @@ class Trainer:
             read_meta(cfg.method.teacher_cache, cfg)  # its files are checked before any model loads
         self.cache = TeacherCache(cfg.method.teacher_cache) if cfg.method.teacher_cache else None
         lm_texts = read_texts(cfg.method.lm_data) if cfg.method.lm_data else None  # its mistakes before the models load
-        trackers = [t for t in cfg.train.loggers if _installed(t)]
-        self.acc = distributed.make_accelerator(cfg, trackers)
+        self.acc = distributed.make_accelerator(cfg, list(cfg.train.loggers))  # installed: checked with the config
         self.sharded = distributed.kind(self.acc) != "replicated"
         set_seed(cfg.train.seed)
         self.cross, self.teacher_tok = self._cross_view()
@@ -168,7 +167,7 @@ class Trainer:
         self.total = cfg.train.max_steps or per_epoch * cfg.train.epochs
         opt = torch.optim.AdamW(param_groups(self.student, cfg.train.weight_decay), lr=cfg.train.lr,
                                 betas=tuple(cfg.train.betas))
-        sched = get_scheduler(cfg.train.scheduler, opt, num_warmup_steps=cfg.train.warmup_steps,
+        sched = get_scheduler(scheduler_name(cfg.train), opt, num_warmup_steps=cfg.train.warmup_steps,
                               num_training_steps=self.total)
         if distributed.kind(self.acc) == "zero3":
             distributed.configure_deepspeed(self.acc, cfg)
@@ -200,7 +199,7 @@ class Trainer:
             print(to_yaml(cfg), stats.line("train"), sep="\n", flush=True)
             if self.acc.num_processes > 1:
                 print(distributed.describe(self.acc, self.sharded, self.teacher_engine), flush=True)
-        if trackers:
+        if cfg.train.loggers:
             self.acc.init_trackers("switchkd", config=json.loads(json.dumps(asdict(cfg), default=str)))
 
     def _cross_view(self) -> tuple:
@@ -304,9 +303,13 @@ class Trainer:
                 rec["dev_ce"] = self._dev_loss(cross_entropy=True)
             if self.source.validation == "eval_every":
                 self.source.on_validation(rec["dev_ce"] if self.source.dev_metric == "cross_entropy" else rec["dev_loss"])
-            rec["dev_rougeL"] = self._evaluate_dev()
-        if self.state.step % max(cfg.train.log_every, 1) == 0 or last or "dev_rougeL" in rec or "dev_ce_epoch" in rec:
+            if cfg.train.dev_rouge:
+                rec["dev_rougeL"] = self._evaluate_dev()
+        if self.state.step % max(cfg.train.log_every, 1) == 0 or last or "dev_loss" in rec or "dev_ce_epoch" in rec:
             self._log(rec | self.source.stats())
+        if "dev_loss" in rec:  # logged first: best/'s model card lists this evaluation too
+            self._keep_if_best(rec["dev_rougeL"] if cfg.train.dev_rouge else -rec["dev_loss"])
+            self._announce(rec)
 
     def _with_cache(self, batch: Batch) -> Batch:
         """Attach the cached teacher targets (``teacher_selected``, a sparse ``TopK``) when a cache is in use, or
@@ -343,7 +346,8 @@ class Trainer:
         if cross_entropy or (self.teacher is None and kd_weight(method) > 0):  # a cached teacher covers train only: dev CE
             method = replace(method, kd_ratio=0.0)
         needs_teacher = kd_weight(method) > 0
-        for i in range(0, len(items), self.cfg.train.batch_size):
+        starts = range(0, len(items), self.cfg.train.batch_size)
+        for i in tqdm(starts, desc="dev loss", leave=False, disable=not self.acc.is_main_process or len(starts) < 4):
             b = collate(items[i:i + self.cfg.train.batch_size], self.tok.pad_token_id).to(self.acc.device)
             b = self.cross.apply(b) if self.cross is not None else b  # (a teacher cache covers train only)
             t = teacher_targets(self.teacher, b, self.vocab) if needs_teacher else None
@@ -354,19 +358,35 @@ class Trainer:
         return sum(means) / max(len(means), 1) if batch_mean else total / max(n, 1)
 
     def _evaluate_dev(self) -> float:
-        """Greedy dev ROUGE-L (main process; every process when the student is sharded, since its
-        forwards are collective); saves ``best/`` when it improves."""
+        """Greedy ROUGE-L on the first ``train.dev_rouge`` dev prompts (main process; every process when the student is
+        sharded, since its forwards are collective)."""
         score, runs = 0.0, self.acc.is_main_process or self.sharded
         if runs:
             model = self.acc.unwrap_model(self.student).eval()
             ecfg = replace(self.cfg.eval, do_sample=False)
-            texts = generate_texts(model, self.tok, [e.prompt for e in self.dev], ecfg, None, desc="dev")
-            score = sum(rouge_l(t, e.references) for t, e in zip(texts, self.dev)) / len(self.dev)
-            if self.cfg.train.keep_best and (self.state.best is None or score > self.state.best):
-                self.state.best, self.state.best_step = score, self.state.step
-                checkpoint.save_model(self, self.out / "best")
+            dev = self.dev[:self.cfg.train.dev_rouge]
+            texts = generate_texts(model, self.tok, [e.prompt for e in dev], ecfg, None, desc="dev ROUGE-L")
+            score = sum(rouge_l(t, e.references) for t, e in zip(texts, dev)) / len(dev)
         self.acc.wait_for_everyone()
         return score
+
+    def _keep_if_best(self, score: float) -> None:
+        """Save ``best/`` when ``score`` (higher is better: dev ROUGE-L, or minus the dev loss) beats the best so far."""
+        if self.cfg.train.keep_best and (self.state.best is None or score > self.state.best):
+            self.state.best, self.state.best_step = score, self.state.step
+            if self.acc.is_main_process or self.sharded:
+                checkpoint.save_model(self, self.out / "best")
+        self.acc.wait_for_everyone()
+
+    def _announce(self, rec: Dict[str, Any]) -> None:
+        """Print a dev evaluation's figures as soon as they are computed (main process)."""
+        if not self.acc.is_main_process:
+            return
+        parts = [f"loss {rec['dev_loss']:.4f}"] + ([f"CE {rec['dev_ce']:.4f}"] if "dev_ce" in rec else [])
+        if "dev_rougeL" in rec:
+            parts.append(f"ROUGE-L {rec['dev_rougeL']:.2f} ({min(self.cfg.train.dev_rouge, len(self.dev))} prompts)")
+        best = f"; best so far: step {self.state.best_step}" if self.cfg.train.keep_best and self.state.best_step >= 0 else ""
+        tqdm.write(f"step {self.state.step}/{self.total} dev ({len(self.dev_items)} examples): {', '.join(parts)}{best}")
 
     def _log(self, rec: Dict[str, Any]) -> None:
         if self.acc.is_main_process:
@@ -382,17 +402,25 @@ class Trainer:
             if self.acc.is_main_process:  # (sharded: every process decides alike from the state)
                 shutil.rmtree(final, ignore_errors=True)
                 shutil.copytree(best, final)
+                by = f"dev ROUGE-L {self.state.best:.2f}" if self.cfg.train.dev_rouge else f"dev loss {-self.state.best:.4f}"
+                tqdm.write(f"final/ is the best dev checkpoint: step {self.state.best_step} ({by})")
         elif self.acc.is_main_process or self.sharded:
             checkpoint.save_model(self, final)
         self.acc.wait_for_everyone()
         self.acc.end_training()
+        if self.cfg.output.push_to_hub and self.acc.is_main_process:
+            from switchkd.model_card import push
+
+            tqdm.write(f"final/ uploaded to {push(final, self.cfg.output.push_to_hub, self.cfg.output.hub_private)}")
         return final
 
 
-def _installed(tracker: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec({"tensorboard": "tensorboard", "wandb": "wandb"}.get(tracker, tracker)) is not None
+def scheduler_name(train_cfg: Any) -> str:
+    """transformers' schedule for ``train.scheduler``: ``constant`` with ``train.warmup_steps`` warms up linearly first
+    (transformers' ``constant`` ignores warm-up; LMOps' ``constant_trm`` warms up, then holds)."""
+    if train_cfg.scheduler == "constant" and train_cfg.warmup_steps:
+        return "constant_with_warmup"
+    return train_cfg.scheduler
 
 
 def train(cfg: Config) -> Path:

@@ -38,3 +38,25 @@ def test_calibrate_cli_and_presets(capsys):
     share = float(line.split("measured teacher share ")[1].split(",")[0])
     assert 0.2 < share < 0.8
     assert main(["calibrate", "tiny/switch", "--target", "1.5"]) == 2
+
+
+def test_calibrate_stops_at_the_first_share_within_tolerance_and_logs_every_round(capsys):
+    """The CLI logs one line per measured round with its share, and the search ends at the first round whose share
+    is within --tolerance of the target (counted, not timed); a tolerance of 0.49 ends it at the first round."""
+    import re
+
+    from switchkd.cli import main
+
+    common = ["calibrate", "tiny/switch", "method.max_new_tokens=16", "data.synthetic_size=16", "--target", "0.5",
+              "--limit", "4", "--batch-size", "4"]
+    assert main([*common, "--tolerance", "0.05"]) == 0
+    captured = capsys.readouterr()
+    rounds = re.findall(r"calibrate: round (\d+): tau0 \S+ -> teacher share ([\d.]+)", captured.err)
+    shares = [float(s) for _, s in rounds]
+    assert [int(r) for r, _ in rounds] == list(range(1, len(rounds) + 1))
+    assert abs(shares[-1] - 0.5) <= 0.05 and all(abs(s - 0.5) > 0.05 for s in shares[:-1])
+    assert f"measured teacher share {shares[-1]:.3f}" in captured.out
+    assert main([*common, "--tolerance", "0.49"]) == 0
+    assert capsys.readouterr().err.count("calibrate: round") == 1
+    assert main([*common, "--tolerance", "0.7"]) == 2
+    assert "--tolerance 0.7" in capsys.readouterr().err

@@ -59,16 +59,14 @@ class TopKServer:
     def __init__(self, model, top_k: int) -> None:
         self.model, self.top_k = model, top_k
 
-    def logprobs(self, sequences, k=None):
-        from types import SimpleNamespace
-
-        rows = []
-        for seq in sequences:
+    def next_tokens(self, prompts, decoding, eos_token_id, seed=None):
+        out = []
+        for p in prompts:
             with torch.no_grad():
-                lp = torch.log_softmax(self.model(torch.tensor([seq])).logits[0].double(), -1)
-            top = lp.topk(self.top_k, -1)
-            rows.append(SimpleNamespace(ids=[[]] + top.indices[:-1].tolist(), logp=[[]] + top.values[:-1].tolist()))
-        return rows
+                lp = torch.log_softmax(self.model(torch.tensor([p])).logits[0, -1].double(), -1)
+            top = lp.topk(self.top_k)
+            out.append((int(lp.argmax()), top.indices.tolist(), top.values.tolist()))
+        return out
 
     def sample(self, prompts, max_new_tokens, decoding, eos_token_id, seed=None):
         with torch.no_grad():

@@ -198,7 +198,7 @@ def test_grad_accum_holds_distinct_rollouts_per_step_and_ppo_moves_the_ratio(tmp
     cfg = load_config(ROOT / "configs/tiny/minillm.yaml", [
         f"output.dir={tmp_path}", "train.max_steps=3", "train.grad_accum=2", "train.batch_size=2",
         "method.minillm.ppo_epochs=2", "data.synthetic_size=48", "method.max_new_tokens=10", "data.dev=null",
-        "train.lr=1e-2", "train.scheduler=constant"])
+        "train.lr=1e-2", "train.scheduler=constant", "train.warmup_steps=0"])
     tr = Trainer(cfg)
     seen, draws = [], []
     step_batches = tr.source.step_batches

@@ -125,6 +125,27 @@ def test_served_greedy_samples_equal_hf_generate(vllm_server):
     assert again[0] != again[1] or prompts[0] == prompts[1]
 
 
+def test_served_next_tokens_give_the_teachers_top_k_and_its_token(vllm_server):
+    """One sampled step per prompt (the served SWITCH gate's request): the top 20 raw log-probabilities equal the
+    in-process teacher's at the prompt's end (also at temperature 2: raw, before temperature), greedy gives its
+    argmax, and a seeded sampled step is repeatable."""
+    url, teacher_dir = vllm_server
+    tok, model = _tok(teacher_dir), _model(teacher_dir)
+    served = ServedTeacher(url, tok, top_k=20)
+    served.check(len(tok))
+    prompts = _batch(tok).prompts()
+    for decoding in (DecodingConfig(do_sample=False), DecodingConfig(temperature=2.0, top_k=0, top_p=1.0)):
+        got = served.next_tokens(prompts, decoding, tok.eos_token_id, seed=3)
+        for p, (token, ids, logp) in zip(prompts, got):
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([p])).logits[0, -1], -1)
+            assert (torch.tensor(logp) - lp.topk(20).values).abs().max() <= 1e-4
+            assert (torch.tensor(logp) - lp[torch.tensor(ids)]).abs().max() <= 1e-4
+            if not decoding.do_sample:
+                assert token == int(lp.argmax())
+    assert got == served.next_tokens(prompts, decoding, tok.eos_token_id, seed=3)
+
+
 #: DistiLLM with student samples from the first step, its dev CE measured on a small dev set
 DISTILLM = ["method.distillm.init_student_prob=1.0", "data.dev=synthetic:dev", "eval.limit=4",
             "method.distillm.validate=eval_every", "method.distillm.dev_limit=4", "train.eval_every=2"]
@@ -242,88 +263,82 @@ def test_a_url_that_is_not_a_vllm_server_is_one_line(vllm_server, tmp_path, caps
     assert "not a vLLM OpenAI-compatible server" in line
 
 
-class _Proxy:
-    """An HTTP forwarder on 127.0.0.1 in front of the suite's real server.  It stops listening (connection refused,
-    as a dead server) after serving ``budget`` batched target requests (``prompt_logprobs`` over several prompts:
-    a training step's), and can be started again on the same port."""
+class _Server:
+    """A second real vLLM server of the suite's teacher on 127.0.0.1:``port``, in its own process group, that a test
+    can kill (SIGKILL: connections refused, as from a crashed server) and start again on the same port."""
 
-    def __init__(self, upstream: str, port: int, budget: int | None = None) -> None:
-        import http.server
-        import threading
+    def __init__(self, teacher: Path, port: int, log: Path) -> None:
+        from tests.vllm_models import server_command
+
+        self.url, self.log = f"http://127.0.0.1:{port}", log
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+        self.proc = subprocess.Popen(server_command(teacher, port), stdout=open(log, "ab"),  # noqa: SIM115
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def wait(self, seconds: float = 400.0) -> None:
+        import time
         import urllib.request
 
-        proxy = self
+        deadline = time.time() + seconds
+        while time.time() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=5) as r:
+                    if json.loads(r.read()).get("data"):
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.kill()
+        pytest.fail(f"the second vLLM server did not start: {self.log.read_bytes()[-2000:].decode(errors='replace')}")
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):  # noqa: ANN002
-                pass
+    def kill(self) -> None:
+        import signal
 
-            def _forward(self, body: bytes | None) -> None:
-                req = urllib.request.Request(upstream + self.path, data=body, headers={"Content-Type": "application/json"})
-                try:
-                    with urllib.request.urlopen(req, timeout=60) as r:
-                        code, data = r.status, r.read()
-                except urllib.error.HTTPError as exc:
-                    code, data = exc.code, exc.read()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:  # noqa: N802
-                self._forward(None)
-
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                payload = json.loads(body or b"{}")
-                batched = "prompt_logprobs" in payload and isinstance((payload.get("prompt") or [None])[0], list)
-                self._forward(body)
-                if batched and proxy.budget is not None:
-                    proxy.budget -= 1
-                    if proxy.budget <= 0:
-                        threading.Thread(target=proxy.stop).start()
-
-        self.budget = budget
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=60)
 
 
 @pytest.mark.slow
 def test_a_server_that_dies_mid_run_stops_it_in_one_line_and_resume_ends_as_an_uninterrupted_run(vllm_server, tmp_path,
-                                                                                                capsys):
-    """KD with the teacher behind a proxy that goes dead after step 3 (checkpoint at step 2): one line, exit 2, the
-    checkpoint intact; with the endpoint back, ``train.resume=true`` ends with the uninterrupted run's weights."""
+                                                                                                capsys, monkeypatch):
+    """KD with the teacher on a second real server, killed (SIGKILL) after step 3 (checkpoint at step 2): one line,
+    exit 2, the checkpoint intact; with the server started again on the same port, ``train.resume=true`` ends with
+    the weights of an uninterrupted run against the suite's server."""
     from safetensors.torch import load_file
 
     url, teacher = vllm_server
+    server = _Server(teacher, _free_port(), tmp_path / "second.log")  # starts while the uninterrupted run trains
     student = build(tmp_path / "student", layers=1, seed=1)
-    port = _free_port()
     common = ["train", "tiny/kd", f"model.name={student}", f"teacher.name={teacher}", "data.train=synthetic",
               "data.synthetic_size=32", "data.max_length=96", "data.max_prompt_length=48", "train.max_steps=5",
               "train.batch_size=4", "train.lr=3e-3", "train.eval_every=0", "train.save_every=2", "train.loss_chunk=0",
               "data.dev=null", "teacher.retries=2"]
-    assert main([*common, f"teacher.server={url}", f"output.dir={tmp_path / 'whole'}"]) == 0
-    proxy = _Proxy(url, port, budget=3)
     try:
-        rc = main([*common, f"teacher.server=http://127.0.0.1:{port}", f"output.dir={tmp_path / 'cut'}"])
-    finally:
-        proxy.stop() if proxy.thread.is_alive() and proxy.budget else None
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err[-1].startswith("switchkd: error: teacher.server=") and "train.resume=true" in err[-1], err
-    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-00000002"]
-    assert not (tmp_path / "cut" / "final").exists()
-    proxy = _Proxy(url, port)  # the endpoint is back
-    try:
-        assert main([*common, f"teacher.server=http://127.0.0.1:{port}", f"output.dir={tmp_path / 'cut'}",
+        assert main([*common, f"teacher.server={url}", f"output.dir={tmp_path / 'whole'}"]) == 0
+        server.wait()
+        served, calls = ServedTeacher.targets, []
+
+        def dies_before_step_4(self, batch, vocab):  # noqa: ANN001, ANN202
+            calls.append(1)
+            if len(calls) == 4:
+                server.kill()
+            return served(self, batch, vocab)
+
+        monkeypatch.setattr(ServedTeacher, "targets", dies_before_step_4)
+        rc = main([*common, f"teacher.server={server.url}", f"output.dir={tmp_path / 'cut'}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and err[-1].startswith("switchkd: error: teacher.server=") and "train.resume=true" in err[-1], err
+        assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-00000002"]
+        assert not (tmp_path / "cut" / "final").exists()
+        monkeypatch.setattr(ServedTeacher, "targets", served)
+        server = _Server(teacher, int(server.url.rsplit(":", 1)[1]), tmp_path / "second.log")  # back on its port
+        server.wait()
+        assert main([*common, f"teacher.server={server.url}", f"output.dir={tmp_path / 'cut'}",
                      "train.resume=true"]) == 0
     finally:
-        proxy.stop()
+        server.kill()
     a = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
