@@ -34,7 +34,7 @@ demo-teacher: $(STAMP)
 
 # tests run in TEST_WORKERS processes (pytest-xdist; an idle process takes tests queued for the other)
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow"

@@ -79,7 +79,7 @@ def _read_json(path: Path) -> List[Dict[str, Any]]:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the file as UTF-8") from None
-    if path.suffix == ".json" and text.lstrip().startswith("{") and "\n" in text.strip():
+    if path.suffix == ".json" and text.lstrip().startswith("{"):  # one object (on one line or several), or JSONL
         try:
             whole = json.loads(text)
         except (json.JSONDecodeError, RecursionError):
@@ -250,10 +250,12 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, max_prompt: int, max_l
     """Tokenize with the length policy; returns ``(list[Tokenized], DataStats)``.  With
     ``teacher_tokenizer`` (a teacher of another vocabulary) each item's ``teacher_prompt`` is the prompt
     (primed or not) as the teacher's tokenizer and chat template render it."""
+    from tqdm.auto import tqdm
+
     from switchkd.priming import teacher_prompt
 
     stats, out = DataStats(total=len(examples)), []
-    for i, ex in enumerate(examples):
+    for i, ex in enumerate(tqdm(examples, desc="tokenize", leave=False, disable=len(examples) < 2000)):
         p = encode_prompt(tokenizer, ex.prompt)
         if len(p) > max_prompt:
             stats.dropped_long_prompt += 1

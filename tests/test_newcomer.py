@@ -231,3 +231,28 @@ def test_saved_models_carry_a_model_card_and_push_to_hub_uploads_final(tmp_path,
     assert calls[0] == ("create", "me/tiny-kd", True) and calls[1][0] == "upload" and "README.md" in calls[1][2]
     printed = capsys.readouterr()
     assert "uploaded to https://huggingface.co/me/tiny-kd" in printed.out + printed.err
+
+
+# -- two inputs the hardening missed ------------------------------------------------------------------------------------
+
+def test_a_model_folder_without_tokenizer_files_is_one_line(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).save_pretrained(tmp_path / "m")
+    for argv in (["train", "tiny/sft", f"model.name={tmp_path / 'm'}", f"output.dir={tmp_path / 'run'}"],
+                 ["eval", "--model", str(tmp_path / "m"), "--data", "synthetic:test", "--output", str(tmp_path / "ev")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "empty (no tokenizer files there?)" in err[0], err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("text", ['{"instruction": "a", "output": "b"}\n', '{\n "instruction": "a",\n "output": "b"\n}\n'])
+def test_a_json_file_holding_one_object_is_refused_by_eval_as_by_train(tmp_path, capsys, text):
+    data = tmp_path / "one.json"
+    data.write_text(text)
+    for argv in (["eval", "--model", "tiny:gpt2", "--data", str(data), "--output", str(tmp_path / "ev")],
+                 ["train", "tiny/sft", f"data.train={data}", "data.dev=null", f"output.dir={tmp_path / 'run'}"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds one JSON object" in err[0], err
