@@ -128,6 +128,7 @@ def validate(cfg: Any, error: Callable[[str], Exception]) -> None:
     _check_instruction_loss(cfg, error)
     _check_lora(cfg, error)
     _check_served(cfg, source, error)
+    _check_unused(cfg, error)
     _check_engine(cfg, source, error)
     if m.lm_weight != 1.0 and not m.lm_data:
         raise error(f"config error: method.lm_weight={m.lm_weight} has no effect without method.lm_data "
@@ -146,6 +147,20 @@ def _check_instruction_loss(cfg: Any, error: Callable[[str], Exception]) -> None
         if why:
             raise error(f"config error: method.instruction_weight={m.instruction_weight} (the instruction "
                               f"loss) {why}")
+
+
+def _check_unused(cfg: Any, error: Callable[[str], Exception]) -> None:
+    """Keys set to something other than their default that the run would then not use: refused in one line."""
+    from switchkd.config import TeacherConfig
+
+    if not cfg.output.hub_private and not cfg.output.push_to_hub:
+        raise error("config error: output.hub_private=false applies to output.push_to_hub, which is not set")
+    if cfg.teacher is not None and not cfg.teacher.server:
+        defaults = TeacherConfig(name="x")
+        for key in ("top_k", "timeout", "retries"):
+            if getattr(cfg.teacher, key) != getattr(defaults, key):
+                raise error(f"config error: teacher.{key}={getattr(cfg.teacher, key)!r} applies to a teacher on a vLLM "
+                            "server (teacher.server=URL), which is not set")
 
 
 def _check_served(cfg: Any, source: Any, error: Callable[[str], Exception]) -> None:

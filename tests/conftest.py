@@ -42,27 +42,40 @@ socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Start the suite's one vLLM server (tests/vllm_models.py) in the background, in the controlling process, so that
-    every test process shares it and its start-up overlaps the other tests; ``vllm_server`` waits for it."""
+    """Start the suite's vLLM servers (tests/vllm_models.py) in the background, in the controlling process, so that
+    every test process shares them and their start-up overlaps the other tests: the suite's server
+    (``vllm_server``) and a spare one holding an identical copy of its teacher, which one test kills and restarts
+    (``vllm_spare_server``)."""
     import importlib.util
-    import sys
     import tempfile
 
     if os.environ.get("PYTEST_XDIST_WORKER") or "SWITCHKD_TEST_VLLM" in os.environ:
         return
     if importlib.util.find_spec("vllm") is None or not (SHARED / "data" / "gpt2_tokenizer").is_dir():
         return
+    where = Path(tempfile.mkdtemp(prefix="switchkd-vllm-test-"))
+    started = []
+    for variable, name in (("SWITCHKD_TEST_VLLM", "teacher"), ("SWITCHKD_TEST_VLLM_SPARE", "spare")):
+        proc, spec = _start_server(where, name)
+        started.append(proc)
+        os.environ[variable] = spec
+    config._switchkd_vllm = (started, where)  # type: ignore[attr-defined]
+
+
+def _start_server(where: Path, name: str) -> tuple:
+    """One server of a tiny teacher built into ``where/name`` (same seed: identical weights) on a free port;
+    ``(process, "url|teacher|log|pid")``."""
+    import sys
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    where = Path(tempfile.mkdtemp(prefix="switchkd-vllm-test-"))
-    log = open(where / "server.log", "wb")  # noqa: SIM115  (the server's, closed at exit)
+    log = open(where / f"{name}.log", "wb")  # noqa: SIM115  (the server's, closed at exit)
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("vllm_models.py")), "serve",
-                             str(where / "teacher"), str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                             str(where / name), str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
-    config._switchkd_vllm = (proc, where)  # type: ignore[attr-defined]
-    os.environ["SWITCHKD_TEST_VLLM"] = f"http://127.0.0.1:{port}|{where / 'teacher'}|{where / 'server.log'}|{proc.pid}"
+    return proc, f"http://127.0.0.1:{port}|{where / name}|{where / f'{name}.log'}|{proc.pid}"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -71,35 +84,35 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     started = getattr(config, "_switchkd_vllm", None)
     if started is None:
         return
-    proc, where = started
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=30)
-            break
-        except ProcessLookupError:
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    procs, where = started
+    for proc in procs:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=30)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
     shutil.rmtree(where, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def vllm_server() -> tuple:
-    """``(url, teacher directory)`` of the suite's vLLM server, once it answers (skipped without vLLM)."""
+def _wait_for(variable: str) -> tuple:
+    """``(url, teacher directory, pid)`` of a server started by :func:`pytest_configure`, once it answers."""
     import json
     import time
     import urllib.request
 
-    if "SWITCHKD_TEST_VLLM" not in os.environ:
+    if variable not in os.environ:
         pytest.skip("vLLM is not installed (make test installs it) or ../shared is missing")
-    url, teacher, log, pid = os.environ["SWITCHKD_TEST_VLLM"].split("|")
+    url, teacher, log, pid = os.environ[variable].split("|")
     deadline = time.time() + 400
     while time.time() < deadline:
         try:
             with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
                 if json.loads(r.read()).get("data"):
-                    return url, Path(teacher)
+                    return url, Path(teacher), int(pid)
         except OSError:
             pass
         try:
@@ -108,7 +121,21 @@ def vllm_server() -> tuple:
             break
         time.sleep(1.0)
     tail = Path(log).read_bytes()[-3000:].decode(errors="replace") if Path(log).is_file() else "(no log)"
-    pytest.fail(f"the suite's vLLM server did not start; its log ends:\n{tail}")
+    pytest.fail(f"a vLLM server of the suite did not start; its log ends:\n{tail}")
+
+
+@pytest.fixture(scope="session")
+def vllm_server() -> tuple:
+    """``(url, teacher directory)`` of the suite's vLLM server, once it answers (skipped without vLLM)."""
+    url, teacher, _ = _wait_for("SWITCHKD_TEST_VLLM")
+    return url, teacher
+
+
+@pytest.fixture(scope="session")
+def vllm_spare_server() -> tuple:
+    """``(url, teacher directory, process group id)`` of the spare server (the suite's teacher, an identical copy),
+    for the one test that kills it and starts it again."""
+    return _wait_for("SWITCHKD_TEST_VLLM_SPARE")
 
 
 @pytest.fixture(scope="session")

@@ -238,7 +238,9 @@ def test_saved_models_carry_a_model_card_and_push_to_hub_uploads_final(tmp_path,
 def test_a_model_folder_without_tokenizer_files_is_one_line(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).save_pretrained(tmp_path / "m")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, bos_token_id=1,
+                               eos_token_id=1)).save_pretrained(tmp_path / "m")
+    capsys.readouterr()
     for argv in (["train", "tiny/sft", f"model.name={tmp_path / 'm'}", f"output.dir={tmp_path / 'run'}"],
                  ["eval", "--model", str(tmp_path / "m"), "--data", "synthetic:test", "--output", str(tmp_path / "ev")]):
         assert main(argv) == 2
@@ -256,3 +258,12 @@ def test_a_json_file_holding_one_object_is_refused_by_eval_as_by_train(tmp_path,
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "holds one JSON object" in err[0], err
+
+
+@pytest.mark.parametrize("key, line", [("teacher.top_k=30", "teacher.top_k=30 applies to a teacher on a vLLM server"),
+                                       ("teacher.retries=2", "teacher.retries=2 applies"),
+                                       ("output.hub_private=false", "output.hub_private=false applies to output.push_to_hub")])
+def test_keys_the_run_would_not_use_are_refused(tmp_path, capsys, key, line):
+    assert main(["train", "tiny/kd", key, f"output.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and line in err[0], err
