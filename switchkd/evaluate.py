@@ -42,7 +42,7 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Eval
     device = next(model.parameters()).device
     vocab = min(len(tokenizer), head_rows(model))
     out: List[str] = []
-    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False, disable=len(prompts) <= cfg.batch_size):
+    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False, disable=not prompts):
         chunk = [encode_prompt(tokenizer, p)[-cfg.max_prompt_length:] for p in prompts[start:start + cfg.batch_size]]
         ids, mask = left_pad(chunk, tokenizer.pad_token_id)
         budget = cfg.max_length - ids.shape[1]
