@@ -267,3 +267,16 @@ def test_keys_the_run_would_not_use_are_refused(tmp_path, capsys, key, line):
     assert main(["train", "tiny/kd", key, f"output.dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and line in err[0], err
+
+
+# -- 2. the data: databricks-dolly-15k as published trains as it is ------------------------------------------------------
+
+def test_databricks_dolly_records_train_as_they_are(tmp_path):
+    rows = [{"instruction": f"Say {i}.", "context": "" if i % 2 else "Some context.", "response": f"{i}.",
+             "category": "open_qa"} for i in range(16)]
+    data = tmp_path / "databricks-dolly-15k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main(["train", "tiny/sft", f"data.train={data}", "data.dev=null", "train.max_steps=2", "train.batch_size=4",
+                 "data.max_prompt_length=256", "data.max_length=320", f"output.dir={out}"]) == 0
+    assert (out / "final" / "README.md").is_file()
