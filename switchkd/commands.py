@@ -93,13 +93,9 @@ def _eval(args: argparse.Namespace) -> None:
     from switchkd.rundir import check_output_path
 
     check_output_path(out, "--output", "dir", [args.model, args.data, args.draft_for], reusable=OUTPUTS)
-    fields = dict(item.partition("=")[::2] for item in args.field)
-    if any(not k or not v for k, v in fields.items()):
-        raise ConfigError(f"--field {args.field}: expected CANONICAL=NAME, e.g. instruction=question")
-    from switchkd.checks import _check_fields
+    fields = _field_map(args.field)
     from switchkd.evaluate import read_sets
 
-    _check_fields(fields, ConfigError)
     mcfg = ModelConfig(name=args.model, dtype=args.dtype)
     tok = load_tokenizer(mcfg)
     from switchkd.data import resolve_template
@@ -131,16 +127,24 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'scores.json'} and {out / 'predictions.jsonl'}")
 
 
+def _field_map(items: list) -> dict:
+    """``--field CANONICAL=NAME`` flags -> ``{canonical: name}``, checked (one-line errors)."""
+    from switchkd.checks import _check_fields
+
+    fields = dict(item.partition("=")[::2] for item in items)
+    if any(not k or not v for k, v in fields.items()):
+        raise ConfigError(f"--field {items}: expected CANONICAL=NAME, e.g. instruction=question")
+    _check_fields(fields, ConfigError)
+    return fields
+
+
 def _answers(args: argparse.Namespace) -> None:
     from switchkd.answers import answer_all, decoding, show, write_jsonl
-    from switchkd.checks import NAMED_TEMPLATES, _check_fields, _check_placeholders
+    from switchkd.checks import NAMED_TEMPLATES, _check_placeholders
     from switchkd.config import DataConfig
 
     _check_placeholders("--template", args.template, {"instruction", "input"}, NAMED_TEMPLATES, ConfigError)
-    fields = dict(item.partition("=")[::2] for item in args.field)
-    if any(not k or not v for k, v in fields.items()):
-        raise ConfigError(f"--field {args.field}: expected CANONICAL=NAME, e.g. instruction=question")
-    _check_fields(fields, ConfigError)
+    fields = _field_map(args.field)
     out = Path(args.output) if args.output else None
     if out is not None and (out.exists() or not out.parent.is_dir()):
         raise ConfigError(f"--output {out}: {'exists; choose a new file' if out.exists() else 'its folder does not exist'}")
