@@ -14,8 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO
 
-from switchkd.config import ConfigError, DataConfig, EvalConfig, ModelConfig
 from switchkd.records import Example
+from switchkd.sections import ConfigError, DataConfig, EvalConfig, ModelConfig
 
 
 def labels(models: Sequence[str]) -> List[str]:

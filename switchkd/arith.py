@@ -53,7 +53,7 @@ def make_split(split: str, n: int, seed: int = 0, max_value: int = MAX_VALUE) ->
     suite: 20; ``bench/priming.py --max-value 99`` makes carrying two-digit arithmetic that a tiny teacher
     cannot compute but can copy from a ground-truth prefix)."""
     if split not in SPLITS:
-        from switchkd.config import ConfigError
+        from switchkd.sections import ConfigError
 
         raise ConfigError(f"arith:{split}: the arithmetic suite's split must be one of {', '.join(SPLITS)}")
     tag = f"arith-{seed}-{split}" if max_value == MAX_VALUE else f"arith{max_value}-{seed}-{split}"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
-from switchkd.config import ConfigError
+from switchkd.sections import ConfigError
 
 #: ten synonymous instructions (the paper averages over M = 10), written for this project
 INSTRUCTIONS = (

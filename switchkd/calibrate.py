@@ -101,10 +101,10 @@ def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int =
     gate, sampling; seeded with ``train.seed``) on one batch of ``batch_size`` at a time."""
     import torch
 
-    from switchkd.config import ConfigError
     from switchkd.data import left_pad, load_examples, tokenize
     from switchkd.models import load_pair
     from switchkd.rollout import from_method
+    from switchkd.sections import ConfigError
 
     if cfg.teacher is None:
         raise ConfigError("config error: switchkd calibrate needs teacher.name")
@@ -142,6 +142,8 @@ def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int =
 def _cross_view(cfg: Any) -> Any:
     """The run's :class:`switchkd.cross.CrossView` when the teacher's vocabulary differs (else None)."""
     from switchkd.cross import view_for
+    from switchkd.methods import source_class
     from switchkd.models import load_tokenizer
 
-    return view_for(cfg, load_tokenizer(cfg.model), load_tokenizer(cfg.teacher))
+    return view_for(cfg, load_tokenizer(cfg.model), load_tokenizer(cfg.teacher),
+                    source_class(cfg.method.source).cross_tokenizer_reason(cfg))

@@ -12,21 +12,32 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 from accelerate.utils import load as safe_load
 
 from switchkd import distributed
-from switchkd.config import ConfigError, LoraConfig
 from switchkd.model_card import write_card
 from switchkd.models import load_model, with_adapter
 from switchkd.rundir import truncate_metrics
+from switchkd.sections import ConfigError, LoraConfig
 
 if TYPE_CHECKING:
     from switchkd.train import Trainer
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved with every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches consumed in ``epoch`` (per process)
+    best: Optional[float] = None
+    best_step: int = -1
 
 
 def save_model(trainer: "Trainer", path: Path) -> None:
@@ -86,8 +97,6 @@ def shape(trainer: "Trainer") -> Dict[str, Any]:
 def resume(trainer: "Trainer") -> None:
     """Continue from the newest readable checkpoint (a corrupt one is skipped with a warning);
     ``metrics.jsonl`` keeps only the steps up to it."""
-    from switchkd.train import TrainState
-
     found = sorted(p for p in (trainer.out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
     for ckpt in reversed(found):
         try:

@@ -10,42 +10,13 @@ from __future__ import annotations
 import string
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
+from switchkd.divergence_table import PARAMS as DIVERGENCE_PARAMS
+from switchkd.divergence_table import PLAIN
+from switchkd.divergence_table import SERVED as SERVED_DIVERGENCES
 from switchkd.methods import SOURCES
 from switchkd.schema import FINITE_TEXT as FINITE
 from switchkd.schema import PROB, Rule, _num, choices, ge, get, rules
 
-
-def _divergence_params() -> Dict[str, tuple]:
-    """The parameters each registry divergence accepts besides ``temperature``, read from the source of
-    ``switchkd/divergences.py`` (its ``DIVERGENCES`` table and each function's keyword-only arguments), so that
-    a config is checked before torch loads and a divergence is added in that one file."""
-    import ast
-    from pathlib import Path
-
-    tree = ast.parse(Path(__file__).with_name("divergences.py").read_text(encoding="utf-8"))
-    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    table = next(n.value for n in tree.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "DIVERGENCES")
-    return {k.value: tuple(a.arg for a in funcs[v.id].args.kwonlyargs if a.arg not in ("temperature", "labels"))
-            for k, v in zip(table.keys, table.values)}
-
-
-def _served_divergences() -> Dict[str, str]:
-    """``switchkd/divergences.py``'s ``SERVED`` table (divergence -> how it reads a served teacher's top k), read
-    from the source as :func:`_divergence_params` reads its table."""
-    import ast
-    from pathlib import Path
-
-    tree = ast.parse(Path(__file__).with_name("divergences.py").read_text(encoding="utf-8"))
-    node = next(n.value for n in tree.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "SERVED")
-    return ast.literal_eval(node)
-
-
-#: parameters each registry divergence accepts besides ``temperature``
-DIVERGENCE_PARAMS: Dict[str, tuple] = _divergence_params()
-#: divergence -> how it is evaluated on a served teacher's top-k log-probabilities (absent: refused)
-SERVED_DIVERGENCES: Dict[str, str] = _served_divergences()
-#: the registry entry that trains by cross-entropy on the sequences alone (no teacher, no divergence term)
-PLAIN = "ce"
 #: divergence parameters: name -> rule (``k``: at least 3 for BiLD, which needs pairs of pairs)
 PARAM_RULES: Dict[str, Rule] = {"alpha": PROB, "beta": PROB, "k": ge(1)}
 CANONICAL_FIELDS = ("instruction", "input", "output", "prompt", "messages", "context", "response")
@@ -151,7 +122,7 @@ def _check_instruction_loss(cfg: Any, error: Callable[[str], Exception]) -> None
 
 def _check_unused(cfg: Any, error: Callable[[str], Exception]) -> None:
     """Keys set to something other than their default that the run would then not use: refused in one line."""
-    from switchkd.config import TeacherConfig
+    from switchkd.sections import TeacherConfig
 
     if not cfg.output.hub_private and not cfg.output.push_to_hub:
         raise error("config error: output.hub_private=false applies to output.push_to_hub, which is not set")

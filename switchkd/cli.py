@@ -30,7 +30,7 @@ from switchkd.commands import (  # noqa: F401  (preset_path: re-exported)
     _train,
     preset_path,
 )
-from switchkd.config import ConfigError
+from switchkd.sections import ConfigError
 
 
 def positive(text: str) -> int:
@@ -55,8 +55,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from switchkd import __version__
-    from switchkd.config import DataConfig, EvalConfig, ModelConfig
     from switchkd.schema import add_flags
+    from switchkd.sections import DataConfig, EvalConfig, ModelConfig
 
     p = _Parser(prog="switchkd", description="Distil a teacher causal LM into a student.")
     p.add_argument("--version", action="version", version=f"switchkd {__version__}")

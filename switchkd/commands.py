@@ -73,9 +73,9 @@ def _eval(args: argparse.Namespace) -> None:
     import torch
 
     from switchkd.checks import NAMED_TEMPLATES, _check_placeholders
-    from switchkd.config import DataConfig, EvalConfig, ModelConfig
     from switchkd.evaluate import evaluate, format_table
     from switchkd.models import load_model, load_tokenizer
+    from switchkd.sections import DataConfig, EvalConfig, ModelConfig
 
     _check_placeholders("--template", args.template, {"instruction", "input"}, NAMED_TEMPLATES, ConfigError)
     ecfg = EvalConfig(limit=args.limit, batch_size=args.batch_size, do_sample=not args.greedy,
@@ -141,7 +141,7 @@ def _field_map(items: list) -> dict:
 def _answers(args: argparse.Namespace) -> None:
     from switchkd.answers import answer_all, decoding, show, write_jsonl
     from switchkd.checks import NAMED_TEMPLATES, _check_placeholders
-    from switchkd.config import DataConfig
+    from switchkd.sections import DataConfig
 
     _check_placeholders("--template", args.template, {"instruction", "input"}, NAMED_TEMPLATES, ConfigError)
     fields = _field_map(args.field)
@@ -227,7 +227,8 @@ def _count(text: str) -> int:
 
 
 def _prune(args: argparse.Namespace) -> None:
-    from switchkd.prune import Shape, prune
+    from switchkd.prune import Shape
+    from switchkd.prune_run import prune
 
     shape = Shape(hidden=args.hidden, mlp=args.mlp, heads_per_group=args.heads_per_group, layers=args.layers)
     if (shape == Shape()) == (args.params is None):

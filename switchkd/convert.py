@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from switchkd.config import ConfigError
+from switchkd.sections import ConfigError
 
 SPECIAL = {0: "<unk>", 1: "<s>", 2: "</s>"}
 

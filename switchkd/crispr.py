@@ -221,7 +221,7 @@ def search_n(model: Any, tok: Any, ranked: Sequence[Tuple[str, int, float]], dev
     pruner, acc = Pruner(model), {}
     usable = sorted(set(c for c in candidates if c <= len(ranked)))
     if not usable:
-        from switchkd.config import ConfigError
+        from switchkd.sections import ConfigError
 
         raise ConfigError(f"--candidates {sorted(candidates)}: every value exceeds the {len(ranked)} neurons scored")
     for n in tqdm(usable, desc="search n"):

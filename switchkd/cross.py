@@ -205,12 +205,11 @@ def same_vocabulary(student_tok: Any, teacher_tok: Any) -> bool:
     return student_tok.get_vocab() == teacher_tok.get_vocab()
 
 
-def view_for(cfg: Any, student_tok: Any, teacher_tok: Any) -> Optional[CrossView]:
+def view_for(cfg: Any, student_tok: Any, teacher_tok: Any, source_reason: Optional[str] = None) -> Optional[CrossView]:
     """The :class:`CrossView` a run needs when the teacher's vocabulary differs from the student's (None when
     they share one); one-line refusals when ``method.cross_tokenizer=off`` or the run cannot work across
-    vocabularies."""
-    from switchkd.config import ConfigError
-    from switchkd.methods import SOURCES
+    vocabularies (``source_reason``: why the run's source cannot, from its ``cross_tokenizer_reason``)."""
+    from switchkd.sections import ConfigError
 
     if same_vocabulary(student_tok, teacher_tok):
         return None
@@ -220,15 +219,14 @@ def view_for(cfg: Any, student_tok: Any, teacher_tok: Any) -> Optional[CrossView
     if m.cross_tokenizer == "off":
         raise ConfigError(f"{names} have different vocabularies and method.cross_tokenizer=off: token ids cannot be "
                           "compared; set method.cross_tokenizer=gold (or uld) to distil across vocabularies")
-    reason = SOURCES[m.source].cross_tokenizer_reason(cfg)
-    why = (f"method.source={m.source}: {reason}" if reason else
+    why = (f"method.source={m.source}: {source_reason}" if source_reason else
            "method.teacher_cache (cached top-k ids are the teacher's)" if m.teacher_cache else
            "method.instruction_weight > 0 (the instruction loss compares same-vocabulary prompts)"
            if m.instruction_weight > 0 else
            "train.loss_chunk > 0 (the chunked head works on one vocabulary)" if cfg.train.loss_chunk else None)
     if why:
-        raise ConfigError(f"{names} differ, and {why}; distillation across vocabularies works with SFT, KD, SeqKD, "
-                          "GKD, DistiLLM, ImitKD+Full, SWITCH and SKD")
+        raise ConfigError(f"{names} differ, and {why}; docs/methods.md lists the methods that distil across "
+                          "vocabularies")
     return CrossView(student_tok, teacher_tok, "gold" if m.cross_tokenizer == "auto" else m.cross_tokenizer,
                      beta=m.cross_beta, merge_strategy=m.cross_merge)
 

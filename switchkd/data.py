@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from switchkd.batch import Batch, left_pad, right_pad  # noqa: F401  (the data pipeline's padding)
-from switchkd.config import ConfigError, DataConfig
 from switchkd.records import FORMATS, Example  # noqa: F401  (re-exported: readers return Examples)
+from switchkd.sections import ConfigError, DataConfig
 
 ALPACA = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"

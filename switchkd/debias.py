@@ -20,8 +20,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from switchkd.bbq import INSTRUCTIONS, read_bbq, split
-from switchkd.config import ConfigError
 from switchkd.crispr import Pruner, accuracy, bias_scores, layer_of, rank_neurons, search_n
+from switchkd.sections import ConfigError
 
 
 @dataclass

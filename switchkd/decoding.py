@@ -26,9 +26,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from switchkd.config import DecodingConfig
 from switchkd.divergences import fkl, jsd, rkl, tvd
 from switchkd.losses import accepts_logits_to_keep
+from switchkd.sections import DecodingConfig
 
 GATES: Dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "jsd": lambda s, t: jsd(s, t, beta=0.5),  # symmetric Jensen-Shannon, natural log

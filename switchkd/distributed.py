@@ -12,13 +12,16 @@ its tokens discarded, until all ranks are done; see :func:`all_ranks`).
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from switchkd.config import Config, ConfigError
+from switchkd.sections import ConfigError
+
+if TYPE_CHECKING:
+    from switchkd.config import Config
 
 
 def make_accelerator(cfg: Config, trackers: List[str]) -> Accelerator:

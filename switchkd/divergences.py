@@ -12,13 +12,14 @@ logits (masked vocabulary entries) without producing NaN values or gradients.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import Tensor
+
+from switchkd.divergence_table import PARAMS, SERVED  # noqa: F401  (the declarations, without torch)
 
 _NEG = -1e30  # finite stand-in for -inf logits (keeps 0 * (a - b) finite)
 
@@ -380,29 +381,6 @@ DIVERGENCES: Dict[str, Callable[..., Tensor]] = {
     "bild": bild,
     "ce": ce,
 }
-
-#: how each divergence is evaluated against a served teacher's top-k log-probabilities (:class:`TopKTail`; read by
-#: ``switchkd.checks`` from this file's source: a divergence absent here is refused with ``teacher.server``):
-#: ``bucket``: over the k + 1 outcomes (top k + tail bucket; temperature 1); ``top``: from the top k alone, exact
-#: for ``params.k <= teacher.top_k``; ``none``: no teacher term
-SERVED: Dict[str, str] = {
-    "fkl": "bucket",
-    "rkl": "bucket",
-    "jsd": "bucket",
-    "tvd": "bucket",
-    "skl": "bucket",
-    "srkl": "bucket",
-    "topk_kl": "top",
-    "topk_kl_renorm": "top",
-    "ce": "none",
-}
-
-#: parameters each divergence accepts besides ``temperature`` (its keyword-only arguments; ``switchkd.checks`` reads
-#: them from this file's source, so that configs are checked before torch loads)
-PARAMS: Dict[str, tuple] = {name: tuple(p.name for p in inspect.signature(fn).parameters.values()
-                                         if p.kind == p.KEYWORD_ONLY and p.name not in ("temperature", "labels"))
-                            for name, fn in DIVERGENCES.items()}
-
 
 def divergence(
     name: str,

@@ -18,10 +18,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from switchkd.config import ConfigError, DataConfig, EvalConfig, decoding_of
 from switchkd.data import Example, encode_prompt, left_pad, load_examples
 from switchkd.metrics import METRICS, rouge_l  # noqa: F401  (rouge_l: re-exported)
 from switchkd.rollout import RolloutConfig, head_rows, rollout
+from switchkd.sections import ConfigError, DataConfig, EvalConfig, decoding_of
 
 SUITE = {  # name -> candidate paths inside a MiniLLM-style data directory
     "dolly": ("dolly/valid.jsonl",),

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, List
+from typing import TYPE_CHECKING, Any, List
 
 import torch
 from tqdm.auto import tqdm
 
-from switchkd.config import Config, ConfigError
 from switchkd.data import Example, Tokenized, build_batch, load_examples, tokenize
 from switchkd.models import load_model, load_tokenizer
 from switchkd.rollout import from_method, rollout
+from switchkd.sections import ConfigError
+
+if TYPE_CHECKING:
+    from switchkd.config import Config
 
 
 def teacher_and_data(cfg: Config, command: str) -> tuple[Any, Any, str, List[Example], List[Tokenized]]:

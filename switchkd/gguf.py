@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Tuple
 
-from switchkd.config import ConfigError
+from switchkd.sections import ConfigError
 
 GGUF_MAGIC = b"GGUF"
 

@@ -18,8 +18,8 @@ from typing import Any, Dict, List
 import torch
 from torch import Tensor
 
-from switchkd.config import ConfigError
 from switchkd.data import read_records
+from switchkd.sections import ConfigError
 
 
 def read_texts(source: str) -> List[str]:

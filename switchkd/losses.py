@@ -9,18 +9,20 @@ depend on how a step is split.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from switchkd.batch import Batch, PolicyTerm
-from switchkd.checks import PLAIN
-from switchkd.config import MethodConfig
 from switchkd.cross import Aligned
 from switchkd.distributed import is_sharded, max_over_ranks
+from switchkd.divergence_table import PLAIN
 from switchkd.divergences import TopK, cross_entropy, divergence, forward_kl
+
+if TYPE_CHECKING:
+    from switchkd.config import MethodConfig
 
 TeacherTargets = Union[Tensor, TopK, Aligned]  # teacher logits [N, V], cached top-k rows, or aligned groups
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from switchkd.config import ConfigError
+from switchkd.sections import ConfigError
 
 
 def hub_id(name: Optional[str]) -> Optional[str]:

@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from switchkd.config import ConfigError
+from switchkd.sections import ConfigError
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
+BLOCK = re.compile(r"\.(h|layers)\.(\d+)\.")  # a decoder block's parameter names
+PER_LAYER_CONFIG = ("layer_types",)  # config lists with one entry per decoder block
 GPT2_TYPES = ("gpt2",)
 
 
@@ -299,8 +301,6 @@ NORM_SUFFIXES = ("layernorm.weight", "norm.weight", "ln_1.weight", "ln_2.weight"
 
 def pruned_state(state: Dict[str, Tensor], sizes: Sizes, plan_: Plan) -> Dict[str, Tensor]:
     """The student's state dict: blocks renumbered, every tensor sliced by ``plan_``, norms rescaled."""
-    from switchkd.shrink import BLOCK
-
     index = {b: i for i, b in enumerate(plan_.blocks)}
     slices = _llama_slices if sizes.family == "llama" else _gpt2_slices
     scale = math.sqrt(sizes.hidden / len(plan_.hidden))
@@ -334,8 +334,6 @@ def _outer_slice(key: str, value: Tensor, sizes: Sizes, plan_: Plan) -> tuple:
 
 def pruned_config(config: Any, sizes: Sizes, shape: Shape, blocks: Sequence[int]) -> Any:
     """The student's config: sizes, ``head_dim`` written out, per-block lists cut to ``blocks``."""
-    from switchkd.shrink import PER_LAYER_CONFIG
-
     config = copy.deepcopy(config)
     if sizes.family == "llama":
         config.hidden_size = shape.hidden
@@ -374,8 +372,8 @@ def prune_model(model: Any, imp: Importance, shape: Shape) -> Any:
 def calibration_sequences(data: str, tokenizer: Any, samples: int, max_length: int) -> List[List[int]]:
     """Up to ``samples`` calibration token lists (prompt + response) from ``data`` in any format ``switchkd.data``
     reads, the tokenizer's chat template applied when it has one (else the Alpaca template)."""
-    from switchkd.config import DataConfig
     from switchkd.data import load_examples, tokenize
+    from switchkd.sections import DataConfig
 
     examples = load_examples(data, DataConfig(template="auto"), tokenizer, samples)
     items, _ = tokenize(examples, tokenizer, max(1, max_length // 2), max_length)
@@ -388,61 +386,3 @@ def calibration_sequences(data: str, tokenizer: Any, samples: int, max_length: i
 def parameters(model: Any) -> int:
     """Parameters of ``model``, tied tensors counted once."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def prune(teacher: str | Path, out_dir: str | Path, shape: Shape, data: str, samples: int = 1024,
-          batch_size: int = 8, max_length: int = 512, progress: bool = True,
-          params: Optional[int] = None) -> Dict[str, Any]:
-    """``switchkd prune``: measure importance on ``data``, cut ``teacher`` to ``shape``, write the student to
-    ``out_dir`` (new or empty; renamed into place when complete).  Everything a user can get wrong is checked before
-    the weights load.  With ``params`` the shape is chosen by :func:`choose_shape` (importance from ``samples``
-    examples, the cross-entropy on up to 64 further ones).  Returns a summary (kept blocks, sizes, parameter counts,
-    output path, the candidates when ``params`` chose)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from switchkd.rundir import check_output_path, write_new_dir
-
-    out = check_output_path(out_dir, "OUT_DIR", "dir", [teacher, data])
-    hf_logging.disable_progress_bar()
-    try:
-        config = AutoConfig.from_pretrained(str(teacher))
-    except Exception as exc:  # not a model directory, unreadable config
-        if isinstance(exc, (KeyboardInterrupt, MemoryError)):
-            raise
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{teacher}: cannot load a model config ({first})") from None
-    sizes = sizes_of(config)
-    full = check_shape(shape, sizes)
-    from switchkd.prune_shapes import choose_shape, shapes_for
-
-    shapes = shapes_for(sizes, config, params) if params else []
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(teacher))
-    except Exception as exc:
-        if isinstance(exc, (KeyboardInterrupt, MemoryError)):
-            raise
-        raise ConfigError(f"{teacher}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
-    sequences = calibration_sequences(data, tokenizer, samples + (64 if params else 0), max_length)
-    held_out: List[List[int]] = []
-    if params:
-        if len(sequences) < 2:
-            raise ConfigError(f"{data}: --params needs at least 2 calibration examples (one to measure, one to rank)")
-        cut_at = min(samples, len(sequences) - max(1, min(64, len(sequences) // 4)))
-        sequences, held_out = sequences[:cut_at], sequences[cut_at:]
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype="auto")
-    except Exception as exc:
-        if isinstance(exc, (KeyboardInterrupt, MemoryError)):
-            raise
-        raise ConfigError(f"{teacher}: cannot load as a causal LM ({str(exc).splitlines()[0]})") from None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    imp = importance(model, sequences, pad, batch_size, progress=progress)
-    table = None
-    if params:
-        full, table = choose_shape(model, imp, shapes, held_out, pad)
-    student = prune_model(model, imp, full)
-    write_new_dir(out, lambda tmp: (student.save_pretrained(tmp, safe_serialization=True), tokenizer.save_pretrained(tmp)))
-    return {"out": out, "blocks": list(plan(imp, sizes, full).blocks), "shape": full, "examples": len(sequences),
-            "parameters": parameters(student), "teacher_parameters": parameters(model),
-            "block_influence": [round(float(x), 4) for x in imp.blocks], "candidates": table}

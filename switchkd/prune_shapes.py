@@ -9,8 +9,8 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
-from switchkd.config import ConfigError
 from switchkd.prune import Importance, Shape, Sizes, check_shape, prune_model, right_padded, sizes_of
+from switchkd.sections import ConfigError
 
 
 def parameter_count(sizes: Sizes, shape: Shape, config: Any) -> int:

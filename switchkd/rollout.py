@@ -22,7 +22,6 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from switchkd.config import decoding_of
 from switchkd.decoding import (  # noqa: F401  (re-exported: the public names of the engine)
     GATES,
     TOKEN_GATES,
@@ -41,6 +40,7 @@ from switchkd.decoding import (  # noqa: F401  (re-exported: the public names of
     use_compile,
 )
 from switchkd.distributed import all_ranks, is_sharded
+from switchkd.sections import decoding_of
 from switchkd.speculative import speculative_switch
 
 

@@ -8,9 +8,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from switchkd.config import Config, ConfigError
+from switchkd.sections import ConfigError
+
+if TYPE_CHECKING:
+    from switchkd.config import Config
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "final", "best", "checkpoints")
 

@@ -4,7 +4,7 @@ A config field is declared with :func:`opt` in its dataclass (``switchkd/config.
 sections, each method module for its own section).  From these declarations come the range checks
 (:func:`rules`), the choice checks (:func:`choices`), the ``eval`` command's flags and help
 (:func:`add_flags`) and the configuration reference in ``docs/configuration.md`` (:func:`markdown`,
-``python -m switchkd.schema``).  Imports nothing heavy, so a config is checked before torch loads.
+``python -m switchkd.config``).  Imports nothing heavy, so a config is checked before torch loads.
 """
 
 from __future__ import annotations
@@ -206,8 +206,3 @@ def _checked(kind: type, rule: Optional[Rule], name: str) -> Callable[[str], Any
     parse.__name__ = kind.__name__
     return parse
 
-
-if __name__ == "__main__":  # python -m switchkd.schema: the reference table of docs/configuration.md
-    from switchkd.config import Config
-
-    print(markdown(Config), end="")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import List, Sequence
 
-from switchkd.config import ConfigError
+from switchkd.sections import ConfigError
 
 CPU_KV_CACHE_GIB = "4"
 CPU_BLOCK_SIZE = "32"  # KV blocks of 32 tokens (vLLM's CPU default: 128): the prefix cache reuses a row's prefix

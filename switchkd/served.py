@@ -26,7 +26,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from switchkd.config import ConfigError
+from switchkd.sections import ConfigError
 
 #: a text whose tokens exercise the tokenizer (spaces, digits, punctuation, accents, CJK, an emoji, newlines)
 PROBE_TEXT = "Distil 12 teachers, naïvely: 蒸馏 — ok?\n\n  Tab\there 🙂 end."

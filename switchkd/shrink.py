@@ -11,15 +11,12 @@ Mistral, Qwen, SmolLM, ... including tied embeddings and grouped-query attention
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from switchkd.config import ConfigError
+from switchkd.prune import BLOCK, PER_LAYER_CONFIG
 from switchkd.rundir import write_new_dir
-
-BLOCK = re.compile(r"\.(h|layers)\.(\d+)\.")
-PER_LAYER_CONFIG = ("layer_types",)  # config lists with one entry per decoder block
+from switchkd.sections import ConfigError
 
 
 def even_layers(total: int, n: int) -> List[int]:

@@ -81,7 +81,7 @@ def split_of(instruction: str) -> str:
 def make_split(split: str, n: int, seed: int = 0) -> List[Example]:
     """``n`` examples of ``split`` (train | dev | test), families in equal turns."""
     if split not in SPLITS:
-        from switchkd.config import ConfigError
+        from switchkd.sections import ConfigError
 
         raise ConfigError(f"synthetic:{split}: the built-in suite's split must be one of {', '.join(SPLITS)}")
     r = random.Random(f"{seed}-{split}")

@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from switchkd.config import Config, ConfigError
 from switchkd.data import collate
 from switchkd.divergences import TopK
 from switchkd.losses import teacher_targets
 from switchkd.rundir import write_new_dir
+from switchkd.sections import ConfigError
+
+if TYPE_CHECKING:
+    from switchkd.config import Config
 
 
 @torch.no_grad()

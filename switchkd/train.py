@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -28,6 +28,7 @@ from transformers import get_scheduler
 
 from switchkd import checkpoint, distributed
 from switchkd.batch import Batch
+from switchkd.checkpoint import TrainState  # noqa: F401  (re-exported: where training stands)
 from switchkd.config import Config, ConfigError, to_yaml
 from switchkd.data import Tokenized, collate, load_examples, tokenize
 from switchkd.evaluate import generate_texts, rouge_l
@@ -61,17 +62,6 @@ logging.getLogger("accelerate.utils.other").addFilter(_TiedWeights())
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or gradient); the message is one line."""
-
-
-@dataclass
-class TrainState:
-    """Where training stands; saved with every checkpoint."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches consumed in ``epoch`` (per process)
-    best: Optional[float] = None
-    best_step: int = -1
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -209,10 +199,11 @@ class Trainer:
         if cfg.teacher is None or cfg.method.teacher_cache:
             return None, None
         from switchkd.cross import view_for
+        from switchkd.methods import source_class
         from switchkd.models import load_tokenizer
 
         s_tok, t_tok = load_tokenizer(cfg.model), load_tokenizer(cfg.teacher)
-        view = view_for(cfg, s_tok, t_tok)
+        view = view_for(cfg, s_tok, t_tok, source_class(cfg.method.source).cross_tokenizer_reason(cfg))
         if view is not None and cfg.teacher.server:
             raise ConfigError(f"teacher.server={cfg.teacher.server}: the teacher's vocabulary differs from the student's "
                               "(a served teacher's top-k ids are its own tokens); load the teacher in the process "

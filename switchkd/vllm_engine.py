@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from switchkd.config import ConfigError
+from switchkd.sections import ConfigError
 
 GPU_MEMORY_UTILIZATION = 0.3  # the share of a GPU's memory the colocated engine takes (weights + KV cache)
 CPU_KV_CACHE_GIB = "1"

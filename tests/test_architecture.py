@@ -43,7 +43,7 @@ def test_every_method_module_declares_itself():
 def test_config_reference_is_generated_from_the_schema():
     doc = (ROOT / "docs/configuration.md").read_text()
     table = doc.split("<!-- schema:start -->\n")[1].split("<!-- schema:end -->")[0]
-    assert table == markdown(Config), "regenerate: python -m switchkd.schema"
+    assert table == markdown(Config), "regenerate: python -m switchkd.config"
 
 
 def test_declared_ranges_and_choices_are_enforced():
@@ -62,6 +62,57 @@ def test_declared_ranges_and_choices_are_enforced():
                 load_config(None, extra + [f"{e.key}={value}"])
             cases += 1
     assert cases > 50
+
+
+def _imports(path: Path) -> set:
+    """The switchkd modules ``path`` imports anywhere (a function's deferred import included; an
+    ``if TYPE_CHECKING:`` block, read by type checkers only, left out)."""
+    import ast
+
+    found = set()
+
+    def visit(nodes: list) -> None:
+        for node in nodes:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+                continue
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("switchkd"):
+                found.add(node.module)
+                found.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("switchkd"))
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.stmt):
+                    visit([child])
+
+    visit(ast.parse(path.read_text()).body)
+    return found
+
+
+def test_the_import_graph_has_no_circle():
+    """No module of switchkd/ reaches itself through its imports (deferred imports inside functions count: a
+    circle hidden in a function is still a circle)."""
+    package = ROOT / "switchkd"
+    modules = {".".join(("switchkd",) + p.relative_to(package).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in package.rglob("*.py")}
+    graph = {m: {d for d in _imports(p) if d in modules and d != m} for m, p in modules.items()}
+    state: dict = {}
+    path: list = []
+
+    def walk(m: str) -> None:
+        state[m] = "open"
+        path.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(d):] + [d]))
+            if d not in state:
+                walk(d)
+        path.pop()
+        state[m] = "done"
+
+    for m in sorted(modules):
+        if m not in state:
+            walk(m)
 
 
 def test_the_packages_import_without_circles():

@@ -182,10 +182,16 @@ def test_closed_form_student_gradient_equals_autograd_of_the_definition(name, kw
 
 
 def test_the_config_checks_know_every_registry_divergence():
-    """The torch-free table the config checks use is read from divergences.py: the registry's names and
-    each function's keyword-only parameters (a divergence is added in that one file)."""
-    from switchkd.checks import DIVERGENCE_PARAMS
-    from switchkd.divergences import PARAMS
+    """The torch-free table the config checks use (switchkd/divergence_table.py) declares every registry divergence
+    with exactly its function's keyword-only parameters, and every served divergence exists."""
+    import inspect
 
-    assert DIVERGENCE_PARAMS == PARAMS and set(PARAMS) == set(DIVERGENCES)
+    from switchkd.checks import DIVERGENCE_PARAMS
+    from switchkd.divergence_table import PARAMS, SERVED
+
+    signatures = {name: tuple(p.name for p in inspect.signature(fn).parameters.values()
+                              if p.kind == p.KEYWORD_ONLY and p.name not in ("temperature", "labels"))
+                  for name, fn in DIVERGENCES.items()}
+    assert DIVERGENCE_PARAMS == PARAMS == signatures
+    assert set(SERVED) <= set(DIVERGENCES)
     assert PARAMS["jsd"] == ("beta",) and PARAMS["bild"] == ("k",) and PARAMS["fkl"] == ()

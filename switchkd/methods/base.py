@@ -180,9 +180,9 @@ class Source:
         tokens; the teacher's spans re-tokenized into the student's sequence."""
         from dataclasses import replace
 
-        from switchkd.config import ConfigError
         from switchkd.interleave import Vocab, cross_switch
         from switchkd.rollout import from_method
+        from switchkd.sections import ConfigError
 
         if self.cfg.method.decoding.engine == "vllm":
             raise ConfigError(f"method.decoding.engine=vllm: method.source={self.cfg.method.source} decodes across "
