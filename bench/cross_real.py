@@ -37,10 +37,11 @@ def study_rollouts(teacher: Path, student: Path, s: Any, gate: str, tau0: float,
     from switchkd.calibrate import _cross_view
     from switchkd.data import load_examples, tokenize
     from switchkd.interleave import Vocab, cross_switch
-    from switchkd.methods.switch import engine_config
+    from switchkd.methods import source_class
     from switchkd.metrics import rouge_l
     from switchkd.models import load_pair
     from switchkd.rollout import from_method
+    from switchkd.rules import Mixture
 
     kind = "byte" if gate == "random" else gate
     cfg = _config(teacher, student, s, device, [f"method.switch.cross_gate={kind}", f"method.switch.tau0={tau0}",
@@ -57,11 +58,12 @@ def study_rollouts(teacher: Path, student: Path, s: Any, gate: str, tau0: float,
         part = items[i:i + 8]
         ids, mask = (x.to(device) for x in left_pad([x.prompt for x in part], tok.pad_token_id))
         t_ids, t_mask = (x.to(device) for x in left_pad([x.teacher_prompt for x in part], view.t_tok.pad_token_id))
-        rcfg = engine_config(from_method(cfg.method, "switch", s.new_tokens, tok, vocab), cfg.method.switch)
+        source = source_class(cfg.method.source)
+        rcfg, rule = from_method(cfg.method, s.new_tokens, tok, vocab, **source.engine_settings(cfg)), source.rule(cfg)
         if gate == "random":  # the control: a writer drawn per step, whatever the models say
-            rcfg = replace(rcfg, source="mixed", teacher_mix=tau0, seed=i)
+            rcfg, rule = replace(rcfg, seed=i), Mixture(alpha=tau0)
         with torch.no_grad():
-            out = cross_switch(model, t_model, ids, mask, t_ids, t_mask, rcfg, *vocabs, kind=kind,
+            out = cross_switch(model, t_model, ids, mask, t_ids, t_mask, rcfg, rule, *vocabs, kind=kind,
                                shared=(view.s_matched, view.t_matched), t_max_len=s.max_length)
         for x, r in zip(part, out.responses(ids.shape[1])):
             scores.append(rouge_l(tok.decode(r, skip_special_tokens=True), examples[x.index].references))

@@ -34,25 +34,25 @@ def main() -> None:
     p.add_argument("--quantiles", type=float, nargs="+", default=[0.9, 0.47])
     args = p.parse_args()
     sys.path.insert(0, args.checkout)
-    from switchkd.rollout import RolloutConfig, rollout
+    from switchkd.rollout import Gate, RolloutConfig, rollout
 
     for V in args.vocabs:
         teacher, student = model(V, 6, 256, 1), model(V, 2, 128, 2)
         torch.manual_seed(0)
         ids = torch.randint(3, V, (8, 64))
         mask = torch.ones_like(ids)
-        base = dict(source="switch", max_new_tokens=128, do_sample=False, schedule="const", eos_token_id=[V + 1],
-                    pad_token_id=0, vocab_size=V)
-        probe = rollout(student, teacher, ids, mask, RolloutConfig(**base, tau0=float("inf"), speculative=False))
+        base = dict(max_new_tokens=128, do_sample=False, eos_token_id=[V + 1], pad_token_id=0, vocab_size=V)
+        probe = rollout(student, teacher, ids, mask, RolloutConfig(**base, speculative=False),
+                        Gate(tau0=float("inf"), schedule="const"))
         gates = probe.gate[probe.response_mask]
         for q in args.quantiles:
             for spec in (False, True):
-                cfg = RolloutConfig(**base, tau0=float(gates.quantile(q)), speculative=spec)
-                out = rollout(student, teacher, ids, mask, cfg)
+                cfg, gate = RolloutConfig(**base, speculative=spec), Gate(tau0=float(gates.quantile(q)), schedule="const")
+                out = rollout(student, teacher, ids, mask, cfg, gate)
                 times = []
                 for _ in range(2):
                     t0 = time.perf_counter()
-                    rollout(student, teacher, ids, mask, cfg)
+                    rollout(student, teacher, ids, mask, cfg, gate)
                     times.append(time.perf_counter() - t0)
                 print(json.dumps({"code": args.label, "vocab": V, "quantile": q, "speculative": spec,
                                   "share": round(float(out.from_teacher.float().mean()), 3), "s": round(min(times), 3)}),

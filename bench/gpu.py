@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from epoch import SHARED, save_model  # noqa: E402
 
 from switchkd.calibrate import calibrate_tau0  # noqa: E402
-from switchkd.rollout import RolloutConfig, rollout  # noqa: E402
+from switchkd.rollout import Gate, RolloutConfig, rollout  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -70,11 +70,12 @@ def rollouts(args: argparse.Namespace, tok, teacher_dir: Path, student_dir: Path
     weight_bytes = sum(p.numel() * p.element_size() for m in (t, s) for p in m.parameters())
     floor_step = weight_bytes / args.bandwidth
     V, n = len(tok), args.new_tokens
-    base = RolloutConfig(source="switch", max_new_tokens=n, do_sample=False, eos_token_id=[V + 1], pad_token_id=0,
-                         vocab_size=V, compile=args.compile, decay=0.0, schedule="const")
+    base = RolloutConfig(max_new_tokens=n, do_sample=False, eos_token_id=[V + 1], pad_token_id=0, vocab_size=V,
+                         compile=args.compile)
+    gate = Gate(decay=0.0, schedule="const")
     g = torch.Generator().manual_seed(0)
     ids8 = torch.randint(3, V, (8, args.prompt), generator=g).to(args.device)
-    taus = {share: calibrate_tau0(s, t, ids8, torch.ones_like(ids8), replace(base, speculative=True), share,
+    taus = {share: calibrate_tau0(s, t, ids8, torch.ones_like(ids8), replace(base, speculative=True), gate, share,
                                   iters=args.bisect)[0] for share in args.shares}
     rows = []
     for B in args.batches:
@@ -91,9 +92,9 @@ def rollouts(args: argparse.Namespace, tok, teacher_dir: Path, student_dir: Path
         for share, tau0 in taus.items():
             row = {"batch": B, "target_share": share, "tau0": tau0}
             for name, spec in (("lockstep", False), ("speculative", True)):
-                cfg = replace(base, tau0=tau0, speculative=spec)
-                out = rollout(s, t, ids, mask, cfg)
-                sec = timed(lambda: rollout(s, t, ids, mask, cfg), args.device, args.repeats)
+                cfg, rule = replace(base, speculative=spec), replace(gate, tau0=tau0)
+                out = rollout(s, t, ids, mask, cfg, rule)
+                sec = timed(lambda: rollout(s, t, ids, mask, cfg, rule), args.device, args.repeats)
                 row |= {f"{name}_ms_per_step": round(1000 * sec / n, 2),
                         f"{name}_over_weight_floor": round(sec / n / floor_step, 1),
                         f"{name}_teacher_forwards_per_token": round(out.forwards["teacher"] / n, 3)}

@@ -167,7 +167,11 @@ def calibrate(teacher: Path, init: Path, s: Setting, device: str) -> Dict[str, A
     cfg = load_config(str(ROOT / "configs" / "smollm2" / "switch.yaml"),
                       common(s, device) + [f"model.name={init}", f"teacher.name={teacher}"])
     tau0, share = calibrate_config(cfg, s.target, s.calib_prompts, s.calib_prompts, log=lambda x: print(x, flush=True))
-    return {"tau0": tau0, "share": share, "note": ln2_note(tau0, cfg.method.switch.decay)}
+    from dataclasses import replace
+
+    from switchkd.calibrate import gate_of
+
+    return {"tau0": tau0, "share": share, "note": ln2_note(replace(gate_of(cfg), tau0=tau0))}
 
 
 def score(model_dir: Path, s: Setting, device: str) -> Dict[str, Any]:
@@ -307,8 +311,9 @@ def write_report(out: Path, res: Dict[str, Any], s: Setting, setting: str, devic
     prof = res["metrics"]["switch"][0]["teacher_share"]
     lines += ["| " + " | ".join(prof) + " |", "|" + "---:|" * len(prof), "| " + " | ".join(f"{v:.2f}" for v in prof.values()) + " |"]
     from switchkd.calibrate import ln2_note
+    from switchkd.rules import Gate
 
-    note = ln2_note(cal["tau0"], 0.1)
+    note = ln2_note(Gate(tau0=cal["tau0"], decay=0.1))
     if note:
         lines += ["", f"Note (switchkd calibrate): {note}"]
     lines += ["", "Seconds per optimizer step (mean) and worth as a greedy speculative draft for the teacher "

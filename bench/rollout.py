@@ -20,7 +20,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from switchkd.calibrate import calibrate_tau0
-from switchkd.rollout import RolloutConfig, rollout
+from switchkd.rollout import Gate, RolloutConfig, rollout
 
 
 def model(vocab: int, layers: int, dim: int, seed: int, arch: str = "gpt2") -> torch.nn.Module:
@@ -61,8 +61,7 @@ def main() -> None:
         ids = torch.randint(3, vocab, (args.batch, args.prompt))
         mask = torch.ones_like(ids)
         for n in args.new_tokens:
-            base = dict(source="switch", max_new_tokens=n, do_sample=False, schedule="const", eos_token_id=[vocab + 1],
-                        pad_token_id=0, vocab_size=vocab)
+            base = dict(max_new_tokens=n, do_sample=False, eos_token_id=[vocab + 1], pad_token_id=0, vocab_size=vocab)
 
             def floor():
                 seq = student.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
@@ -72,13 +71,13 @@ def main() -> None:
 
             t_floor = timed(floor, args.repeats)
             for share in args.shares:
-                tau0, _ = calibrate_tau0(student, teacher, ids, mask, RolloutConfig(**base, speculative=True), share,
-                                         iters=8)
+                tau0, _ = calibrate_tau0(student, teacher, ids, mask, RolloutConfig(**base, speculative=True),
+                                         Gate(schedule="const"), share, iters=8)
                 res = {}
                 for spec in (False, True):
-                    cfg = RolloutConfig(**base, tau0=tau0, speculative=spec)
-                    out = rollout(student, teacher, ids, mask, cfg)
-                    res[spec] = (timed(lambda: rollout(student, teacher, ids, mask, cfg), args.repeats),
+                    cfg, gate = RolloutConfig(**base, speculative=spec), Gate(tau0=tau0, schedule="const")
+                    out = rollout(student, teacher, ids, mask, cfg, gate)
+                    res[spec] = (timed(lambda: rollout(student, teacher, ids, mask, cfg, gate), args.repeats),
                                  float(out.from_teacher[out.response_mask].float().mean()), out.forwards["teacher"] / n)
                 row = {"arch": arch, "vocab": vocab, "new_tokens": n, "target_share": share,
                        "teacher_share": round(res[True][1], 3), "teacher_forwards_per_token": round(res[True][2], 3),

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from switchkd.convert import convert_llama2c
 from switchkd.data import encode_prompt, left_pad
 from switchkd.evaluate import rouge_l
-from switchkd.rollout import RolloutConfig, rollout
+from switchkd.rollout import RolloutConfig, StudentWrites, TeacherWrites, rollout
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -61,7 +61,7 @@ def make_data(teacher_dir: Path, root: Path, n: Dict[str, int], prompt_tokens: i
         while len(rows) < count:
             ids = torch.ones((64, 1), dtype=torch.long)
             out = rollout(None, model, ids, torch.ones_like(ids), RolloutConfig(
-                source="teacher", max_new_tokens=length, do_sample=True, eos_token_id=2, pad_token_id=0, vocab_size=512))
+                max_new_tokens=length, do_sample=True, eos_token_id=2, pad_token_id=0, vocab_size=512), TeacherWrites())
             for seq, m in zip(out.sequences[:, 1:], out.response_mask):
                 toks = seq[m].tolist()
                 if toks and toks[-1] == 2:
@@ -84,8 +84,9 @@ def nll_metrics(student_dir: Path, teacher_dir: Path, test: Path, seed: int, new
     prompts = [encode_prompt(tok, r["prompt"]) for r in rows]
     ids, mask = left_pad(prompts, 0)
     torch.manual_seed(seed)
-    out = rollout(student, None, ids, mask, RolloutConfig(source="student", max_new_tokens=new_tokens, do_sample=True,
-                                                          eos_token_id=2, pad_token_id=0, vocab_size=512))
+    out = rollout(student, None, ids, mask, RolloutConfig(max_new_tokens=new_tokens, do_sample=True,
+                                                          eos_token_id=2, pad_token_id=0, vocab_size=512),
+                  StudentWrites())
     P = ids.shape[1]
     full_mask = torch.cat([mask, out.response_mask.long()], 1)
 

@@ -105,14 +105,14 @@ def tau_for_shares(student: Path, teacher: Path, texts: list[str], args: argpars
     on a student-only probe (tau0 = inf) of the first batch."""
     from transformers import AutoModelForCausalLM
 
-    from switchkd.rollout import RolloutConfig, rollout
+    from switchkd.rollout import Gate, RolloutConfig, rollout
 
     tok = GPT2TokenizerFast.from_pretrained(student)
     s, t = (AutoModelForCausalLM.from_pretrained(m).eval() for m in (student, teacher))
     ids = torch.tensor([tok(x)["input_ids"] for x in texts[:args.batch]])
     probe = rollout(s, t, ids, torch.ones_like(ids), RolloutConfig(
-        source="switch", tau0=float("inf"), speculative=False, max_new_tokens=args.new_tokens, seed=0,
-        eos_token_id=[tok.eos_token_id], pad_token_id=tok.eos_token_id))
+        speculative=False, max_new_tokens=args.new_tokens, seed=0,
+        eos_token_id=[tok.eos_token_id], pad_token_id=tok.eos_token_id), Gate(tau0=float("inf")))
     gates = probe.gate[probe.response_mask]
     return {share: float(gates.quantile(1 - share)) for share in args.shares}
 

@@ -128,7 +128,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from switchkd.config import DataConfig, DecodingConfig, ModelConfig
 from switchkd.data import build_batch, load_examples, tokenize
 from switchkd.models import load_model, load_tokenizer
-from switchkd.rollout import RolloutConfig, rollout
+from switchkd.rollout import RolloutConfig, StudentWrites, rollout
 from switchkd.served import ServedTeacher
 from switchkd.vllm_engine import VLLMStudent
 tok = load_tokenizer(ModelConfig(name="{student}"))
@@ -139,10 +139,10 @@ b = build_batch(prompts, [[] for _ in prompts], tok.pad_token_id, list(range(len
 res = {{}}
 for name, path in (("switchkd_student", "{student}"), ("switchkd_teacher", "{teacher}")):
     model = load_model(ModelConfig(name=path), tok, trainable=False)
-    cfg = RolloutConfig(source="student", max_new_tokens={new_tokens}, seed=1, eos_token_id=tok.eos_token_id,
+    cfg = RolloutConfig(max_new_tokens={new_tokens}, seed=1, eos_token_id=tok.eos_token_id,
                         pad_token_id=tok.pad_token_id, vocab_size=len(tok))
-    rollout(model, None, b.prompt_ids[:1], b.prompt_mask[:1], cfg)  # warm-up
-    t = time.perf_counter(); rollout(model, None, b.prompt_ids, b.prompt_mask, cfg); res[name] = time.perf_counter() - t
+    rollout(model, None, b.prompt_ids[:1], b.prompt_mask[:1], cfg, StudentWrites())  # warm-up
+    t = time.perf_counter(); rollout(model, None, b.prompt_ids, b.prompt_mask, cfg, StudentWrites()); res[name] = time.perf_counter() - t
 student = load_model(ModelConfig(name="{student}"), tok, trainable=False)
 t = time.perf_counter(); engine = VLLMStudent(student, tok, 512, seed=0); res["vllm_start"] = time.perf_counter() - t
 engine.sample(prompts[:1], 4, DecodingConfig(), tok.eos_token_id, seed=0)  # warm-up
@@ -166,7 +166,7 @@ from switchkd.config import DataConfig, ModelConfig
 from switchkd.data import build_batch, load_examples, tokenize
 from switchkd.divergences import TopKTail, jsd, with_tail
 from switchkd.models import load_model, load_tokenizer
-from switchkd.rollout import RolloutConfig, rollout
+from switchkd.rollout import RolloutConfig, StudentWrites, rollout
 from switchkd.served import ServedTeacher
 tok = load_tokenizer(ModelConfig(name="{student}"))
 items, _ = tokenize(load_examples("{DATA / 'dolly' / 'dev.jsonl'}", DataConfig(format="minillm", template="chat"), tok,
@@ -175,11 +175,11 @@ prompts = [x.prompt for x in items]
 b = build_batch(prompts, [[] for _ in prompts], tok.pad_token_id, list(range(len(prompts))))
 student = load_model(ModelConfig(name="{student}"), tok, trainable=False)
 teacher = load_model(ModelConfig(name="{teacher}"), tok, trainable=False)
-cfg = RolloutConfig(source="student", max_new_tokens={new_tokens}, do_sample=False, eos_token_id=tok.eos_token_id,
+cfg = RolloutConfig(max_new_tokens={new_tokens}, do_sample=False, eos_token_id=tok.eos_token_id,
                     pad_token_id=tok.pad_token_id, vocab_size=len(tok))
 responses = []
 for i in range(0, len(prompts), 8):
-    out = rollout(student, None, b.prompt_ids[i:i + 8], b.prompt_mask[i:i + 8], cfg)
+    out = rollout(student, None, b.prompt_ids[i:i + 8], b.prompt_mask[i:i + 8], cfg, StudentWrites())
     responses += out.responses(b.prompt_ids.shape[1])
 served = ServedTeacher("{url}", tok, {TOP_K}); served.check(len(tok))
 rows = served.logprobs([p + r for p, r in zip(prompts, responses)])

@@ -1,4 +1,5 @@
-"""Find SWITCH's tau0 for a target teacher share by bisection on the *measured* share.
+"""Find a gate's tau0 (SWITCH's, :class:`switchkd.rules.Gate`) for a target teacher share by bisection on the
+*measured* share.
 
 A quantile of student-only gate values misses the share SWITCH then produces (teacher tokens
 change the trajectory, and gates of random models are flat), so the share is measured by
@@ -13,33 +14,33 @@ from typing import Any, Callable, Optional
 
 from torch import Tensor
 
-from switchkd.methods.switch import engine_config
 from switchkd.rollout import RolloutConfig, RolloutOutput, rollout
+from switchkd.rules import Gate
 
-Roll = Callable[[RolloutConfig], RolloutOutput]  # a SWITCH rollout of fixed prompts under a config
+Roll = Callable[[Gate], RolloutOutput]  # a two-writer rollout of fixed prompts under a gate
 TOLERANCE = 0.01  # a measured share this close to the target ends the search (the share of 8 prompts x 64 tokens
 # moves in steps of ~0.01 between neighbouring tau0s: teacher tokens change the trajectories)
 
 
-def teacher_share(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: RolloutConfig,
+def teacher_share(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: RolloutConfig, gate: Gate,
                   roll: Optional[Roll] = None) -> float:
-    """Fraction of response tokens the teacher writes under ``cfg`` (``roll``: another decoder of the
+    """Fraction of response tokens the teacher writes under ``gate`` (``roll``: another decoder of the
     same prompts, e.g. across vocabularies)."""
-    out = roll(cfg) if roll is not None else rollout(student, teacher, ids, mask, cfg)
+    out = roll(gate) if roll is not None else rollout(student, teacher, ids, mask, cfg, gate)
     return float(out.from_teacher[out.response_mask].float().mean())
 
 
-def calibrate_tau0(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: RolloutConfig, target: float,
-                   iters: int = 14, log: Optional[Callable[[str], None]] = None,
+def calibrate_tau0(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: RolloutConfig, gate: Gate,
+                   target: float, iters: int = 14, log: Optional[Callable[[str], None]] = None,
                    roll: Optional[Roll] = None, tolerance: float = TOLERANCE) -> tuple[float, float]:
     """``(tau0, measured share)``: the first tau0 whose measured share lies within ``tolerance`` of ``target``, else
     the closest found, by bisecting log(tau0) between bounds from a student-only probe's gate values (at most
-    ``iters`` bisection rounds); ``cfg`` gives everything else (schedule, decay, gate, sampling: a greedy ``cfg``
-    makes the search deterministic).  ``log`` receives one line per measured round."""
+    ``iters`` bisection rounds); ``gate`` gives the rest of the rule (schedule, decay, divergence) and ``cfg`` the
+    sampling (a greedy ``cfg`` makes the search deterministic).  ``log`` receives one line per measured round."""
     if not 0.0 < target < 1.0:
         raise ValueError(f"target share must be in (0, 1), got {target}")
-    roll = roll or (lambda c: rollout(student, teacher, ids, mask, c))
-    probe = roll(replace(cfg, source="switch", tau0=float("inf")))
+    roll = roll or (lambda g: rollout(student, teacher, ids, mask, cfg, g))
+    probe = roll(replace(gate, tau0=float("inf")))
     g = probe.gate[probe.response_mask]
     g = g[g > 0]
     if g.numel() == 0:
@@ -48,7 +49,7 @@ def calibrate_tau0(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: R
     best = [math.inf, 0.0, 0.0]  # |share - target|, tau0, share
 
     def share_at(log_tau: float) -> float:
-        share = teacher_share(student, teacher, ids, mask, replace(cfg, source="switch", tau0=math.exp(log_tau)), roll)
+        share = teacher_share(student, teacher, ids, mask, cfg, replace(gate, tau0=math.exp(log_tau)), roll)
         best[:] = min(best, [abs(share - target), math.exp(log_tau), share])
         if log is not None:
             log(f"calibrate: round {share_at.rounds}: tau0 {math.exp(log_tau):.4g} -> teacher share {share:.3f} "
@@ -78,16 +79,20 @@ def calibrate_tau0(student: Any, teacher: Any, ids: Tensor, mask: Tensor, cfg: R
     return best[1], best[2]
 
 
-def ln2_note(tau0: float, decay: float, schedule: str = "exp", gate: str = "jsd") -> Optional[str]:
-    """What a JSD-gate tau0 above ln 2 (the largest Jensen-Shannon divergence, in nats) means, else None:
-    no gate value can exceed tau_t until tau_t falls below ln 2, so the student writes every token
-    before that position and the gate acts as a position cut-off."""
-    if gate != "jsd" or tau0 <= math.log(2):
+def ln2_note(gate: Gate) -> Optional[str]:
+    """What a tau0 above the gate's largest value (ln 2 for the Jensen-Shannon divergence, in nats) means, else None:
+    no gate value can exceed tau_t until tau_t falls below it, so the student writes every token before that
+    position and the gate acts as a position cut-off."""
+    top = gate.maximum
+    if top is None or gate.tau0 <= top:
         return None
-    if schedule == "const":
-        return (f"tau0 {tau0:.4g} exceeds ln 2 = 0.693, the largest JSD: with schedule const the teacher never writes")
-    t = math.log(tau0 / math.log(2)) / decay if schedule == "exp" else (1 - math.log(2) / tau0) / decay
-    return (f"tau0 {tau0:.4g} exceeds ln 2 = 0.693, the largest JSD: the gate cannot fire before response token "
+    tau0, decay, name = gate.tau0, gate.decay, f"{top:.3f}, the largest {gate.divergence.upper()}"
+    if top == math.log(2):
+        name = "ln 2 = 0.693, the largest " + gate.divergence.upper()
+    if gate.schedule == "const":
+        return (f"tau0 {tau0:.4g} exceeds {name}: with schedule const the teacher never writes")
+    t = math.log(tau0 / top) / decay if gate.schedule == "exp" else (1 - top / tau0) / decay
+    return (f"tau0 {tau0:.4g} exceeds {name}: the gate cannot fire before response token "
             f"{math.ceil(t)}, so the student writes the first {math.ceil(t)} tokens whatever the teacher thinks and "
             "the gate acts as a position cut-off: the two models disagree almost everywhere; train the student "
             "on the data first (SFT, as DistiLLM and MiniLLM do, longer if it already was) and calibrate again")
@@ -97,15 +102,18 @@ def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int =
                      log: Optional[Callable[[str], None]] = None, iters: int = 14,
                      tolerance: float = TOLERANCE) -> tuple[float, float]:
     """``switchkd calibrate``: tau0 for a ``target`` teacher share on the first ``limit`` prompts of
-    ``data.dev`` (else ``data.train``), decoded as the config's SWITCH rollouts are (schedule, decay,
-    gate, sampling; seeded with ``train.seed``) on one batch of ``batch_size`` at a time."""
+    ``data.dev`` (else ``data.train``), decoded as the config's rollouts are (its source's gate: schedule, decay,
+    divergence; sampling seeded with ``train.seed``) on one batch of ``batch_size`` at a time."""
     import torch
 
     from switchkd.data import left_pad, load_examples, tokenize
+    from switchkd.methods import source_class
     from switchkd.models import load_pair
     from switchkd.rollout import from_method
     from switchkd.sections import ConfigError
 
+    source = source_class(cfg.method.source)
+    gate = gate_of(cfg)
     if cfg.teacher is None:
         raise ConfigError("config error: switchkd calibrate needs teacher.name")
     view = _cross_view(cfg)
@@ -120,9 +128,8 @@ def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int =
         raise ConfigError("config error: calibrate: no prompts left after tokenization")
     items = items[:batch_size]
     ids, mask = left_pad([x.prompt for x in items], tok.pad_token_id)
-    rcfg = from_method(cfg.method, "switch", min(cfg.method.max_new_tokens, cfg.data.max_length - ids.shape[1]), tok,
-                       vocab)
-    rcfg = engine_config(rcfg, cfg.method.switch)
+    rcfg = from_method(cfg.method, min(cfg.method.max_new_tokens, cfg.data.max_length - ids.shape[1]), tok, vocab,
+                       **source.engine_settings(cfg))
     ids, mask = ids.to(device), mask.to(device)
     roll = None
     if view is not None:  # across vocabularies: the teacher reads its own prompts (switchkd.interleave)
@@ -132,11 +139,23 @@ def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int =
         vocabs = Vocab(view.s_tok, view.s_table), Vocab(view.t_tok, view.t_table)
         c = teacher.config
         t_max = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
-        roll = lambda r: cross_switch(student, teacher, ids, mask, t_ids, t_mask, r, *vocabs,  # noqa: E731
-                                      kind=cfg.method.switch.cross_gate, shared=(view.s_matched, view.t_matched),
-                                      t_max_len=t_max)
-    return calibrate_tau0(student, teacher, ids, mask, replace(rcfg, seed=cfg.train.seed), target, iters=iters, log=log,
-                          roll=roll, tolerance=tolerance)
+        seeded = replace(rcfg, seed=cfg.train.seed)
+        roll = lambda g: cross_switch(student, teacher, ids, mask, t_ids, t_mask, seeded, g, *vocabs,  # noqa: E731
+                                      shared=(view.s_matched, view.t_matched), t_max_len=t_max)
+    return calibrate_tau0(student, teacher, ids, mask, replace(rcfg, seed=cfg.train.seed), gate, target, iters=iters,
+                          log=log, roll=roll, tolerance=tolerance)
+
+
+def gate_of(cfg: Any) -> Gate:
+    """The gate whose tau0 ``switchkd calibrate`` finds: the config's source's rule (one line when it has none)."""
+    from switchkd.methods import source_class
+    from switchkd.sections import ConfigError
+
+    rule = source_class(cfg.method.source).rule(cfg)
+    if not isinstance(rule, Gate):
+        raise ConfigError(f"method.source={cfg.method.source} decodes by {type(rule).__name__}, which has no tau0: "
+                          "switchkd calibrate finds a gate's tau0 (a preset whose source decodes by a gate)")
+    return rule
 
 
 def _cross_view(cfg: Any) -> Any:

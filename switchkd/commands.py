@@ -24,24 +24,28 @@ def _presets(args: argparse.Namespace) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from switchkd.calibrate import calibrate_config
     from switchkd.config import load_config
+    from switchkd.methods import source_class
 
     if not 0.0 < args.target < 1.0:
         raise ConfigError(f"--target {args.target}: expected a teacher share in (0, 1)")
-    from switchkd.calibrate import ln2_note
+    from switchkd.calibrate import gate_of, ln2_note
 
     cfg = load_config(preset_path(args.config), args.overrides)
-    if cfg.method.source != "switch":
-        raise ConfigError(f"{args.config}: method.source is {cfg.method.source!r}; switchkd calibrate finds SWITCH's "
-                          "tau0 and needs a SWITCH config (method.source=switch), e.g. smollm2/switch")
+    try:
+        gate = gate_of(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from None
     if not 0.0 <= args.tolerance < 0.5:
         raise ConfigError(f"--tolerance {args.tolerance}: expected a share difference in [0, 0.5)")
     tau0, share = calibrate_config(cfg, args.target, args.limit, args.batch_size,
                                    log=lambda line: print(line, file=sys.stderr, flush=True), tolerance=args.tolerance)
-    print(f"method.switch.tau0={tau0:.6g}  (measured teacher share {share:.3f}, target {args.target})")
-    sw = cfg.method.switch
-    note = ln2_note(tau0, sw.decay, sw.schedule, sw.gate)
+    print(f"method.{source_class(cfg.method.source).section}.tau0={tau0:.6g}  (measured teacher share {share:.3f}, "
+          f"target {args.target})")
+    note = ln2_note(replace(gate, tau0=tau0))
     if note:
         print(f"note: {note}")
 

@@ -1,5 +1,5 @@
-"""Decoding state shared by the lockstep and speculative engines: config, cache steppers, the
-SWITCH gate, thresholds, the sampler and the output buffers.
+"""Decoding state shared by every decode loop: the engine's settings, cache steppers, the sampler and the output
+buffers (who writes each token: :mod:`switchkd.rules`).
 
 A :class:`Stepper` holds one model's KV cache and a 2-D attention mask that may have *holes*:
 columns written for tokens a row later rejected are masked out instead of cropped, and each row
@@ -11,7 +11,6 @@ with ``static=True``, a preallocated ``StaticCache`` whose one-token decode step
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -26,45 +25,24 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from switchkd.divergences import fkl, jsd, rkl, tvd
+from switchkd.divergences import GATES  # noqa: F401  (re-exported: the engine's public names)
 from switchkd.losses import accepts_logits_to_keep
+from switchkd.rules import mix_logprobs  # noqa: F401
 from switchkd.sections import DecodingConfig
-
-GATES: Dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "jsd": lambda s, t: jsd(s, t, beta=0.5),  # symmetric Jensen-Shannon, natural log
-    "fkl": fkl,
-    "rkl": rkl,
-    "tvd": tvd,
-    # speculative decoding's greedy acceptance: 1 where the two argmaxes differ (with tau 0.5, const)
-    "argmax": lambda s, t: (s.argmax(-1) != t.argmax(-1)).to(s.dtype),
-}
-#: gates of the student's proposed token ``y [...]``: gate(q_logits, p_logits, y)
-TOKEN_GATES: Dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
-    # SKD (Xu et al., ICLR 2025): the token's rank under the teacher (0 = its argmax); with tau = K - 0.5
-    # (const) the teacher replaces every proposal outside its top K
-    "rank": lambda s, t, y: (t > t.gather(-1, y[..., None])).sum(-1).to(s.dtype),
-}
 
 
 @dataclass
 class RolloutConfig(DecodingConfig):
-    """How to decode: the :class:`~switchkd.config.DecodingConfig` sampling fields plus the engine's.
-    ``source``: ``student``, ``teacher``, ``switch`` or ``mixed`` (MiniLLM's teacher-mixed sampling: each
-    token from ``teacher_mix`` p + (1 - ``teacher_mix``) q)."""
+    """How to decode: the :class:`~switchkd.sections.DecodingConfig` sampling fields plus the engine's settings.
+    Who writes each token is the loop's :class:`~switchkd.rules.Rule`, not a setting here."""
 
-    source: str = "student"
     max_new_tokens: int = 64
-    tau0: float = 0.1
-    decay: float = 0.1
-    schedule: str = "exp"  # exp | linear | const
-    gate: str = "jsd"  # jsd | fkl | rkl | tvd
     seed: Optional[int] = None  # None: the global torch RNG
     eos_token_id: Optional[int | Sequence[int]] = None  # default: the model config's
     pad_token_id: Optional[int] = None  # default: the model config's, else EOS
     vocab_size: Optional[int] = None  # true vocabulary (logits beyond it are ignored)
     keep_teacher_logits: bool = False  # return the teacher's next-token logits per step
-    teacher_mix: float = 0.2  # mixed only: the teacher's weight alpha in the sampling mixture
-    speculative: bool = True  # switch only: student drafts, teacher verifies a block per forward
+    speculative: bool = True  # a verifiable rule: student drafts, teacher verifies a block per forward
     draft_k: int = 4  # first draft length; then chosen from the recent rejection rate (speculative.next_k)
     max_draft_k: int = 16
     adapt_k: bool = True  # speculative: choose each block's k from the rejection rate (False: always draft_k)
@@ -101,47 +79,6 @@ def use_compile(cfg: RolloutConfig, device: torch.device) -> bool:
     return device.type == "cuda" if value == "auto" else value in ("true", "on")
 
 
-def threshold(t: int, cfg: RolloutConfig) -> float:
-    """tau_t for response position ``t``."""
-    if cfg.schedule == "exp":
-        return cfg.tau0 * math.exp(-cfg.decay * t) if math.isfinite(cfg.tau0) else cfg.tau0
-    if cfg.schedule == "linear":
-        return cfg.tau0 * max(0.0, 1.0 - cfg.decay * t) if math.isfinite(cfg.tau0) else cfg.tau0
-    if cfg.schedule == "const":
-        return cfg.tau0
-    raise ValueError(f"schedule must be exp, linear or const, got {cfg.schedule!r}")
-
-
-def thresholds(t: Tensor, cfg: RolloutConfig) -> Tensor:
-    """tau_t for a tensor of response positions (any shape), as float64 tensor ops (no host sync)."""
-    t = t.double()
-    if not math.isfinite(cfg.tau0) or cfg.schedule == "const":
-        return torch.full_like(t, cfg.tau0)
-    if cfg.schedule == "exp":
-        return cfg.tau0 * torch.exp(-cfg.decay * t)
-    if cfg.schedule == "linear":
-        return cfg.tau0 * (1.0 - cfg.decay * t).clamp(min=0.0)
-    raise ValueError(f"schedule must be exp, linear or const, got {cfg.schedule!r}")
-
-
-def switch_gate(q_logits: Tensor, p_logits: Tensor, t: Union[int, Tensor], cfg: RolloutConfig,
-                gate_fn: Callable[..., Tensor], draft: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """The SWITCH rule, the one place it is computed: student logits ``q [..., V]``, teacher
-    ``p [..., V]`` at response positions ``t`` (an int, or a tensor of the batch shape) and, for a
-    token gate (SKD's ``rank``), the student's proposed tokens ``draft [...]`` ->
-    ``(gate d [...], exceed [...])`` where ``exceed`` = the teacher writes the token (d > tau_t)."""
-    d = gate_fn(q_logits, p_logits) if draft is None else gate_fn(q_logits, p_logits, draft)
-    tau = threshold(t, cfg) if isinstance(t, int) else thresholds(t, cfg).to(d.dtype)
-    return d, d > tau
-
-
-def mix_logprobs(q: Tensor, p: Tensor, alpha: float) -> Tensor:
-    """``log(alpha * exp(p) + (1 - alpha) * exp(q))`` from log-probabilities ``q``, ``p`` (any shape)."""
-    if alpha <= 0.0 or alpha >= 1.0:
-        return p if alpha >= 1.0 else q
-    return torch.logaddexp(q + math.log1p(-alpha), p + math.log(alpha))
-
-
 def mix_logits(q_logits: Tensor, p_logits: Tensor, alpha: float) -> Tensor:
     """Log-probabilities ``[..., V]`` of the mixture ``alpha * softmax(p) + (1 - alpha) * softmax(q)``."""
     return mix_logprobs(torch.log_softmax(q_logits.float(), -1), torch.log_softmax(p_logits.float(), -1), alpha)
@@ -169,15 +106,16 @@ def chooser(cfg: RolloutConfig, generator: Optional[torch.Generator]) -> Callabl
     return sample
 
 
-def setup(ref: Any, cfg: RolloutConfig, device: torch.device) -> tuple[int, Tensor, int, Callable, Callable]:
-    """``(vocab, eos_ids, pad, choose, gate_fn)`` shared by the lockstep and speculative decoders."""
+def setup(ref: Any, cfg: RolloutConfig, device: torch.device) -> tuple[int, Tensor, int, Callable[[Tensor], Tensor]]:
+    """``(vocab, eos_ids [n], pad, choose)`` shared by every decode loop: the true vocabulary, the end-of-sequence
+    ids, the pad id and the token chooser (:func:`chooser`: ``logits [B, V] -> tokens [B]``)."""
     vocab = cfg.vocab_size or head_rows(ref)
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else ref.config.eos_token_id
     eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(ref.config, "pad_token_id", None)
     pad = int(pad if pad is not None else eos_ids[0])
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    return vocab, eos_ids, pad, chooser(cfg, gen), {**GATES, **TOKEN_GATES}[cfg.gate]
+    return vocab, eos_ids, pad, chooser(cfg, gen)
 
 
 def head_rows(model: Any) -> int:

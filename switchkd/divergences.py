@@ -382,6 +382,23 @@ DIVERGENCES: Dict[str, Callable[..., Tensor]] = {
     "ce": ce,
 }
 
+#: the divergences SWITCH's gate may compare with tau_t (:class:`switchkd.rules.Gate`):
+#: ``gate(student_logits [..., V], teacher_logits [..., V]) -> [...]``
+GATES: Dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "jsd": lambda s, t: jsd(s, t, beta=0.5),  # symmetric Jensen-Shannon, natural log
+    "fkl": fkl,
+    "rkl": rkl,
+    "tvd": tvd,
+    # speculative decoding's greedy acceptance: 1 where the two argmaxes differ (with tau 0.5, const)
+    "argmax": lambda s, t: (s.argmax(-1) != t.argmax(-1)).to(s.dtype),
+}
+#: the gate SWITCH compares by default (the paper's)
+DEFAULT_GATE = "jsd"
+#: the largest value a gate can take, in nats, where it is bounded in a way a calibrated tau0 may exceed
+#: (the Jensen-Shannon divergence with beta 1/2: ln 2)
+GATE_MAXIMA: Dict[str, float] = {"jsd": math.log(2)}
+
+
 def divergence(
     name: str,
     student_logits: Tensor,

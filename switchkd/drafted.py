@@ -6,11 +6,11 @@ Each block, vLLM samples up to k tokens per row after the row's prefix (the prom
 teacher then score the whole block in one forward each, from their own KV caches (:class:`switchkd.decoding.Stepper`,
 with the rejected columns masked as holes, as in :mod:`switchkd.speculative`), and the rule decides per row:
 
-- ``switch`` (SWITCH's gate, SKD's rank gate): :func:`switchkd.decoding.switch_gate` at every drafted position;
+- a verifiable rule (SWITCH's gate, SKD's rank; :meth:`switchkd.rules.Rule.decide`) at every drafted position;
   the drafts before the first position where the teacher writes are kept, the teacher writes there
   (:func:`switchkd.speculative.decide`).  A draft is a sample of the student's distribution at its prefix, so the
   decisions and the teacher's tokens are the in-process engines' on the same drafts;
-- ``mixed`` (MiniLLM): at every position the teacher writes with probability ``teacher_mix`` (a draw independent
+- a mixture (MiniLLM, :class:`switchkd.rules.Mixture`): at every position the teacher writes with probability ``teacher_mix`` (a draw independent
   of the models), else the student's draft stands, so every token is a sample of ``a p + (1 - a) q`` (with
   temperature 1 and no top-k/top-p, which the MiniLLM source requires for this loop).  The student's
   log-probability of every token is recorded (MiniLLM's ``q_old``).
@@ -32,7 +32,8 @@ from typing import Any, List, Optional
 import torch
 from torch import Tensor
 
-from switchkd.decoding import GATES, TOKEN_GATES, Record, RolloutConfig, RolloutOutput, Stepper, setup, switch_gate
+from switchkd.decoding import Record, RolloutConfig, RolloutOutput, Stepper, setup
+from switchkd.rules import Rule
 from switchkd.speculative import cost_ratio, decide, next_k, verify
 
 
@@ -43,9 +44,9 @@ def _rows(ids: Tensor, mask: Tensor) -> List[List[int]]:
 
 @torch.no_grad()
 def drafted_rollout(drafter: Any, student: Any, teacher: Any, input_ids: Tensor, attention_mask: Tensor,
-                    cfg: RolloutConfig, teacher_input_ids: Optional[Tensor] = None,
+                    cfg: RolloutConfig, rule: Rule, teacher_input_ids: Optional[Tensor] = None,
                     teacher_attention_mask: Optional[Tensor] = None) -> RolloutOutput:
-    """SWITCH / SKD (``cfg.source="switch"``) or MiniLLM's mixed sampling (``"mixed"``) with vLLM drafts.
+    """SWITCH / SKD (a verifiable rule) or MiniLLM's mixed sampling (a mixture) with vLLM drafts.
 
     Args:
         drafter: an object with ``sample(prompts, max_new_tokens, decoding, eos_token_id, seed, greedy)`` returning
@@ -53,7 +54,8 @@ def drafted_rollout(drafter: Any, student: Any, teacher: Any, input_ids: Tensor,
         student: the in-process student (eval mode), scoring each drafted block.
         teacher: the in-process teacher, or a served one (``teacher.served``).
         input_ids, attention_mask: left-padded prompts ``[B, P]``.
-        cfg: the rule and sampling settings.
+        cfg: the sampling and engine settings.
+        rule: who writes (:mod:`switchkd.rules`): verifiable (SWITCH, SKD) or a mixture (MiniLLM).
         teacher_input_ids, teacher_attention_mask: the teacher's own left-padded prompts ``[B, P']`` (priming).
 
     Returns:
@@ -61,17 +63,17 @@ def drafted_rollout(drafter: Any, student: Any, teacher: Any, input_ids: Tensor,
         ``response_mask``/``from_teacher``/``gate`` ``[B, N]``, ``teacher_logits [B, N, V]`` when kept (in-process
         teacher), ``logprobs [B, N]`` for ``mixed``.
     """
-    if cfg.source not in ("switch", "mixed"):
-        raise ValueError(f"drafted rollouts decide switch or mixed, got {cfg.source!r}")
+    if not (rule.verifiable or rule.samples_mixture):
+        raise ValueError(f"drafted rollouts decide a verifiable rule or a mixture, got {type(rule).__name__}")
     device, served = input_ids.device, bool(getattr(teacher, "served", False))
-    vocab, eos_ids, pad, choose, gate_fn = setup(student, cfg, device)
+    vocab, eos_ids, pad, choose = setup(student, cfg, device)
     t_ids = teacher_input_ids if teacher_input_ids is not None else input_ids
     t_mask = teacher_attention_mask if teacher_attention_mask is not None else attention_mask
     student_stepper = Stepper(student, input_ids, attention_mask, vocab)
     teacher_stepper = None if served else Stepper(teacher, t_ids, t_mask, vocab)
     prefixes, teacher_prefixes = _rows(input_ids, attention_mask), _rows(t_ids, t_mask)
     B, N = input_ids.shape[0], cfg.max_new_tokens
-    mixed = cfg.source == "mixed"
+    mixed = rule.samples_mixture
     record = Record(B, N, vocab, pad, device, cfg.keep_teacher_logits and not served, keep_logprobs=mixed)
     generator = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(2 ** 62, ())))
     decided = torch.zeros(B, dtype=torch.long, device=device)
@@ -92,17 +94,18 @@ def drafted_rollout(drafter: Any, student: Any, teacher: Any, input_ids: Tensor,
         positions = decided[:, None] + torch.arange(block, device=device)
         teacher_logits, served_tokens = None, None
         if mixed:
-            gate = torch.full(drafts.shape, float("nan"), device=device)
-            exceed = torch.rand(drafts.shape, generator=generator).to(device) < cfg.teacher_mix
+            decision = rule.decide(q, None, positions, drafts, generator)
+            gate, exceed = decision.gate, decision.teacher_writes
             if not served:
                 teacher_logits = verify(teacher_stepper, pending, drafts)
         elif served:
             seed = int(torch.randint(2 ** 30, (), generator=generator))
-            gate, exceed, served_tokens = _served_gate(teacher, teacher_prefixes, drafts, q, positions, active, cfg, seed)
+            gate, exceed, served_tokens = _served_gate(teacher, teacher_prefixes, drafts, q, positions, active, cfg,
+                                                       rule, seed)
         else:
             teacher_logits = verify(teacher_stepper, pending, drafts)
-            gate, exceed = switch_gate(q, teacher_logits, positions, cfg, gate_fn,
-                                       drafts if cfg.gate in TOKEN_GATES else None)
+            decision = rule.decide(q, teacher_logits, positions, drafts)
+            gate, exceed = decision.gate, decision.teacher_writes
 
         def teacher_token(first: Tensor, hit: Tensor, logits: Optional[Tensor] = teacher_logits,
                           drafts: Tensor = drafts, active: Tensor = active,
@@ -156,9 +159,13 @@ def _draft(drafter: Any, prefixes: List[List[int]], active: Tensor, block: int, 
 
 
 def _served_gate(teacher: Any, prefixes: List[List[int]], drafts: Tensor, q: Tensor, positions: Tensor,
-                 active: Tensor, cfg: RolloutConfig, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The gate against a served teacher's top k + tail over a drafted block, from one sampled step per drafted
+                 active: Tensor, cfg: RolloutConfig, rule: Rule, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The rule's decisions against a served teacher's top k over a drafted block, from one sampled step per drafted
     position (:meth:`switchkd.served.ServedTeacher.next_tokens` after the row's prefix and the drafts before it).
+
+    A rule that reads the proposal (SKD's rank) sees the teacher's top k as logits (``-inf`` elsewhere: a draft
+    outside them ranks k, exact while its K is at most k); a gate compares the two models over the k + 1 outcomes
+    top k + tail (:func:`switchkd.divergences.with_tail`).
 
     Returns:
         ``(gate [B, block], exceed [B, block], teacher_tokens [B, block])``: inactive rows' gate NaN, never exceeding;
@@ -178,19 +185,15 @@ def _served_gate(teacher: Any, prefixes: List[List[int]], drafts: Tensor, q: Ten
     for (b, j), (token, top, values) in zip(where, answers):
         ids[b, j], logp[b, j], tokens[b, j] = torch.tensor(top), torch.tensor(values, dtype=torch.float32), token
     ids, logp, tokens = ids.to(q.device), logp.to(q.device), tokens.to(q.device)
-    if cfg.gate in TOKEN_GATES:  # SKD: the draft's rank among the teacher's top k (k: outside them)
-        match = ids == drafts[..., None]
-        gate = torch.where(match.any(-1), match.float().argmax(-1), float(k)).to(q.dtype)
-        from switchkd.decoding import thresholds
-
-        exceed = gate > thresholds(positions, cfg).to(gate.dtype)
+    if rule.reads_proposal:
+        known = torch.full((B, block, vocab), -float("inf"), device=q.device).scatter(-1, ids, logp)
+        decision = rule.decide(q, known, positions, drafts)
     else:
         lq, lp = with_tail(q.reshape(-1, vocab), TopKTail(logp.reshape(-1, k), ids.reshape(-1, k), vocab))
-        gate_fn = GATES[cfg.gate]
-        gate, exceed = switch_gate(lq.reshape(B, block, k + 1), lp.reshape(B, block, k + 1), positions, cfg,
-                                   lambda s, t: gate_fn(s, t))
+        decision = rule.decide(lq.reshape(B, block, k + 1), lp.reshape(B, block, k + 1), positions, drafts)
+    gate = decision.gate.to(q.dtype)
     nan = torch.full_like(gate, float("nan"))
-    return torch.where(active[:, None], gate, nan), exceed & active[:, None], tokens
+    return torch.where(active[:, None], gate, nan), decision.teacher_writes & active[:, None], tokens
 
 
 def _served_tokens(teacher: Any, prefixes: List[List[int]], drafts: Tensor, first: Tensor, hit: Tensor,

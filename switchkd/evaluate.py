@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from switchkd.data import Example, encode_prompt, left_pad, load_examples
 from switchkd.metrics import METRICS, rouge_l  # noqa: F401  (rouge_l: re-exported)
 from switchkd.rollout import RolloutConfig, head_rows, rollout
+from switchkd.rules import StudentWrites
 from switchkd.sections import ConfigError, DataConfig, EvalConfig, decoding_of
 
 SUITE = {  # name -> candidate paths inside a MiniLLM-style data directory
@@ -46,9 +47,9 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Eval
         chunk = [encode_prompt(tokenizer, p)[-cfg.max_prompt_length:] for p in prompts[start:start + cfg.batch_size]]
         ids, mask = left_pad(chunk, tokenizer.pad_token_id)
         budget = cfg.max_length - ids.shape[1]
-        rcfg = RolloutConfig(source="student", max_new_tokens=max(1, min(cfg.max_new_tokens or budget, budget)),
+        rcfg = RolloutConfig(max_new_tokens=max(1, min(cfg.max_new_tokens or budget, budget)),
                              **decoding_of(cfg), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab)
-        r = rollout(model, None, ids.to(device), mask.to(device), rcfg)
+        r = rollout(model, None, ids.to(device), mask.to(device), rcfg, StudentWrites())
         P = ids.shape[1]
         out += [tokenizer.decode(r.sequences[i, P:][r.response_mask[i]], skip_special_tokens=True).strip()
                 for i in range(len(chunk))]

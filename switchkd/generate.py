@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from switchkd.data import Example, Tokenized, build_batch, load_examples, tokenize
 from switchkd.models import load_model, load_tokenizer
 from switchkd.rollout import from_method, rollout
+from switchkd.rules import TeacherWrites
 from switchkd.sections import ConfigError
 
 if TYPE_CHECKING:
@@ -73,8 +74,8 @@ def _write(tmp: Path, teacher: Any, tok: Any, device: str, examples: List[Exampl
             if getattr(teacher, "served", False):  # the server samples with the preset's decoding settings
                 responses = teacher.sample(prompts, budget, m.decoding, tok.eos_token_id, seed=cfg.train.seed * 1000 + i)
             else:
-                rcfg = from_method(m, "teacher", budget, tok, len(tok))
-                r = rollout(None, teacher, b.prompt_ids.to(device), b.prompt_mask.to(device), rcfg)
+                rcfg = from_method(m, budget, tok, len(tok))
+                r = rollout(None, teacher, b.prompt_ids.to(device), b.prompt_mask.to(device), rcfg, TeacherWrites())
                 responses = [r.sequences[j, P:][r.response_mask[j]].tolist() for j in range(len(chunk))]
             for j, x in enumerate(chunk):
                 ex = examples[x.index]

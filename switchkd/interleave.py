@@ -22,7 +22,7 @@ student's sequence (its own tokens and the re-tokenized teacher spans, flagged `
 the student trains on; the loss reads the teacher's canonical tokenization of the whole response
 (:class:`switchkd.cross.CrossView`).  SKD's rule across vocabularies: the student's token is kept when
 the first teacher token of its bytes is among the teacher's top K.  MiniLLM's teacher-mixed sampling
-(``source="mixed"``): each step the teacher writes with probability ``teacher_mix``, else the student (for one
+(:class:`~switchkd.rules.Mixture`): each step the teacher writes with probability ``teacher_mix``, else the student (for one
 vocabulary the same distribution as sampling a p + (1 - a) q token by token).
 """
 
@@ -34,8 +34,10 @@ import torch
 from torch import Tensor
 
 from switchkd.align import NO_BYTES, Unspellable, Vocab, partial_utf8
-from switchkd.decoding import GATES, TOKEN_GATES, RolloutConfig, RolloutOutput, Stepper, chooser, thresholds
+from switchkd.decoding import RolloutConfig, RolloutOutput, Stepper, chooser
 from switchkd.distributed import all_ranks, is_sharded
+from switchkd.divergences import GATES
+from switchkd.rules import Rule
 
 CROSS_GATES = ("byte", "shared", "sorted")
 
@@ -100,13 +102,25 @@ class _Row:
 
 @torch.no_grad()
 def cross_switch(student: Any, teacher: Any, s_ids: Tensor, s_mask: Tensor, t_ids: Tensor, t_mask: Tensor,
-                 cfg: RolloutConfig, s_vocab: Vocab, t_vocab: Vocab, kind: str = "shared",
+                 cfg: RolloutConfig, rule: Rule, s_vocab: Vocab, t_vocab: Vocab, kind: Optional[str] = None,
                  shared: Optional[Tuple[Tensor, Tensor]] = None, t_max_len: Optional[int] = None) -> RolloutOutput:
-    """SWITCH (SKD: ``cfg.gate == "rank"``; MiniLLM: ``cfg.source == "mixed"``) rollouts across vocabularies after
-    left-padded prompts: the student's ``s_ids``/``s_mask [B, P]`` and the teacher's own ``t_ids``/``t_mask
-    [B, P_t]``; at most
-    ``cfg.max_new_tokens`` student tokens per row, and the teacher's side at most ``t_max_len`` positions.
-    Returns the student's sequences ``[B, P + N]`` with ``from_teacher``/``gate [B, N]``."""
+    """Two-writer rollouts across vocabularies (SWITCH's gate, SKD's rank, MiniLLM's mixture: ``rule``).
+
+    Args:
+        student, teacher: the models, each with its own vocabulary.
+        s_ids, s_mask: the student's left-padded prompts ``[B, P]``.
+        t_ids, t_mask: the teacher's own left-padded prompts ``[B, P_t]``.
+        cfg: the sampling settings; at most ``cfg.max_new_tokens`` student tokens per row.
+        rule: who writes; a gate compares the two distributions by the cross gate ``kind`` (:func:`cross_gate`), a
+            rank test reads the first teacher token of the student's proposal, a mixture draws its writer.
+        s_vocab, t_vocab: the two vocabularies' byte tables.
+        kind: one of :data:`CROSS_GATES` in place of the gate's own ``cross``; shared: the tokens both vocabularies
+            share (student ids, teacher ids; computed when a ``shared`` gate needs them).
+        t_max_len: the teacher's side holds at most this many positions.
+
+    Returns:
+        The student's sequences ``[B, P + N]`` with ``response_mask``/``from_teacher``/``gate [B, N]``.
+    """
     device, B, N = s_ids.device, s_ids.shape[0], cfg.max_new_tokens
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     choose = chooser(cfg, gen)
@@ -114,25 +128,27 @@ def cross_switch(student: Any, teacher: Any, s_ids: Tensor, s_mask: Tensor, t_id
     s = Stepper(student, s_ids, s_mask, vs)
     tt = Stepper(teacher, t_ids, t_mask, vt)
     t_room = (t_max_len or 1 << 30) - t_ids.shape[1]
-    if kind == "shared" and shared is None:
-        from switchkd.cross import shared_vocabulary
 
-        shared = shared_vocabulary(s_vocab.tok, t_vocab.tok)
+    def measure_for(divergence: str, cross: str) -> Any:
+        nonlocal shared
+        cross = kind or cross
+        if cross == "shared" and shared is None:
+            from switchkd.cross import shared_vocabulary
+
+            shared = shared_vocabulary(s_vocab.tok, t_vocab.tok)
+        return lambda q, p: cross_gate(cross, divergence, q, p, s_vocab, t_vocab, shared)
+
+    rule = rule.across(measure_for)
     rows = [_Row() for _ in range(B)]
     synced = is_sharded(student) or is_sharded(teacher)  # FSDP2 / ZeRO-3: every rank steps until all are done
     t = 0
     while not (all_ranks(all(r.done for r in rows), device) if synced else all(r.done for r in rows)):
         pos = torch.tensor([len(r.tokens) for r in rows], device=device)
         s_tok, t_tok = choose(s.logits).tolist(), choose(tt.logits).tolist()
-        if cfg.source == "mixed":  # MiniLLM's teacher-mixed sampling, by writer: the teacher's with probability alpha
-            u = torch.rand(B, generator=gen, device=device) if gen is not None else torch.rand(B, device=device)
-            d, exceed = [float("nan")] * B, (u < cfg.teacher_mix).tolist()
-        elif cfg.gate in TOKEN_GATES:
-            d, exceed = _rank_gate(s_tok, tt.logits, s_vocab, t_vocab, cfg)
-        else:
-            d = cross_gate(kind, cfg.gate, s.logits, tt.logits, s_vocab, t_vocab, shared)
-            exceed = (d > thresholds(pos, cfg).to(d.dtype)).tolist()
-            d = d.tolist()
+        proposal = (torch.tensor(_teacher_ids(s_tok, s_vocab, t_vocab), device=device) if rule.reads_proposal else
+                    torch.tensor(s_tok, device=device))
+        decision = rule.decide(s.logits, tt.logits, pos, proposal, gen)
+        d, exceed = decision.gate.tolist(), decision.teacher_writes.tolist()
         s_new, t_new = [[] for _ in rows], [[] for _ in rows]
         for i, r in enumerate(rows):
             if r.done:
@@ -194,23 +210,21 @@ def _keep(r: _Row, s_new: List[int], writer: str, N: int) -> List[int]:
     return s_new
 
 
-def _rank_gate(s_tok: List[int], p_logits: Tensor, s: Vocab, t: Vocab, cfg: RolloutConfig) -> Tuple[List[float], List[bool]]:
-    """SKD across vocabularies: the rank under the teacher of the first teacher token spelling the student's
-    proposal (EOS: the teacher's EOS; a partial UTF-8 character: its bytes' first single-byte token)."""
-    ranks: List[float] = []
-    for i, x in enumerate(s_tok):
+def _teacher_ids(s_tok: List[int], s: Vocab, t: Vocab) -> List[int]:
+    """The first teacher token of each student token's bytes, as SKD ranks a proposal across vocabularies (EOS: the
+    teacher's EOS; a partial UTF-8 character: its first byte's single-byte token; -1: the teacher cannot spell it)."""
+    ids: List[int] = []
+    for x in s_tok:
         if x == s.eos:
-            y = t.eos
-        else:
-            data = s.table[x]
-            try:
-                ids = [t.byte_id.get(data[0], -1)] if partial_utf8(data) else t.encode(data) if data else []
-            except Unspellable:  # the teacher cannot spell it: rejected
-                ids = []
-            y = ids[0] if ids else -1
-        row = p_logits[i]
-        ranks.append(float((row > row[y]).sum()) if 0 <= y < row.shape[0] else float(row.shape[0]))
-    return ranks, [k > cfg.tau0 for k in ranks]
+            ids.append(t.eos)
+            continue
+        data = s.table[x]
+        try:
+            spelled = [t.byte_id.get(data[0], -1)] if partial_utf8(data) else t.encode(data) if data else []
+        except Unspellable:
+            spelled = []
+        ids.append(spelled[0] if spelled else -1)
+    return ids
 
 
 def _output(rows: List[_Row], s_ids: Tensor, N: int, s: Vocab, device: Any, forwards: Dict[str, int]) -> RolloutOutput:

@@ -1,18 +1,11 @@
-"""The rollout engine: one batched, KV-cached decoding loop for student, teacher, or both.
+"""The rollout engine: one batched, KV-cached lockstep decoding loop for student, teacher, or both.
 
-``source="mixed"`` samples each token from MiniLLM's teacher-mixed distribution
-alpha p_t + (1 - alpha) q_t (``teacher_mix``).  ``source="switch"`` is SWITCH (Koo et al., NAACL Findings 2025): at response position
-t (0 = first generated token) both models see the same prefix; with p_t the teacher's
-and q_t the student's next-token distribution, d_t = gate(p_t, q_t) is compared with
-tau_t (``exp``: tau0 * exp(-decay * t); ``linear``: tau0 * max(0, 1 - decay * t);
-``const``: tau0).  If d_t > tau_t the teacher writes the token (sampled, or its argmax
-when greedy), else the student does; the chosen token enters both KV caches.
-
-Two decoders share :mod:`switchkd.decoding` (state, rule, sampler): this module's lockstep
-loop (one token per step; every source) and :mod:`switchkd.speculative` (SWITCH by
-draft-and-verify with per-row acceptance).  With ``compile`` on (``auto``: on CUDA) the lockstep
-loop uses static KV caches and a compiled one-token step, and checks for "all rows done" only
-every ``sync_every`` steps, so no host synchronisation happens per token.
+Who writes each token is the loop's :class:`~switchkd.rules.Rule` (:mod:`switchkd.rules`: the student, the teacher,
+MiniLLM's mixture, SWITCH's gate, SKD's rank test); this module samples, feeds both KV caches and records.  A
+verifiable rule (SWITCH, SKD) decodes by draft-and-verify (:mod:`switchkd.speculative`) unless ``cfg.speculative``
+is off or the models are sharded.  With ``compile`` on (``auto``: on CUDA) the lockstep loop uses static KV caches
+and a compiled one-token step, and checks for "all rows done" only every ``sync_every`` steps, so no host
+synchronisation happens per token.
 """
 
 from __future__ import annotations
@@ -24,7 +17,6 @@ from torch import Tensor
 
 from switchkd.decoding import (  # noqa: F401  (re-exported: the public names of the engine)
     GATES,
-    TOKEN_GATES,
     Record,
     RolloutConfig,
     RolloutOutput,
@@ -34,25 +26,50 @@ from switchkd.decoding import (  # noqa: F401  (re-exported: the public names of
     mix_logits,
     mix_logprobs,
     setup,
-    switch_gate,
-    threshold,
-    thresholds,
     use_compile,
 )
 from switchkd.distributed import all_ranks, is_sharded
+from switchkd.rules import Decision, Gate, Mixture, Rank, Rule, StudentWrites, TeacherWrites  # noqa: F401
 from switchkd.sections import decoding_of
 from switchkd.speculative import speculative_switch
 
 
-def from_method(method: Any, source: str, max_new_tokens: int, tokenizer: Any, vocab: int,
-                keep_teacher_logits: bool = False) -> RolloutConfig:
-    """The :class:`RolloutConfig` of a training config's shared ``method`` decoding fields (a source then
-    sets its own rule with its ``rollout_config``)."""
-    m = method
-    return RolloutConfig(source=source, max_new_tokens=max(1, max_new_tokens), **decoding_of(m.decoding),
-                         eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, vocab_size=vocab, keep_teacher_logits=keep_teacher_logits,
-                         compile=m.compile)
+def from_method(method: Any, max_new_tokens: int, tokenizer: Any, vocab: int, keep_teacher_logits: bool = False,
+                **engine: Any) -> RolloutConfig:
+    """The :class:`RolloutConfig` of a training config's ``method`` section: its decoding fields, ``compile``, the
+    response budget and the tokenizer's EOS/pad, plus a source's ``engine`` settings
+    (:meth:`switchkd.methods.base.Source.engine_settings`)."""
+    return RolloutConfig(max_new_tokens=max(1, max_new_tokens), **decoding_of(method.decoding),
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab,
+                         keep_teacher_logits=keep_teacher_logits, compile=method.compile, **engine)
+
+
+def choose_tokens(rule: Rule, choose: Any, student_logits: Optional[Tensor], teacher_logits: Optional[Tensor],
+                  position: int) -> tuple[Tensor, Decision]:
+    """One step of every row: the rule's decision and the token it writes.
+
+    Args:
+        rule: who writes.
+        choose: the sampler (:func:`switchkd.decoding.chooser`): ``logits [B, V] -> tokens [B]``.
+        student_logits, teacher_logits: ``[B, V]`` each model's next-token logits (None for a model the rule
+            does not use).
+        position: the response position of this step.
+
+    Returns:
+        ``(tokens [B], decision)``: a proposal is sampled first where the rule reads one, then the teacher's token,
+        then the student's (a seeded run draws in that order).
+    """
+    proposal = choose(student_logits) if rule.reads_proposal else None
+    decision = rule.decide(student_logits, teacher_logits, position, proposal)
+    if decision.mixture is not None:
+        return choose(decision.mixture), decision
+    if not rule.uses_teacher:
+        return choose(student_logits), decision
+    if not rule.uses_student:
+        return choose(teacher_logits), decision
+    teacher_token = choose(teacher_logits)
+    student_token = proposal if proposal is not None else choose(student_logits)
+    return torch.where(decision.teacher_writes, teacher_token, student_token), decision
 
 
 @torch.no_grad()
@@ -62,67 +79,64 @@ def rollout(
     input_ids: Tensor,
     attention_mask: Tensor,
     cfg: RolloutConfig,
+    rule: Rule,
     teacher_input_ids: Optional[Tensor] = None,
     teacher_attention_mask: Optional[Tensor] = None,
 ) -> RolloutOutput:
-    """Decode ``cfg.max_new_tokens`` tokens after left-padded prompts ``input_ids [B, P]``.
+    """Decode ``cfg.max_new_tokens`` tokens after left-padded prompts, the writer of each chosen by ``rule``.
 
-    The teacher may see its own left-padded prompt (response priming) through
-    ``teacher_input_ids``/``teacher_attention_mask``; the generated tokens are shared.
-    With a sharded model (FSDP2, ZeRO-3) the loop is rank-synchronised, eager and lockstep
-    (``speculative`` and ``compile`` are not used): every rank steps until all ranks are done.
+    Args:
+        student, teacher: the models (None for one the rule does not use).
+        input_ids, attention_mask: left-padded prompts ``[B, P]``.
+        cfg: the sampling and engine settings.
+        rule: who writes each token (:mod:`switchkd.rules`).
+        teacher_input_ids, teacher_attention_mask: the teacher's own left-padded prompts ``[B, P']`` (response
+            priming); the generated tokens are shared.
+
+    Returns:
+        :class:`RolloutOutput`: ``sequences [B, P + N]``, ``response_mask``/``from_teacher``/``gate`` ``[B, N]``.
+        With a sharded model (FSDP2, ZeRO-3) the loop is rank-synchronised, eager and lockstep (``speculative`` and
+        ``compile`` are not used): every rank steps until all ranks are done.
     """
-    if cfg.source not in ("student", "teacher", "switch", "mixed"):
-        raise ValueError(f"source must be student, teacher, switch or mixed, got {cfg.source!r}")
-    use_s, use_t = cfg.source != "teacher", cfg.source != "student"
-    ref = student if use_s else teacher
-    if ref is None or (use_t and teacher is None):
-        raise ValueError(f"source={cfg.source!r} needs the {'teacher' if use_t else 'student'} model")
-    t_ids = teacher_input_ids if teacher_input_ids is not None else input_ids
-    t_mask = teacher_attention_mask if teacher_attention_mask is not None else attention_mask
-    synced = (use_s and is_sharded(student)) or (use_t and is_sharded(teacher))  # FSDP2 / ZeRO-3: collective forwards
-    if cfg.source == "switch" and cfg.speculative and not synced:
-        return speculative_switch(student, teacher, input_ids, attention_mask, cfg, t_ids, t_mask)
+    uses_student, uses_teacher = rule.uses_student, rule.uses_teacher
+    reference = student if uses_student else teacher
+    if reference is None or (uses_teacher and teacher is None):
+        raise ValueError(f"{type(rule).__name__} needs the {'teacher' if uses_teacher else 'student'} model")
+    teacher_ids = teacher_input_ids if teacher_input_ids is not None else input_ids
+    teacher_mask = teacher_attention_mask if teacher_attention_mask is not None else attention_mask
+    synced = (uses_student and is_sharded(student)) or (uses_teacher and is_sharded(teacher))  # collective forwards
+    if rule.verifiable and cfg.speculative and not synced:
+        return speculative_switch(student, teacher, input_ids, attention_mask, cfg, rule, teacher_ids, teacher_mask)
     device = input_ids.device
-    vocab, eos_ids, pad, choose, gate_fn = setup(ref, cfg, device)
-    B, N = input_ids.shape[0], cfg.max_new_tokens
+    vocab, eos_ids, pad, choose = setup(reference, cfg, device)
+    rows, budget = input_ids.shape[0], cfg.max_new_tokens
     static = use_compile(cfg, device) and not synced
-    kw = dict(static=static, capacity=N, compiled=static)
-    s = Stepper(student, input_ids, attention_mask, vocab, **kw) if use_s else None
-    tt = Stepper(teacher, t_ids, t_mask, vocab, **kw) if use_t else None
-    rec = Record(B, N, vocab, pad, device, cfg.keep_teacher_logits and use_t, cfg.source == "mixed")
+    options = dict(static=static, capacity=budget, compiled=static)
+    student_stepper = Stepper(student, input_ids, attention_mask, vocab, **options) if uses_student else None
+    teacher_stepper = Stepper(teacher, teacher_ids, teacher_mask, vocab, **options) if uses_teacher else None
+    record = Record(rows, budget, vocab, pad, device, cfg.keep_teacher_logits and uses_teacher, rule.samples_mixture)
     sync = cfg.sync_every or (1 if device.type == "cpu" else 8)
-    t = 0
+    position = 0
     while True:
-        d = lp = None
-        if cfg.source == "student":
-            tok, by_t = choose(s.logits), torch.zeros_like(rec.done)
-        elif cfg.source == "teacher":
-            tok, by_t = choose(tt.logits), torch.ones_like(rec.done)
-        elif cfg.source == "mixed":  # MiniLLM: sampled from the mixture (from_teacher stays False)
-            q = torch.log_softmax(s.logits, -1)
-            tok, by_t = choose(mix_logprobs(q, torch.log_softmax(tt.logits, -1), cfg.teacher_mix)), torch.zeros_like(rec.done)
-            lp = q.gather(-1, tok[:, None])  # the student's log-probability of the token: MiniLLM's q_old
-        elif cfg.gate in TOKEN_GATES:  # SKD: the student proposes, the teacher replaces what its gate rejects
-            draft = choose(s.logits)
-            d, by_t = switch_gate(s.logits, tt.logits, t, cfg, gate_fn, draft)
-            tok = torch.where(by_t, choose(tt.logits), draft)
-        else:
-            d, by_t = switch_gate(s.logits, tt.logits, t, cfg, gate_fn)
-            tok = torch.where(by_t, choose(tt.logits), choose(s.logits))
-        live = ~rec.done
-        cols = torch.where(live, t, N)[:, None]
-        rec.write(cols, tok[:, None], (by_t & live)[:, None], None if d is None else d[:, None],
-                  tt.logits[:, None] if rec.kept is not None else None, lp)
-        rec.done |= torch.isin(tok, eos_ids) & live
+        student_logits = student_stepper.logits if student_stepper else None
+        teacher_logits = teacher_stepper.logits if teacher_stepper else None
+        tokens, decision = choose_tokens(rule, choose, student_logits, teacher_logits, position)
+        logprob = (torch.log_softmax(student_logits, -1).gather(-1, tokens[:, None])  # MiniLLM's q_old
+                   if rule.samples_mixture else None)
+        live = ~record.done
+        columns = torch.where(live, position, budget)[:, None]
+        record.write(columns, tokens[:, None], (decision.teacher_writes & live)[:, None], decision.gate[:, None],
+                     teacher_logits[:, None] if record.kept is not None else None, logprob)
+        record.done |= torch.isin(tokens, eos_ids) & live
         if synced:  # ranks step together until every rank is done; a rank past its end decodes into the trash column
-            rec.done |= t >= N - 1
-            if all_ranks(bool(rec.done.all()), device):
+            record.done |= position >= budget - 1
+            if all_ranks(bool(record.done.all()), device):
                 break
-        elif t == N - 1 or ((t + 1) % sync == 0 and bool(rec.done.all())):
+        elif position == budget - 1 or ((position + 1) % sync == 0 and bool(record.done.all())):
             break
-        for stepper in (s, tt):
+        for stepper in (student_stepper, teacher_stepper):
             if stepper is not None:
-                stepper.feed(tok[:, None])
-        t += 1
-    return rec.output(input_ids, {"student": s.forwards if s else 0, "teacher": tt.forwards if tt else 0})
+                stepper.feed(tokens[:, None])
+        position += 1
+    return record.output(input_ids, {"student": student_stepper.forwards if student_stepper else 0,
+                                     "teacher": teacher_stepper.forwards if teacher_stepper else 0})

@@ -1,4 +1,5 @@
-"""Speculative SWITCH with per-row acceptance: the lockstep rule's tokens at near on-policy cost.
+"""Draft-and-verify decoding of a verifiable rule (SWITCH's gate, SKD's rank; :mod:`switchkd.rules`) with per-row
+acceptance: the lockstep loop's tokens at near on-policy cost.
 
 Each block, the student drafts k tokens with its cache and the teacher scores all k positions
 in one forward (together with the last decided token, so a block costs one teacher forward).
@@ -30,63 +31,82 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from switchkd.decoding import TOKEN_GATES, Record, RolloutConfig, RolloutOutput, Stepper, setup, switch_gate
+from switchkd.decoding import Record, RolloutConfig, RolloutOutput, Stepper, setup
+from switchkd.rules import Gate, Rule
 
 
 @torch.no_grad()
 def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_mask: Tensor, cfg: RolloutConfig,
-                       teacher_input_ids: Optional[Tensor] = None,
+                       rule: Rule, teacher_input_ids: Optional[Tensor] = None,
                        teacher_attention_mask: Optional[Tensor] = None) -> RolloutOutput:
-    """SWITCH by draft-and-verify; same output contract as :func:`switchkd.rollout.rollout`."""
+    """A verifiable rule (SWITCH's gate, SKD's rank) by draft-and-verify.
+
+    Args:
+        student, teacher: the models.
+        input_ids, attention_mask: left-padded prompts ``[B, P]``.
+        cfg: the sampling and engine settings (``draft_k``, ``max_draft_k``, ``adapt_k``, ``teacher_cost``).
+        rule: who writes, decided over each drafted block at once (``rule.verifiable``).
+        teacher_input_ids, teacher_attention_mask: the teacher's own prompts ``[B, P']`` (priming).
+
+    Returns:
+        The same :class:`~switchkd.decoding.RolloutOutput` as :func:`switchkd.rollout.rollout`, with ``forwards``
+        counting the teacher's row verifications (``teacher_rows``).
+    """
+    if not rule.verifiable:
+        raise ValueError(f"draft-and-verify decides a verifiable rule, got {type(rule).__name__}")
     device = input_ids.device
-    vocab, eos_ids, pad, choose, gate_fn = setup(student, cfg, device)
-    s = Stepper(student, input_ids, attention_mask, vocab)
-    tt = Stepper(teacher, teacher_input_ids if teacher_input_ids is not None else input_ids,
-                 teacher_attention_mask if teacher_attention_mask is not None else attention_mask, vocab)
-    B, N = input_ids.shape[0], cfg.max_new_tokens
-    rec = Record(B, N, vocab, pad, device, cfg.keep_teacher_logits)
-    L = torch.zeros(B, dtype=torch.long, device=device)  # decided tokens per row
-    k, cost = max(1, cfg.draft_k), cfg.teacher_cost if cfg.teacher_cost is not None else cost_ratio(teacher, student)
+    vocab, eos_ids, pad, choose = setup(student, cfg, device)
+    student_stepper = Stepper(student, input_ids, attention_mask, vocab)
+    teacher_stepper = Stepper(teacher, teacher_input_ids if teacher_input_ids is not None else input_ids,
+                              teacher_attention_mask if teacher_attention_mask is not None else attention_mask, vocab)
+    rows, budget = input_ids.shape[0], cfg.max_new_tokens
+    record = Record(rows, budget, vocab, pad, device, cfg.keep_teacher_logits)
+    decided = torch.zeros(rows, dtype=torch.long, device=device)  # decided tokens per row
+    draft_len = max(1, cfg.draft_k)
+    cost = cfg.teacher_cost if cfg.teacher_cost is not None else cost_ratio(teacher, student)
     pending: Optional[Tensor] = None  # each row's last decided token, not yet fed to the teacher
     rejected, examined = 0.0, 0.0  # decayed counts behind the rejection-rate estimate
     row_checks = 0  # rows verified, summed over blocks (a row's block = one verification of its drafts)
     while True:
-        active = ~rec.done & (L < N)
+        active = ~record.done & (decided < budget)
         if not bool(active.any()):
             break
-        kk = min(k, N - int(L[active].min()))
-        Q, D = [], []
-        for j in range(kk):  # the student drafts kk tokens per row
-            Q.append(s.logits)
-            D.append(choose(s.logits))
-            if j < kk - 1:
-                s.feed(D[-1][:, None])
-        drafts, q = torch.stack(D, 1), torch.stack(Q, 1)  # [B, kk], [B, kk, V]
-        p = verify(tt, pending, drafts)  # [B, kk, V] in one teacher forward
-        idx = L[:, None] + torch.arange(kk, device=device)  # response positions [B, kk]
-        d, exceed = switch_gate(q, p, idx, cfg, gate_fn, drafts if cfg.gate in TOKEN_GATES else None)
-        toks, by_t, n_dec = decide(exceed, drafts, lambda first, hit, p=p: choose(p[torch.arange(B, device=device), first]),
-                                   active, N - L, eos_ids)
+        block = min(draft_len, budget - int(decided[active].min()))
+        student_logits, drafted = [], []
+        for j in range(block):  # the student drafts ``block`` tokens per row
+            student_logits.append(student_stepper.logits)
+            drafted.append(choose(student_stepper.logits))
+            if j < block - 1:
+                student_stepper.feed(drafted[-1][:, None])
+        drafts, q = torch.stack(drafted, 1), torch.stack(student_logits, 1)  # [B, block], [B, block, V]
+        p = verify(teacher_stepper, pending, drafts)  # [B, block, V] in one teacher forward
+        positions = decided[:, None] + torch.arange(block, device=device)  # response positions [B, block]
+        decision = rule.decide(q, p, positions, drafts)
+        tokens, by_teacher, n_decided = decide(
+            decision.teacher_writes, drafts,
+            lambda first, hit, p=p: choose(p[torch.arange(rows, device=device), first]), active, budget - decided,
+            eos_ids)
         row_checks += int(active.sum())
-        cols = torch.where(torch.arange(kk, device=device) < n_dec[:, None], idx, N)
-        rec.write(cols, toks, by_t, d, p if rec.kept is not None else None)
-        last = toks.gather(1, (n_dec - 1).clamp(min=0)[:, None]).squeeze(1)
-        rec.done |= active & torch.isin(toks, eos_ids).logical_and(cols < N).any(1)
-        L = L + n_dec
+        columns = torch.where(torch.arange(block, device=device) < n_decided[:, None], positions, budget)
+        record.write(columns, tokens, by_teacher, decision.gate, p if record.kept is not None else None)
+        last = tokens.gather(1, (n_decided - 1).clamp(min=0)[:, None]).squeeze(1)
+        record.done |= active & torch.isin(tokens, eos_ids).logical_and(columns < budget).any(1)
+        decided = decided + n_decided
         has_pending = pending is not None
-        rejected = 0.9 * rejected + float((by_t.any(1) & active).sum())  # about the last 10 blocks
-        examined = 0.9 * examined + float(n_dec.sum())
-        if not bool((~rec.done & (L < N)).any()):
+        rejected = 0.9 * rejected + float((by_teacher.any(1) & active).sum())  # about the last 10 blocks
+        examined = 0.9 * examined + float(n_decided.sum())
+        if not bool((~record.done & (decided < budget)).any()):
             break
         # caches: keep each row's decided columns, mask the rest; feed the last decided token
-        s.keep((n_dec - 1).clamp(min=0), kk - 1)
-        tt.keep(torch.where(active, n_dec - 1 + int(has_pending), 0), kk - 1 + int(has_pending))
-        pending = torch.where(n_dec > 0, last, pad)
-        s.feed(pending[:, None])  # the student needs its next logits now; the teacher gets it with the next draft
-        s.keep((n_dec > 0).long(), 1)
+        student_stepper.keep((n_decided - 1).clamp(min=0), block - 1)
+        teacher_stepper.keep(torch.where(active, n_decided - 1 + int(has_pending), 0), block - 1 + int(has_pending))
+        pending = torch.where(n_decided > 0, last, pad)
+        student_stepper.feed(pending[:, None])  # the student needs its next logits now; the teacher gets it next block
+        student_stepper.keep((n_decided > 0).long(), 1)
         if cfg.adapt_k:
-            k = next_k((rejected + 0.1) / (examined + 1.0), cost, cfg.max_draft_k)  # a weak prior: r = 0.1
-    return rec.output(input_ids, {"student": s.forwards, "teacher": tt.forwards, "teacher_rows": row_checks})
+            draft_len = next_k((rejected + 0.1) / (examined + 1.0), cost, cfg.max_draft_k)  # a weak prior: r = 0.1
+    return record.output(input_ids, {"student": student_stepper.forwards, "teacher": teacher_stepper.forwards,
+                                     "teacher_rows": row_checks})
 
 
 @torch.no_grad()
@@ -99,10 +119,10 @@ def draft_stats(draft: Any, target: Any, input_ids: Tensor, attention_mask: Tens
     output.  Prompts ``[B, P]`` left-padded.  Returns ``tokens_per_verification`` (decided tokens per
     row verification, at most k), ``accepted_per_verification`` (draft tokens kept) and
     ``acceptance`` (the share of decided tokens the draft wrote), with the counts."""
-    cfg = RolloutConfig(source="switch", max_new_tokens=max_new_tokens, do_sample=False, tau0=0.5, schedule="const",
-                        gate="argmax", eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_size=vocab,
-                        draft_k=k, max_draft_k=k, adapt_k=False)
-    out = speculative_switch(draft, target, input_ids, attention_mask, cfg)
+    cfg = RolloutConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, vocab_size=vocab, draft_k=k, max_draft_k=k, adapt_k=False)
+    out = speculative_switch(draft, target, input_ids, attention_mask, cfg, Gate(tau0=0.5, schedule="const",
+                                                                                 divergence="argmax"))
     decided = int(out.response_mask.sum())
     by_target = int((out.from_teacher & out.response_mask).sum())
     checks = max(1, out.forwards["teacher_rows"])

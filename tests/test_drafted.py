@@ -8,13 +8,14 @@ import math
 
 import pytest
 import torch
+from engine_spec import spec
 
 from switchkd.config import ModelConfig
 from switchkd.data import left_pad
 from switchkd.divergences import TopKTail, with_tail
 from switchkd.drafted import drafted_rollout
 from switchkd.models import load_model, load_tokenizer
-from switchkd.rollout import GATES, RolloutConfig, rollout, thresholds
+from switchkd.rollout import GATES, rollout
 
 PROMPTS = ["Q: hi\nA: ", "Q: a rather longer question here?\nA: ", "Q: mid\nA: ", "x"]
 N = 20
@@ -42,10 +43,10 @@ class TorchDrafter:
             out = [torch.randint(0, 200, (max_new_tokens,), generator=gen).tolist() for _ in prompts]
         else:
             ids, mask = left_pad([list(p) for p in prompts], self.pad)
-            cfg = RolloutConfig(source="student", max_new_tokens=max_new_tokens, do_sample=not greedy, seed=seed % 2 ** 62,
+            cfg = spec(source="student", max_new_tokens=max_new_tokens, do_sample=not greedy, seed=seed % 2 ** 62,
                                 eos_token_id=eos_token_id, pad_token_id=self.pad,
                                 vocab_size=self.student.config.vocab_size)
-            out = rollout(self.student, None, ids, mask, cfg).responses(ids.shape[1])
+            out = rollout(self.student, None, ids, mask, *cfg).responses(ids.shape[1])
         self.calls.append(out)
         return out
 
@@ -103,13 +104,13 @@ def ranked(pair):
 def _cfg(**kw):
     base = dict(source="switch", max_new_tokens=N, do_sample=False, schedule="const", eos_token_id=1, pad_token_id=0,
                 vocab_size=384, seed=5)
-    return RolloutConfig(**(base | kw))
+    return spec(**(base | kw))
 
 
 def _median_gate(student, teacher, ids, mask, drafter=None, **kw):
     """The median gate of a rollout in which the student writes everything (a tau0 at which both models write)."""
     cfg = _cfg(tau0=float("inf"), **kw)
-    out = drafted_rollout(drafter, student, teacher, ids, mask, cfg) if drafter else rollout(student, teacher, ids, mask, cfg)
+    out = drafted_rollout(drafter, student, teacher, ids, mask, *cfg) if drafter else rollout(student, teacher, ids, mask, *cfg)
     return float(out.gate[out.response_mask].median())
 
 
@@ -119,18 +120,18 @@ def _recomputed(student, teacher, out, ids, mask, cfg, top_k=None):
     seq = out.sequences
     full_mask = torch.cat([mask, out.response_mask.long()], 1)
     pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-    P, V = ids.shape[1], cfg.vocab_size
+    P, V = ids.shape[1], cfg[0].vocab_size
     with torch.no_grad():
         q = student(input_ids=seq, attention_mask=full_mask, position_ids=pos).logits[:, P - 1:-1, :V].double()
         p = teacher(input_ids=seq, attention_mask=full_mask, position_ids=pos).logits[:, P - 1:-1, :V].double()
     if top_k is None:
-        gate = GATES[cfg.gate](q, p)
+        gate = GATES[cfg[1].divergence](q, p)
     else:
         lp = torch.log_softmax(p, -1)
         top = lp.topk(top_k, -1)
         lq, lpt = with_tail(q.reshape(-1, V), TopKTail(top.values.reshape(-1, top_k), top.indices.reshape(-1, top_k), V))
-        gate = GATES[cfg.gate](lq, lpt).reshape(q.shape[:2])
-    tau = thresholds(torch.arange(cfg.max_new_tokens).expand_as(gate), cfg)
+        gate = GATES[cfg[1].divergence](lq, lpt).reshape(q.shape[:2])
+    tau = cfg[1].thresholds(torch.arange(cfg[0].max_new_tokens).expand_as(gate))
     return gate, tau, p.argmax(-1)
 
 
@@ -139,8 +140,8 @@ def test_greedy_drafts_give_the_speculative_engines_tokens_and_decisions(pair, r
     student, teacher, tok, ids, mask = ranked if gate == "rank" else pair
     kw = dict(gate=gate)
     cfg = _cfg(tau0=_median_gate(student, teacher, ids, mask, **kw) + (0.5 if gate == "rank" else 0.0), **kw)
-    own = rollout(student, teacher, ids, mask, cfg)
-    drafted = drafted_rollout(TorchDrafter(student, tok.pad_token_id), student, teacher, ids, mask, cfg)
+    own = rollout(student, teacher, ids, mask, *cfg)
+    drafted = drafted_rollout(TorchDrafter(student, tok.pad_token_id), student, teacher, ids, mask, *cfg)
     assert torch.equal(drafted.sequences, own.sequences)
     assert torch.equal(drafted.from_teacher, own.from_teacher) and torch.equal(drafted.response_mask, own.response_mask)
     assert 0 < int(own.from_teacher.sum()) < int(own.response_mask.sum())  # both models wrote
@@ -154,7 +155,7 @@ def test_any_drafts_are_decided_by_the_rule(pair):
     student, teacher, tok, ids, mask = pair
     drafter = TorchDrafter(student, tok.pad_token_id, random_tokens=True)
     cfg = _cfg(tau0=_median_gate(student, teacher, ids, mask, drafter))
-    out = drafted_rollout(drafter, student, teacher, ids, mask, cfg)
+    out = drafted_rollout(drafter, student, teacher, ids, mask, *cfg)
     gate, tau, argmax = _recomputed(student, teacher, out, ids, mask, cfg)
     m = out.response_mask
     assert torch.allclose(out.gate[m].double(), gate[m], atol=1e-5)
@@ -172,7 +173,7 @@ def test_the_served_gate_reads_the_teachers_top_k_and_tail(pair):
     student, teacher, tok, ids, mask = pair
     drafter, server = TorchDrafter(student, tok.pad_token_id, random_tokens=True), TopKServer(teacher, 8)
     cfg = _cfg(tau0=_median_gate(student, server, ids, mask, drafter))
-    out = drafted_rollout(drafter, student, server, ids, mask, cfg)
+    out = drafted_rollout(drafter, student, server, ids, mask, *cfg)
     gate, tau, argmax = _recomputed(student, teacher, out, ids, mask, cfg, top_k=8)
     m = out.response_mask
     assert torch.allclose(out.gate[m].double(), gate[m], atol=1e-4)
@@ -185,8 +186,8 @@ def test_the_served_gate_reads_the_teachers_top_k_and_tail(pair):
 def test_served_rank_gate_is_the_exact_rank_within_the_top_k(ranked):
     student, teacher, tok, ids, mask = ranked
     cfg = _cfg(gate="rank", tau0=4.5)
-    exact = drafted_rollout(TorchDrafter(student, tok.pad_token_id), student, teacher, ids, mask, cfg)
-    served = drafted_rollout(TorchDrafter(student, tok.pad_token_id), student, TopKServer(teacher, 8), ids, mask, cfg)
+    exact = drafted_rollout(TorchDrafter(student, tok.pad_token_id), student, teacher, ids, mask, *cfg)
+    served = drafted_rollout(TorchDrafter(student, tok.pad_token_id), student, TopKServer(teacher, 8), ids, mask, *cfg)
     assert torch.equal(served.sequences, exact.sequences) and torch.equal(served.from_teacher, exact.from_teacher)
     assert 0 < int(exact.from_teacher.sum()) < int(exact.response_mask.sum())
 
@@ -198,7 +199,7 @@ def test_mixed_drafts_sample_the_teacher_mixed_distribution(peaky):
     prompt = ids[1:2, :].expand(600, -1)
     pmask = mask[1:2].expand(600, -1)
     cfg = _cfg(source="mixed", do_sample=True, teacher_mix=0.3, max_new_tokens=1, keep_teacher_logits=True)
-    out = drafted_rollout(TorchDrafter(student, tok.pad_token_id), student, teacher, prompt, pmask, cfg)
+    out = drafted_rollout(TorchDrafter(student, tok.pad_token_id), student, teacher, prompt, pmask, *cfg)
     first = out.sequences[:, ids.shape[1]]
     with torch.no_grad():
         q = torch.softmax(student(ids[1:2], attention_mask=mask[1:2]).logits[0, -1].double(), -1)
@@ -216,8 +217,8 @@ def test_mixed_drafts_sample_the_teacher_mixed_distribution(peaky):
 def test_mixed_with_no_teacher_share_is_the_students_drafts(pair):
     student, teacher, tok, ids, mask = pair
     cfg = _cfg(source="mixed", teacher_mix=0.0)
-    out = drafted_rollout(TorchDrafter(student, tok.pad_token_id), student, teacher, ids, mask, cfg)
-    own = rollout(student, None, ids, mask, _cfg(source="student"))
+    out = drafted_rollout(TorchDrafter(student, tok.pad_token_id), student, teacher, ids, mask, *cfg)
+    own = rollout(student, None, ids, mask, *_cfg(source="student"))
     assert 1 < int(out.response_mask.sum(1).min())
     assert torch.equal(out.sequences, own.sequences) and not bool(out.from_teacher.any())
     assert math.isfinite(float(out.logprobs[out.response_mask].sum()))

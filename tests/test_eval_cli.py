@@ -197,7 +197,7 @@ def test_overrides_after_flags_and_one_line_refusals(tmp_path, capsys):
     assert "lr: 0.123" in out and "seed: 7" in out
     assert main(["train", "tiny/kd", "--print-config", "--bogus"]) == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
-    cases = [(["calibrate", "tiny/kd", "--target", "0.5", "train.seed=2"], "needs a SWITCH config"),
+    cases = [(["calibrate", "tiny/kd", "--target", "0.5", "train.seed=2"], "has no tau0"),
              (["eval", "--model", "tiny:gpt2", "--data", "synthetic:test", "--seeds", "10", "10",
                "--output", str(tmp_path / "e")], "distinct integers >= 0"),
              (["eval", "--model", "tiny:gpt2", "--data", "synthetic:test", "--seeds", "-1",

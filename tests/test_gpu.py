@@ -35,7 +35,7 @@ def test_compiled_engine_on_cuda_equals_eager():
     from switchkd.config import ModelConfig
     from switchkd.data import left_pad
     from switchkd.models import load_model, load_tokenizer
-    from switchkd.rollout import RolloutConfig, rollout
+    from switchkd.rollout import Gate, RolloutConfig, rollout
 
     tok = load_tokenizer(ModelConfig(name="tiny:llama"))
     s = load_model(ModelConfig(name="tiny:llama,layers=2,dim=64,heads=4,kv_heads=2,seed=3"), tok, trainable=False).cuda()
@@ -43,9 +43,9 @@ def test_compiled_engine_on_cuda_equals_eager():
     ids, mask = left_pad([tok(p, add_special_tokens=False)["input_ids"] for p in ["Q: hi\nA: ", "Q: longer one?\nA: "]],
                          tok.pad_token_id)
     ids, mask = ids.cuda(), mask.cuda()
-    cfg = dict(source="switch", max_new_tokens=32, do_sample=False, tau0=0.05, speculative=False)
-    eager = rollout(s, t, ids, mask, RolloutConfig(**cfg, compile=False))
-    compiled = rollout(s, t, ids, mask, RolloutConfig(**cfg, compile=True))
+    cfg, gate = dict(max_new_tokens=32, do_sample=False, speculative=False), Gate(tau0=0.05)
+    eager = rollout(s, t, ids, mask, RolloutConfig(**cfg, compile=False), gate)
+    compiled = rollout(s, t, ids, mask, RolloutConfig(**cfg, compile=True), gate)
     assert torch.equal(eager.sequences, compiled.sequences)
-    spec = rollout(s, t, ids, mask, RolloutConfig(**(cfg | {"speculative": True})))
+    spec = rollout(s, t, ids, mask, RolloutConfig(**(cfg | {"speculative": True})), gate)
     assert torch.equal(eager.sequences, spec.sequences)

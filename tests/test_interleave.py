@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_spec import spec
 
 from switchkd.batch import left_pad
-from switchkd.decoding import RolloutConfig
 from switchkd.interleave import Vocab, cross_switch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,9 +95,9 @@ def test_the_rule_recomputed(pair, kind, gate, tau0, decay):
     t_rows = [byt5(p, add_special_tokens=False)["input_ids"] for p in prompts]
     s_ids, s_mask = left_pad(s_rows, gpt2.pad_token_id)
     t_ids, t_mask = left_pad(t_rows, byt5.pad_token_id)
-    cfg = RolloutConfig(source="switch", max_new_tokens=14, do_sample=False, tau0=tau0, decay=decay, gate=gate,
+    cfg = spec(source="switch", max_new_tokens=14, do_sample=False, tau0=tau0, decay=decay, gate=gate,
                         schedule="exp" if decay else "const")
-    out = cross_switch(student, teacher, s_ids, s_mask, t_ids, t_mask, cfg, s, t, kind=kind)
+    out = cross_switch(student, teacher, s_ids, s_mask, t_ids, t_mask, *cfg, s, t, kind=kind)
     resp = out.responses(s_ids.shape[1])
     writers = []
     if kind == "shared":
@@ -140,8 +140,8 @@ def test_no_row_passes_the_teachers_positions(pair):
     s, t = Vocab(gpt2), Vocab(byt5)
     s_ids, s_mask = left_pad([gpt2("Hi there")["input_ids"]], gpt2.pad_token_id)
     t_ids, t_mask = left_pad([byt5("Hi there", add_special_tokens=False)["input_ids"]], byt5.pad_token_id)
-    cfg = RolloutConfig(source="switch", max_new_tokens=40, do_sample=True, tau0=0.0, seed=3)
-    out = cross_switch(student, teacher, s_ids, s_mask, t_ids, t_mask, cfg, s, t, t_max_len=t_ids.shape[1] + 5)
+    cfg = spec(source="switch", max_new_tokens=40, do_sample=True, tau0=0.0, seed=3)
+    out = cross_switch(student, teacher, s_ids, s_mask, t_ids, t_mask, *cfg, s, t, t_max_len=t_ids.shape[1] + 5)
     assert len(out.trace[0][0]) < 5 and out.from_teacher[out.response_mask].all()
 
 

@@ -110,11 +110,12 @@ def test_rewards_advantages_weights_and_losses_equal_lmops():
 
 
 def test_mixed_sampling_draws_from_the_teacher_mixture():
+    from engine_spec import spec
     from test_rollout import _pair
 
     from switchkd.data import left_pad
     from switchkd.decoding import mix_logits
-    from switchkd.rollout import RolloutConfig, rollout
+    from switchkd.rollout import rollout
 
     student, teacher, tok, _, _ = _pair("gpt2")
     with torch.no_grad():  # peaky, different distributions
@@ -122,8 +123,8 @@ def test_mixed_sampling_draws_from_the_teacher_mixture():
         teacher.lm_head.weight = torch.nn.Parameter(torch.randn(teacher.lm_head.weight.shape,
                                                                 generator=torch.Generator().manual_seed(0)))  # untied
     ids, mask = left_pad([tok("Q: hi\nA: ", add_special_tokens=False)["input_ids"]] * 4000, tok.pad_token_id)
-    cfg = RolloutConfig(source="mixed", max_new_tokens=1, teacher_mix=0.3, seed=5, vocab_size=len(tok))
-    out = rollout(student, teacher, ids, mask, cfg)
+    cfg = spec(source="mixed", max_new_tokens=1, teacher_mix=0.3, seed=5, vocab_size=len(tok))
+    out = rollout(student, teacher, ids, mask, *cfg)
     with torch.no_grad():
         q, p = student(ids[:1], attention_mask=mask[:1]).logits[0, -1], teacher(ids[:1], attention_mask=mask[:1]).logits[0, -1]
     want = mix_logits(q[:len(tok)], p[:len(tok)], 0.3).exp()

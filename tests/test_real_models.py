@@ -20,7 +20,7 @@ from switchkd.cli import main  # noqa: E402
 from switchkd.config import ConfigError, DataConfig, ModelConfig  # noqa: E402
 from switchkd.data import build_batch, left_pad, load_examples, tokenize  # noqa: E402
 from switchkd.models import load_model, load_tokenizer  # noqa: E402
-from switchkd.rollout import RolloutConfig, rollout  # noqa: E402
+from switchkd.rollout import Gate, RolloutConfig, StudentWrites, rollout  # noqa: E402
 
 pytest.importorskip("gguf")
 
@@ -206,8 +206,9 @@ def test_generation_stops_at_the_template_end_token(shared):
     with torch.no_grad():
         model.lm_head.weight[tok.eos_token_id] = 1.01 * model.lm_head.weight[common]
     ref = hf()
-    out = rollout(model, None, ids, mask, RolloutConfig(source="student", max_new_tokens=N, do_sample=False,
-                                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    out = rollout(model, None, ids, mask, RolloutConfig(max_new_tokens=N, do_sample=False,
+                                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+                  StudentWrites())
     ended = 0
     for i in range(len(prompts)):
         n = int(out.response_mask[i].sum())
@@ -227,12 +228,11 @@ def test_switch_decay_counts_model_tokens(shared):
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in ("Hello", "Tell me about tokenizers.")]
     ids, mask = left_pad([tok(p)["input_ids"] for p in prompts], tok.pad_token_id)
-    cfg = RolloutConfig(source="switch", max_new_tokens=24, do_sample=False, tau0=float("inf"), decay=0.1,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, speculative=False)
-    probe = rollout(student, teacher, ids, mask, cfg)
+    cfg = RolloutConfig(max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, speculative=False)
+    probe = rollout(student, teacher, ids, mask, cfg, Gate(tau0=float("inf"), decay=0.1))
     tau0 = float(probe.gate[probe.response_mask].median()) * math.exp(0.1 * 8)  # crosses the median near t = 8
-    cfg.tau0 = tau0
-    out = rollout(student, teacher, ids, mask, cfg)
+    out = rollout(student, teacher, ids, mask, cfg, Gate(tau0=tau0, decay=0.1))
     t = torch.arange(24).expand_as(out.gate)
     want = out.gate.double() > tau0 * torch.exp(-0.1 * t.double())
     assert torch.equal(out.from_teacher[out.response_mask], want[out.response_mask])
@@ -262,10 +262,10 @@ def test_draft_stats_follow_greedy_speculative_decoding(shared):
     from switchkd.decoding import RolloutConfig as RC
     from switchkd.speculative import speculative_switch
 
-    out = speculative_switch(draft, target, ids, mask, RC(source="switch", max_new_tokens=20, do_sample=False,
-                             tau0=0.5, schedule="const", gate="argmax", eos_token_id=tok.eos_token_id,
+    out = speculative_switch(draft, target, ids, mask, RC(max_new_tokens=20, do_sample=False,
+                             eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id, vocab_size=len(tok), draft_k=4, max_draft_k=4,
-                             adapt_k=False))
+                             adapt_k=False), Gate(tau0=0.5, schedule="const", divergence="argmax"))
     ref = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
     for i in range(2):
@@ -303,8 +303,8 @@ def test_saturation_warning_and_ln2_note():
     assert saturation_warning(0.5, 100, 0.1) is None
     assert "teacher wrote 100%" in saturation_warning(1.0, 100, 0.1)
     assert "student wrote 2%" in saturation_warning(0.02, 100, 0.1)
-    assert ln2_note(0.5, 0.1) is None and ln2_note(2.87, 0.1, gate="tvd") is None
-    note = ln2_note(2.87, 0.1)
+    assert ln2_note(Gate(tau0=0.5, decay=0.1)) is None and ln2_note(Gate(tau0=2.87, decay=0.1, divergence="tvd")) is None
+    note = ln2_note(Gate(tau0=2.87, decay=0.1))
     assert "exceeds ln 2" in note and f"first {math.ceil(math.log(2.87 / math.log(2)) / 0.1)} tokens" in note
 
 

@@ -6,11 +6,13 @@ import math
 
 import pytest
 import torch
+from engine_spec import spec as engine_spec
 
 from switchkd.config import ModelConfig
 from switchkd.data import left_pad
 from switchkd.models import load_model, load_tokenizer
-from switchkd.rollout import GATES, RolloutConfig, rollout, threshold
+from switchkd.rollout import GATES, rollout
+from switchkd.rules import Gate
 
 ARCHS = {
     "gpt2": ("tiny:gpt2,layers=2,dim=32,heads=2,seed=3", "tiny:gpt2,layers=3,dim=48,heads=4,seed=4"),
@@ -39,22 +41,22 @@ def _hf_greedy(model, tok, ids, mask):
 
 def _cfg(**kw):
     base = dict(source="switch", max_new_tokens=N, do_sample=False, tau0=0.2, decay=0.1, speculative=False)
-    return RolloutConfig(**(base | kw))
+    return engine_spec(**(base | kw))
 
 
 @pytest.mark.parametrize("speculative", [False, True])
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_switch_extremes_equal_hf_generate(arch, speculative):
     student, teacher, tok, ids, mask = _pair(arch)
-    only_student = rollout(student, teacher, ids, mask, _cfg(tau0=float("inf"), speculative=speculative))
-    only_teacher = rollout(student, teacher, ids, mask, _cfg(tau0=-1.0, speculative=speculative))
+    only_student = rollout(student, teacher, ids, mask, *_cfg(tau0=float("inf"), speculative=speculative))
+    only_teacher = rollout(student, teacher, ids, mask, *_cfg(tau0=-1.0, speculative=speculative))
     assert torch.equal(only_student.sequences[:, ids.shape[1]:], _hf_greedy(student, tok, ids, mask))
     assert torch.equal(only_teacher.sequences[:, ids.shape[1]:], _hf_greedy(teacher, tok, ids, mask))
     assert not only_student.from_teacher.any()
     assert torch.equal(only_teacher.from_teacher, only_teacher.response_mask)
     # the single-model sources are the same decoder
-    assert torch.equal(rollout(student, None, ids, mask, _cfg(source="student")).sequences, only_student.sequences)
-    assert torch.equal(rollout(None, teacher, ids, mask, _cfg(source="teacher")).sequences, only_teacher.sequences)
+    assert torch.equal(rollout(student, None, ids, mask, *_cfg(source="student")).sequences, only_student.sequences)
+    assert torch.equal(rollout(None, teacher, ids, mask, *_cfg(source="teacher")).sequences, only_teacher.sequences)
 
 
 def _recompute(model, seq, mask_prompt, vocab):
@@ -71,11 +73,11 @@ def test_switch_rule_confirmed_by_recomputation(arch, gate, schedule, speculativ
     student, teacher, tok, ids, mask = _pair(arch)
     vocab = len(tok)
     # pick tau0 so that both models write tokens: a quantile of the student-only gate values
-    probe = rollout(student, teacher, ids, mask, _cfg(tau0=float("inf"), gate=gate))
+    probe = rollout(student, teacher, ids, mask, *_cfg(tau0=float("inf"), gate=gate))
     for qtl in (0.5, 0.7, 0.9, 0.3, 0.97, 0.1):
         tau0 = float(probe.gate[probe.response_mask].quantile(qtl))
         cfg = _cfg(tau0=tau0, gate=gate, schedule=schedule, decay=0.02, vocab_size=vocab, speculative=speculative)
-        out = rollout(student, teacher, ids, mask, cfg)
+        out = rollout(student, teacher, ids, mask, *cfg)
         share = out.from_teacher[out.response_mask].float().mean()
         if 0.1 < share < 0.9:
             break
@@ -90,7 +92,7 @@ def test_switch_rule_confirmed_by_recomputation(arch, gate, schedule, speculativ
                 continue
             q, p = ls[b, P + t - 1], lt[b, P + t - 1]
             d = float(GATES[gate](q, p))
-            tau = threshold(t, cfg)
+            tau = cfg[1].threshold(t)
             if abs(d - tau) < 1e-4:
                 continue  # too close to call at float32 precision
             by_teacher = d > tau
@@ -104,11 +106,11 @@ def test_switch_rule_confirmed_by_recomputation(arch, gate, schedule, speculativ
 
 
 def test_thresholds():
-    c = RolloutConfig(tau0=0.5, decay=0.1)
-    assert threshold(0, c) == 0.5 and threshold(10, c) == pytest.approx(0.5 * math.exp(-1))
-    assert threshold(5, RolloutConfig(tau0=0.5, decay=0.1, schedule="linear")) == pytest.approx(0.25)
-    assert threshold(50, RolloutConfig(tau0=0.5, decay=0.1, schedule="linear")) == 0.0
-    assert threshold(7, RolloutConfig(tau0=0.5, schedule="const")) == 0.5
+    c = Gate(tau0=0.5, decay=0.1)
+    assert c.threshold(0) == 0.5 and c.threshold(10) == pytest.approx(0.5 * math.exp(-1))
+    assert Gate(tau0=0.5, decay=0.1, schedule="linear").threshold(5) == pytest.approx(0.25)
+    assert Gate(tau0=0.5, decay=0.1, schedule="linear").threshold(50) == 0.0
+    assert Gate(tau0=0.5, schedule="const").threshold(7) == 0.5
 
 
 @pytest.mark.parametrize("speculative", [False, True])
@@ -116,10 +118,10 @@ def test_thresholds():
 def test_rows_do_not_depend_on_the_batch(arch, speculative):
     student, teacher, tok, ids, mask = _pair(arch)
     cfg = _cfg(tau0=0.05, speculative=speculative)
-    batched = rollout(student, teacher, ids, mask, cfg)
+    batched = rollout(student, teacher, ids, mask, *cfg)
     for b, p in enumerate(PROMPTS):
         one_ids, one_mask = left_pad([tok(p, add_special_tokens=False)["input_ids"]], tok.pad_token_id)
-        single = rollout(student, teacher, one_ids, one_mask, cfg)
+        single = rollout(student, teacher, one_ids, one_mask, *cfg)
         n = one_ids.shape[1]
         assert torch.equal(batched.sequences[b, -N:], single.sequences[0, n:])
         assert torch.equal(batched.from_teacher[b], single.from_teacher[0])
@@ -128,21 +130,21 @@ def test_rows_do_not_depend_on_the_batch(arch, speculative):
 def test_sampled_rollouts_are_reproducible_and_seed_dependent():
     student, teacher, tok, ids, mask = _pair("llama")
     cfg = _cfg(do_sample=True, seed=123, top_k=50, top_p=0.9, temperature=0.8)
-    a, b = rollout(student, teacher, ids, mask, cfg), rollout(student, teacher, ids, mask, cfg)
+    a, b = rollout(student, teacher, ids, mask, *cfg), rollout(student, teacher, ids, mask, *cfg)
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.from_teacher, b.from_teacher)
-    c = rollout(student, teacher, ids, mask, _cfg(do_sample=True, seed=124, top_k=50, top_p=0.9, temperature=0.8))
+    c = rollout(student, teacher, ids, mask, *_cfg(do_sample=True, seed=124, top_k=50, top_p=0.9, temperature=0.8))
     assert not torch.equal(a.sequences, c.sequences)
     torch.manual_seed(5)
-    d = rollout(student, None, ids, mask, _cfg(source="student", do_sample=True))
+    d = rollout(student, None, ids, mask, *_cfg(source="student", do_sample=True))
     torch.manual_seed(5)
-    e = rollout(student, None, ids, mask, _cfg(source="student", do_sample=True))
+    e = rollout(student, None, ids, mask, *_cfg(source="student", do_sample=True))
     assert torch.equal(d.sequences, e.sequences)
 
 
 @pytest.mark.parametrize("speculative", [False, True])
 def test_kept_teacher_logits_equal_a_teacher_forward(speculative):
     student, teacher, tok, ids, mask = _pair("gpt2")
-    out = rollout(student, teacher, ids, mask, _cfg(tau0=0.05, keep_teacher_logits=True, vocab_size=len(tok),
+    out = rollout(student, teacher, ids, mask, *_cfg(tau0=0.05, keep_teacher_logits=True, vocab_size=len(tok),
                                                      speculative=speculative))
     lt = _recompute(teacher, out.sequences, mask, len(tok)).float()
     P = ids.shape[1]
@@ -154,9 +156,9 @@ def test_kept_teacher_logits_equal_a_teacher_forward(speculative):
 
 def test_eos_ends_a_row():
     student, teacher, tok, ids, mask = _pair("gpt2")
-    greedy = rollout(student, None, ids, mask, _cfg(source="student"))
+    greedy = rollout(student, None, ids, mask, *_cfg(source="student"))
     first = int(greedy.sequences[0, ids.shape[1]])
-    out = rollout(student, None, ids, mask, _cfg(source="student", eos_token_id=[tok.eos_token_id, first]))
+    out = rollout(student, None, ids, mask, *_cfg(source="student", eos_token_id=[tok.eos_token_id, first]))
     assert out.response_mask[0].tolist() == [True] + [False] * (N - 1)
     assert (out.sequences[0, ids.shape[1] + 1:] == tok.pad_token_id).all()
 
@@ -165,11 +167,11 @@ def test_eos_ends_a_row():
 @pytest.mark.parametrize("quantile", [0.1, 0.5, 0.9])
 def test_speculative_greedy_equals_lockstep(arch, quantile):
     student, teacher, tok, ids, mask = _pair(arch)
-    probe = rollout(student, teacher, ids, mask, _cfg(tau0=float("inf"), speculative=False))
+    probe = rollout(student, teacher, ids, mask, *_cfg(tau0=float("inf"), speculative=False))
     tau0 = float(probe.gate[probe.response_mask].quantile(quantile))
     for k in (1, 3, 8):
-        lock = rollout(student, teacher, ids, mask, _cfg(tau0=tau0, decay=0.02, speculative=False, keep_teacher_logits=True))
-        spec = rollout(student, teacher, ids, mask, _cfg(tau0=tau0, decay=0.02, speculative=True, draft_k=k,
+        lock = rollout(student, teacher, ids, mask, *_cfg(tau0=tau0, decay=0.02, speculative=False, keep_teacher_logits=True))
+        spec = rollout(student, teacher, ids, mask, *_cfg(tau0=tau0, decay=0.02, speculative=True, draft_k=k,
                                                           keep_teacher_logits=True))
         assert torch.equal(lock.sequences, spec.sequences)
         assert torch.equal(lock.from_teacher, spec.from_teacher) and torch.equal(lock.response_mask, spec.response_mask)
@@ -184,13 +186,13 @@ def test_speculative_sampling_has_the_lockstep_distribution():
         student.lm_head.weight.mul_(20)
         teacher.lm_head.weight.mul_(20)
     ids, mask = left_pad([tok("Q: hi\nA: ", add_special_tokens=False)["input_ids"]] * 3000, tok.pad_token_id)
-    probe = rollout(student, teacher, ids[:50], mask[:50], _cfg(tau0=float("inf"), speculative=False))
+    probe = rollout(student, teacher, ids[:50], mask[:50], *_cfg(tau0=float("inf"), speculative=False))
     tau0 = float(probe.gate[probe.response_mask].quantile(0.5))
     n = 6
     outs = {}
     for spec in (False, True):
         torch.manual_seed(11 if spec else 12)
-        outs[spec] = rollout(student, teacher, ids, mask, _cfg(tau0=tau0, decay=0.0, schedule="const", do_sample=True,
+        outs[spec] = rollout(student, teacher, ids, mask, *_cfg(tau0=tau0, decay=0.0, schedule="const", do_sample=True,
                                                               max_new_tokens=n, speculative=spec))
     P = ids.shape[1]
     for pos in range(n):
@@ -208,7 +210,7 @@ def test_sampler_draws_from_the_warped_distribution():
     logits = torch.tensor([[0.0, 1.0, -2.0, float("-inf"), 0.5, -0.5]]).expand(60_000, -1)
     for cfg, expect in [(_cfg(do_sample=True), torch.softmax(logits[0], -1)),
                         (_cfg(do_sample=True, top_k=2), torch.softmax(torch.tensor([-1e9, 1.0, -1e9, -1e9, 0.5, -1e9]), -1))]:
-        draws = _chooser(cfg, torch.Generator().manual_seed(0))(logits)
+        draws = _chooser(cfg[0], torch.Generator().manual_seed(0))(logits)
         freq = torch.bincount(draws, minlength=6).float() / draws.numel()
         assert (freq[expect == 0] == 0).all()
         torch.testing.assert_close(freq, expect, atol=0.01, rtol=0)
@@ -240,10 +242,10 @@ def test_static_cache_path_equals_eager_token_for_token(arch, source, monkeypatc
     monkeypatch.setattr(dec, "compiled_forward", lambda model: model)
     student, teacher, tok, ids, mask = _pair(arch)
     base = dict(source=source, tau0=0.05, keep_teacher_logits=True, vocab_size=len(tok))
-    eager = rollout(student, teacher, ids, mask, _cfg(**base, compile=False))
+    eager = rollout(student, teacher, ids, mask, *_cfg(**base, compile=False))
     eos = [tok.eos_token_id] + _eos_mid_batch(eager, ids.shape[1])
-    eager = rollout(student, teacher, ids, mask, _cfg(**base, compile=False, eos_token_id=eos))
-    static = rollout(student, teacher, ids, mask, _cfg(**base, compile=True, eos_token_id=eos, sync_every=8))
+    eager = rollout(student, teacher, ids, mask, *_cfg(**base, compile=False, eos_token_id=eos))
+    static = rollout(student, teacher, ids, mask, *_cfg(**base, compile=True, eos_token_id=eos, sync_every=8))
     assert not eager.response_mask[:, -1].all()  # some row ended early
     assert torch.equal(eager.sequences, static.sequences)
     assert torch.equal(eager.response_mask, static.response_mask) and torch.equal(eager.from_teacher, static.from_teacher)
@@ -255,8 +257,8 @@ def test_static_cache_path_equals_eager_token_for_token(arch, source, monkeypatc
 def test_compiled_decode_step_equals_eager():
     """The real torch.compile'd one-token step (static caches) against the eager engine: SWITCH, greedy, fp32."""
     student, teacher, tok, ids, mask = _pair("llama")
-    eager = rollout(student, teacher, ids, mask, _cfg(tau0=0.05, compile=False))
-    compiled = rollout(student, teacher, ids, mask, _cfg(tau0=0.05, compile=True))
+    eager = rollout(student, teacher, ids, mask, *_cfg(tau0=0.05, compile=False))
+    compiled = rollout(student, teacher, ids, mask, *_cfg(tau0=0.05, compile=True))
     assert torch.equal(eager.sequences, compiled.sequences) and torch.equal(eager.from_teacher, compiled.from_teacher)
 
 
@@ -265,11 +267,11 @@ def test_per_row_speculative_equals_lockstep_with_eos_mid_batch(arch):
     """Per-row acceptance: rows advance by different amounts per block, rows end at EOS at different times,
     and the tokens, teacher flags and gates still equal lockstep's."""
     student, teacher, tok, ids, mask = _pair(arch)
-    probe = rollout(student, teacher, ids, mask, _cfg(tau0=float("inf")))
+    probe = rollout(student, teacher, ids, mask, *_cfg(tau0=float("inf")))
     tau0 = float(probe.gate[probe.response_mask].quantile(0.8))
     eos = [tok.eos_token_id] + _eos_mid_batch(probe, ids.shape[1])
-    lock = rollout(student, teacher, ids, mask, _cfg(tau0=tau0, decay=0.02, eos_token_id=eos))
-    spec = rollout(student, teacher, ids, mask, _cfg(tau0=tau0, decay=0.02, eos_token_id=eos, speculative=True, draft_k=6))
+    lock = rollout(student, teacher, ids, mask, *_cfg(tau0=tau0, decay=0.02, eos_token_id=eos))
+    spec = rollout(student, teacher, ids, mask, *_cfg(tau0=tau0, decay=0.02, eos_token_id=eos, speculative=True, draft_k=6))
     assert not lock.response_mask[:, -1].all() and lock.from_teacher.any()
     assert torch.equal(lock.sequences, spec.sequences) and torch.equal(lock.from_teacher, spec.from_teacher)
     torch.testing.assert_close(spec.gate[spec.response_mask], lock.gate[lock.response_mask], rtol=1e-4, atol=1e-5)
@@ -288,7 +290,7 @@ def test_one_rows_rejection_does_not_end_another_rows_block(monkeypatch):
     n = 64
     cfg = _cfg(gate="hash", tau0=0.9, schedule="const", max_new_tokens=n, do_sample=True, seed=0, speculative=True,
                draft_k=8, teacher_cost=8.0, eos_token_id=[len(tok) + 1])
-    spec = rollout(student, teacher, ids, mask, cfg)
+    spec = rollout(student, teacher, ids, mask, *cfg)
     share = float(spec.from_teacher.float().mean())
     union = int(spec.from_teacher.any(0).sum())  # positions where some row is rejected
     assert 0.05 < share < 0.2 and union > 2 * n * share

@@ -89,7 +89,7 @@ def _synced_worker(rank: int, port: int, results: dict) -> None:
 
         from switchkd.distributed import is_sharded
         from switchkd.models import build_tiny, tiny_tokenizer
-        from switchkd.rollout import RolloutConfig, rollout
+        from switchkd.rollout import Gate, RolloutConfig, rollout
 
         tok = tiny_tokenizer()
         student = build_tiny("tiny:gpt2,layers=2,dim=32,heads=2,seed=3", tok).eval()
@@ -99,24 +99,24 @@ def _synced_worker(rank: int, port: int, results: dict) -> None:
         mask = torch.ones_like(ids)
         # rank 0 decodes 4 tokens, rank 1 up to 12 with an EOS that ends one row early: the ranks' loops
         # end at different steps, so rank 0 must keep stepping (discarded) until rank 1 is done
-        base = RolloutConfig(source="switch", do_sample=True, seed=5, tau0=0.01, decay=0.05, vocab_size=len(tok),
+        base = RolloutConfig(do_sample=True, seed=5, vocab_size=len(tok),
                              pad_token_id=0, eos_token_id=1, speculative=False, compile=False,
                              max_new_tokens=4 if rank == 0 else 12)
-        probe = rollout(student, teacher, ids, mask, base)  # a threshold at the gate's median: a mixture
-        base.tau0, base.schedule = float(probe.gate[probe.response_mask].median()), "const"
-        ref = rollout(student, teacher, ids, mask, base)
+        probe = rollout(student, teacher, ids, mask, base, Gate(tau0=0.01, decay=0.05))  # the gate's median: a mixture
+        gate = Gate(tau0=float(probe.gate[probe.response_mask].median()), decay=0.05, schedule="const")
+        ref = rollout(student, teacher, ids, mask, base, gate)
         if rank == 1:  # an EOS that row 0 writes at some step j >= 2 and row 1 not by then
             r0, r1 = (ref.sequences[i, ids.shape[1]:].tolist() for i in (0, 1))
             j = next(j for j in range(2, 10) if r0[j] not in r0[:j] and r0[j] not in r1[:j + 1])
             base.eos_token_id = r0[j]
-            ref = rollout(student, teacher, ids, mask, base)
+            ref = rollout(student, teacher, ids, mask, base, gate)
         for m in (student, teacher):
             for block in m.modules():
                 if type(block).__name__ in m._no_split_modules:
                     fully_shard(block)
             fully_shard(m)
         assert is_sharded(student) and is_sharded(teacher)
-        out = rollout(student, teacher, ids, mask, base)
+        out = rollout(student, teacher, ids, mask, base, gate)
         results[rank] = {k: (getattr(ref, k).tolist(), getattr(out, k).tolist())
                          for k in ("sequences", "response_mask", "from_teacher")}
     finally:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_spec import spec
 
 from switchkd.config import ModelConfig, load_config
 from switchkd.data import left_pad
 from switchkd.models import load_model, load_tokenizer
-from switchkd.rollout import RolloutConfig, rollout
+from switchkd.rollout import rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,10 +31,10 @@ def _pair():
 def test_skd_rule_confirmed_by_recomputation(speculative, k):
     """Every token is the student's where it lies in the teacher's top K at that prefix, else the teacher's."""
     student, teacher, tok, ids, mask = _pair()
-    cfg = RolloutConfig(source="switch", gate="rank", schedule="const", tau0=k - 0.5, max_new_tokens=20, do_sample=True,
+    cfg = spec(source="switch", gate="rank", schedule="const", tau0=k - 0.5, max_new_tokens=20, do_sample=True,
                         seed=7, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, vocab_size=len(tok),
                         speculative=speculative)
-    out = rollout(student, teacher, ids, mask, cfg)
+    out = rollout(student, teacher, ids, mask, *cfg)
     P, V = ids.shape[1], len(tok)
     full_mask = torch.cat([mask, out.response_mask.long()], 1)
     with torch.no_grad():

@@ -213,8 +213,10 @@ def test_distillm_without_dev_data_is_an_error():
 
 
 def test_imitkd_anneals_from_dataset_to_student_greedy():
+    from engine_spec import spec
+
     from switchkd.methods.imitkd import ImitkdSource
-    from switchkd.rollout import RolloutConfig, rollout
+    from switchkd.rollout import rollout
 
     cfg, student, teacher, tok, vocab, examples = _setup(["method.name=imitkd", "method.source=imitkd",
                                                           "method.divergence=fkl", "method.max_new_tokens=8",
@@ -227,7 +229,7 @@ def test_imitkd_anneals_from_dataset_to_student_greedy():
     assert src(batch, 0) is batch  # beta 1: the dataset batch unchanged
     last = src(batch, 10)  # beta 0: every response is the student's greedy decoding
     greedy = rollout(student, None, batch.prompt_ids, batch.prompt_mask,
-                     RolloutConfig(source="student", max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
+                     *spec(source="student", max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
                                    pad_token_id=tok.pad_token_id, vocab_size=vocab))
     P = batch.prompt_ids.shape[1]
     for i in range(8):
@@ -300,10 +302,12 @@ def test_gkd_seq_kd_uses_teacher_samples_off_policy():
     items, _ = tokenize(examples[:4], tok, 400, 600)
     batch = collate(items, tok.pad_token_id)
     out = MixtureSource(cfg, student, teacher, tok, vocab)(batch, 0)
-    from switchkd.rollout import RolloutConfig, rollout
+    from engine_spec import spec
+
+    from switchkd.rollout import rollout
 
     ref = rollout(None, teacher, batch.prompt_ids, batch.prompt_mask,
-                  RolloutConfig(source="teacher", max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
+                  *spec(source="teacher", max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
                                 pad_token_id=tok.pad_token_id, vocab_size=vocab))
     P = batch.prompt_ids.shape[1]
     for i in range(4):

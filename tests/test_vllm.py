@@ -316,7 +316,7 @@ import json, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from switchkd.config import DecodingConfig
 from switchkd.vllm_engine import VLLMStudent
-from switchkd.rollout import RolloutConfig, rollout
+from switchkd.rollout import RolloutConfig, StudentWrites, rollout
 tok = AutoTokenizer.from_pretrained("{tmp_path / 'student'}")
 model = AutoModelForCausalLM.from_pretrained("{tmp_path / 'student'}", dtype=torch.float32)
 engine = VLLMStudent(model, tok, 128, seed=0)
@@ -334,8 +334,8 @@ prompt = [464, 3290]
 n = 600
 first_vllm = [r[0] for r in engine.sample([prompt] * n, 1, DecodingConfig(), tok.eos_token_id, seed=11)]
 ids = torch.tensor([prompt] * n)
-out = rollout(model.eval(), None, ids, torch.ones_like(ids), RolloutConfig(source="student", max_new_tokens=1, seed=3,
-              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, vocab_size=len(tok)))
+out = rollout(model.eval(), None, ids, torch.ones_like(ids), RolloutConfig(max_new_tokens=1, seed=3,
+              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, vocab_size=len(tok)), StudentWrites())
 first_own = out.sequences[:, len(prompt)].tolist()
 with torch.no_grad():
     p = torch.softmax(model(torch.tensor([prompt])).logits[0, -1], -1)
@@ -396,7 +396,7 @@ import json, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from switchkd.data import left_pad
 from switchkd.drafted import drafted_rollout
-from switchkd.rollout import RolloutConfig, rollout
+from switchkd.rollout import Gate, Rank, RolloutConfig, rollout
 from switchkd.vllm_engine import VLLMStudent
 tok = AutoTokenizer.from_pretrained("{tmp_path / 'student'}")
 student = AutoModelForCausalLM.from_pretrained("{tmp_path / 'student'}", dtype=torch.float32).eval()
@@ -405,13 +405,14 @@ engine = VLLMStudent(student, tok, 128, seed=0)
 ids, mask = left_pad([[464, 3290, 318], [40, 588, 257, 922, 1110, 13, 50, 11], [7454]], tok.eos_token_id)
 found = {{}}
 for gate, shift in (("jsd", 0.0), ("rank", 0.5)):
-    cfg = RolloutConfig(source="switch", max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.eos_token_id, vocab_size=len(tok), seed=1, gate=gate, schedule="const",
-                        tau0=float("inf"))
-    free = rollout(student, teacher, ids, mask, cfg)  # the student writes all: tau0 = its median gate (+ 0.5)
-    cfg.tau0 = float(free.gate[free.response_mask].median()) + shift
-    own = rollout(student, teacher, ids, mask, cfg)
-    drafted = drafted_rollout(engine, student, teacher, ids, mask, cfg)
+    cfg = RolloutConfig(max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.eos_token_id, vocab_size=len(tok), seed=1)
+    never = Rank(top_k=float("inf")) if gate == "rank" else Gate(tau0=float("inf"), schedule="const", divergence=gate)
+    free = rollout(student, teacher, ids, mask, cfg, never)  # the student writes all: tau0 = its median gate (+ 0.5)
+    tau0 = float(free.gate[free.response_mask].median()) + shift
+    rule = Rank(top_k=tau0 + 0.5) if gate == "rank" else Gate(tau0=tau0, schedule="const", divergence=gate)
+    own = rollout(student, teacher, ids, mask, cfg, rule)
+    drafted = drafted_rollout(engine, student, teacher, ids, mask, cfg, rule)
     m = own.response_mask
     found[gate] = {{"tokens": torch.equal(own.sequences, drafted.sequences),
                    "writers": torch.equal(own.from_teacher, drafted.from_teacher),

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterator, List,
 if TYPE_CHECKING:
     from switchkd.batch import Batch
     from switchkd.config import Config
-    from switchkd.decoding import RolloutConfig, RolloutOutput
+    from switchkd.decoding import RolloutOutput
+    from switchkd.rules import Rule
 
 Error = Callable[[str], Exception]
 
@@ -99,9 +100,18 @@ class Source:
         """The ``n`` micro-batches of one optimizer step, drawn from ``batches`` (the trainer's iterator)."""
         return [self(next(batches), step) for _ in range(n)]
 
-    def rollout_config(self, rcfg: "RolloutConfig") -> "RolloutConfig":
-        """The :class:`RolloutConfig` this source decodes with (a source changes the engine's rule here)."""
-        return rcfg
+    @classmethod
+    def rule(cls, cfg: "Config") -> "Rule":
+        """Who writes the tokens of this source's two-model rollouts (:mod:`switchkd.rules`); the base: the student."""
+        from switchkd.rules import StudentWrites
+
+        return StudentWrites()
+
+    @classmethod
+    def engine_settings(cls, cfg: "Config") -> Dict[str, Any]:
+        """This source's :class:`switchkd.decoding.RolloutConfig` fields beyond the ``method`` section's shared ones
+        (:func:`switchkd.rollout.from_method`), e.g. draft-and-verify's."""
+        return {}
 
     def stats(self) -> Dict[str, float]:
         """Diagnostics to log since the last call."""
@@ -122,36 +132,36 @@ class Source:
         if "shared" in state:
             self.shared.setstate(state["shared"])
 
-    def _rollout(self, batch: "Batch", mode: str, keep_teacher: bool = False,
-                 greedy: bool = False) -> "tuple[Batch, RolloutOutput]":
-        """Decode responses for the batch's prompts with the engine's ``mode`` (student, teacher, switch,
-        mixed; ``greedy``: argmax whatever ``method.decoding.do_sample``) and rebuild the batch around them
-        (``teacher_selected``: the teacher's logits at the response tokens, with ``keep_teacher``)."""
+    def _rollout(self, batch: "Batch", rule: "Rule", keep_teacher: bool = False,
+                 greedy: bool = False) -> "tuple[Batch, Optional[RolloutOutput]]":
+        """Decode responses for the batch's prompts, the writer of each token chosen by ``rule`` (``greedy``: argmax
+        whatever ``method.decoding.do_sample``), and rebuild the batch around them (``teacher_selected``: the
+        teacher's logits at the response tokens, with ``keep_teacher``)."""
         from switchkd.rollout import from_method, rollout
 
         P = batch.prompt_ids.shape[1]
         budget = max(1, min(self.cfg.method.max_new_tokens, self.cfg.data.max_length - P))
-        if mode == "teacher" and getattr(self.teacher, "served", False):  # the teacher's server samples
+        engine = self.cfg.method.decoding.engine
+        if not rule.uses_student and getattr(self.teacher, "served", False):  # the teacher's server samples
             prompts = batch.teacher_prompts() or batch.prompts()
             responses = self.teacher.sample(prompts, budget, self.cfg.method.decoding, self.tok.eos_token_id,
                                             seed=self.rng.getrandbits(31))
             return batch.with_responses(responses, self.tok.pad_token_id), None
-        if mode == "student" and self.cfg.method.decoding.engine == "vllm":  # a vLLM engine holding the student
+        if not rule.uses_teacher and engine == "vllm":  # a vLLM engine holding the student
             return batch.with_responses(self._vllm_sample(batch.prompts(), budget, greedy), self.tok.pad_token_id), None
-        rcfg = from_method(self.cfg.method, mode, budget, self.tok, self.vocab, keep_teacher)
-        rcfg = self.rollout_config(rcfg)
+        rcfg = from_method(self.cfg.method, budget, self.tok, self.vocab, keep_teacher, **self.engine_settings(self.cfg))
         rcfg.seed = self.rng.getrandbits(62)  # sampling from the source's own (checkpointed) RNG: resumes exactly
         rcfg.do_sample = rcfg.do_sample and not greedy
         student = self.unwrap(self.student)
         was_training = student.training
         student.eval()
-        if self.cfg.method.decoding.engine == "vllm" and mode in ("switch", "mixed"):  # both writers: vLLM drafts, in-process or served verification
+        if engine == "vllm" and rule.uses_student and rule.uses_teacher:  # vLLM drafts, in-process/served verification
             from switchkd.drafted import drafted_rollout
 
             out = drafted_rollout(self._vllm_engine(), student, self.teacher, batch.prompt_ids, batch.prompt_mask, rcfg,
-                                  batch.teacher_prompt_ids, batch.teacher_prompt_mask)
+                                  rule, batch.teacher_prompt_ids, batch.teacher_prompt_mask)
         else:
-            out = rollout(student, self.teacher, batch.prompt_ids, batch.prompt_mask, rcfg,
+            out = rollout(student, self.teacher, batch.prompt_ids, batch.prompt_mask, rcfg, rule,
                           batch.teacher_prompt_ids, batch.teacher_prompt_mask)
         student.train(was_training)
         new = batch.with_responses(out.responses(P), self.tok.pad_token_id)
@@ -174,12 +184,10 @@ class Source:
                                      seed=self.cfg.train.seed)
         return self._vllm
 
-    def _interleaved(self, batch: "Batch", mode: str, gate: str = "shared") -> "tuple[Batch, RolloutOutput]":
-        """Across vocabularies (:mod:`switchkd.interleave`): ``switch`` (the cross ``gate``) or ``mixed`` (the teacher
-        writes each step with probability ``teacher_mix``) rollouts, both models reading the text in their own
-        tokens; the teacher's spans re-tokenized into the student's sequence."""
-        from dataclasses import replace
-
+    def _interleaved(self, batch: "Batch", rule: "Rule") -> "tuple[Batch, RolloutOutput]":
+        """Across vocabularies (:mod:`switchkd.interleave`): two-writer rollouts by ``rule`` (a gate compares the two
+        distributions by its ``cross`` comparison; a mixture draws the writer of each step), both models reading the
+        text in their own tokens; the teacher's spans re-tokenized into the student's sequence."""
         from switchkd.interleave import Vocab, cross_switch
         from switchkd.rollout import from_method
         from switchkd.sections import ConfigError
@@ -191,16 +199,16 @@ class Source:
         if getattr(self, "_vocabs", None) is None:
             self._vocabs = (Vocab(self.cross.s_tok, self.cross.s_table), Vocab(self.cross.t_tok, self.cross.t_table))
         P = batch.prompt_ids.shape[1]
-        rcfg = from_method(self.cfg.method, mode, min(self.cfg.method.max_new_tokens, self.cfg.data.max_length - P),
-                           self.tok, self.vocab)
-        rcfg = replace(self.rollout_config(rcfg), seed=self.rng.getrandbits(62))
+        rcfg = from_method(self.cfg.method, min(self.cfg.method.max_new_tokens, self.cfg.data.max_length - P),
+                           self.tok, self.vocab, **self.engine_settings(self.cfg))
+        rcfg.seed = self.rng.getrandbits(62)
         t_mask = batch.teacher_prompt_mask
         t_ids = batch.teacher_prompt_ids.masked_fill(t_mask == 0, self.cross.t_tok.pad_token_id or 0)
         student = self.unwrap(self.student)
         was_training = student.training
         student.eval()
-        out = cross_switch(student, self.teacher, batch.prompt_ids, batch.prompt_mask, t_ids, t_mask, rcfg,
-                           *self._vocabs, kind=gate, shared=(self.cross.s_matched, self.cross.t_matched),
+        out = cross_switch(student, self.teacher, batch.prompt_ids, batch.prompt_mask, t_ids, t_mask, rcfg, rule,
+                           *self._vocabs, shared=(self.cross.s_matched, self.cross.t_matched),
                            t_max_len=self.cross.max_length)
         student.train(was_training)
         return batch.with_responses(out.responses(P), self.tok.pad_token_id), out

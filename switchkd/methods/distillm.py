@@ -107,7 +107,7 @@ class DistillmSource(Source):
             new = Batch.build([r[0] for r in rows], [r[1] for r in rows], self.tok.pad_token_id, [r[2] for r in rows],
                               [r[3] for r in rows] if rows[0][3] is not None else None)
             return new.to(batch.device)
-        new, _ = self._rollout(batch, "student")
+        new, _ = self._rollout(batch, self.rule(self.cfg))
         prompts, t_prompts = new.prompts(), new.teacher_prompts()
         for i, response in enumerate(new.responses()):
             self.buffer.append((prompts[i], response, int(new.index[i]), t_prompts[i] if t_prompts else None))

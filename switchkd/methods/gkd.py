@@ -49,8 +49,10 @@ class MixtureSource(Source):
         return "seq_kd=true samples the teacher's responses in its own vocabulary" if cfg.method.mixture.seq_kd else None
 
     def __call__(self, batch: "Batch", step: int) -> "Batch":
+        from switchkd.rules import StudentWrites, TeacherWrites
+
         if self.shared.random() < self.settings.student_ratio:
-            return self._rollout(batch, "student")[0]
+            return self._rollout(batch, StudentWrites())[0]
         if self.settings.seq_kd:
-            return self._rollout(batch, "teacher")[0]
+            return self._rollout(batch, TeacherWrites())[0]
         return batch

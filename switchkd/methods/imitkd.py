@@ -97,7 +97,7 @@ class ImitkdSource(Source):
         if not anyone:
             return batch
         # (sharded: a process with no student rows still decodes one, discarded, while another process decodes)
-        gen, _ = self._rollout(batch.select(rows or [0]), "student", greedy=True)
+        gen, _ = self._rollout(batch.select(rows or [0]), self.rule(self.cfg), greedy=True)
         if not rows:
             return batch
         responses = batch.responses()

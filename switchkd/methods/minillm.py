@@ -25,7 +25,7 @@ AdamW (betas 0.9, 0.95; weight decay 1e-6).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, Iterator, List, Optional
 
 from switchkd.methods.base import Error, Source
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from switchkd.batch import Batch, PolicyTerm
     from switchkd.config import Config
-    from switchkd.decoding import RolloutConfig
+    from switchkd.rules import Rule
 
 
 @dataclass
@@ -102,7 +102,7 @@ def importance_weight(student_lp: "Tensor", teacher_lp: "Tensor", alpha: float) 
     """``q(y) / (alpha p(y) + (1 - alpha) q(y))`` from the sampled tokens' log-probabilities (any shape)."""
     import torch
 
-    from switchkd.decoding import mix_logprobs
+    from switchkd.rules import mix_logprobs
 
     return torch.exp(student_lp - mix_logprobs(student_lp, teacher_lp, alpha))
 
@@ -170,14 +170,18 @@ class MinillmSource(Source):
         self.uses = 0
         self.sums = {"reward": 0.0, "weight": 0.0, "tokens": 0.0}
 
-    def rollout_config(self, rcfg: "RolloutConfig") -> "RolloutConfig":
-        return replace(rcfg, teacher_mix=self.settings.teacher_mix)
+    @classmethod
+    def rule(cls, cfg: "Config") -> "Rule":
+        """MiniLLM's teacher-mixed sampling with alpha = ``method.minillm.teacher_mix``."""
+        from switchkd.rules import Mixture
+
+        return Mixture(alpha=cfg.method.minillm.teacher_mix)
 
     def __call__(self, batch: "Batch", step: int) -> "Batch":
         """One fresh rollout of ``batch`` with its policy term."""
         if self.cross is not None:
             return self._across(batch)
-        new, out = self._rollout(batch, "mixed", keep_teacher=True)
+        new, out = self._rollout(batch, self.rule(self.cfg), keep_teacher=True)
         if getattr(self.teacher, "served", False):  # the served top k + tail and the sampled tokens' log-probabilities
             new.teacher_selected = self.teacher.targets(new, self.vocab)
         new.policy = self.policy(new, out.logprobs[out.response_mask])
@@ -191,7 +195,7 @@ class MinillmSource(Source):
         ``q(span) / (a p(span) + (1 - a) q(span))`` on each of its tokens.  Unpaired groups get reward 0, weight 1."""
         import torch
 
-        new = self.cross.apply(self._interleaved(batch, "mixed")[0])
+        new = self.cross.apply(self._interleaved(batch, self.rule(self.cfg))[0])
         a, alpha = new.alignment, self.settings.teacher_mix
         with torch.no_grad():
             s_lp = _token_logprobs(self.unwrap(self.student), new.input_ids, new.attention_mask, new.labels)

@@ -10,6 +10,7 @@ from switchkd.methods.base import Source
 if TYPE_CHECKING:
     from switchkd.batch import Batch
     from switchkd.config import Config
+    from switchkd.rules import Rule
 
 
 class TeacherSource(Source):
@@ -22,6 +23,13 @@ class TeacherSource(Source):
     def teacher_reason(cls, cfg: "Config") -> Optional[str]:
         return "method.source=teacher"
 
+    @classmethod
+    def rule(cls, cfg: "Config") -> "Rule":
+        """The teacher writes every token (its samples, with ``method.decoding``)."""
+        from switchkd.rules import TeacherWrites
+
+        return TeacherWrites()
+
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -32,7 +40,7 @@ class TeacherSource(Source):
         missing = [i for i, k in enumerate(idx) if k not in self.cache]
         if missing:
             responses = self._across(batch.select(missing)) if self.cross is not None else \
-                self._rollout(batch.select(missing), "teacher")[0].responses()
+                self._rollout(batch.select(missing), self.rule(self.cfg))[0].responses()
             for i, response in zip(missing, responses):
                 self.cache[idx[i]] = response
         return batch.with_responses([self.cache[k] for k in idx], self.tok.pad_token_id)
@@ -40,8 +48,6 @@ class TeacherSource(Source):
     def _across(self, batch: "Batch") -> List[List[int]]:
         """Across vocabularies: the teacher decodes from its own prompts in its own tokens; each response's text
         is re-tokenized for the student (with the student's EOS where the teacher stopped at its own)."""
-        from dataclasses import replace
-
         from switchkd.rollout import from_method, rollout
 
         t_tok, s_tok = self.cross.t_tok, self.tok
@@ -49,8 +55,9 @@ class TeacherSource(Source):
         ids = batch.teacher_prompt_ids.masked_fill(mask == 0, t_tok.pad_token_id)  # (collated with the student's pad)
         P = ids.shape[1]
         budget = min(self.cfg.method.max_new_tokens, (self.cross.max_length or self.cfg.data.max_length) - P)
-        rcfg = replace(from_method(self.cfg.method, "teacher", budget, t_tok, len(t_tok)), seed=self.rng.getrandbits(62))
-        out = rollout(None, self.teacher, ids, mask, rcfg)
+        rcfg = from_method(self.cfg.method, budget, t_tok, len(t_tok))
+        rcfg.seed = self.rng.getrandbits(62)
+        out = rollout(None, self.teacher, ids, mask, rcfg, self.rule(self.cfg))
         texts = [t_tok.decode(r, skip_special_tokens=True) for r in out.responses(P)]
         ended = [bool(len(r)) and r[-1] == t_tok.eos_token_id for r in out.responses(P)]
         return [s_tok(t, add_special_tokens=False)["input_ids"] + ([s_tok.eos_token_id] if e else [])

@@ -6,16 +6,15 @@ trained by a divergence D(teacher || student) on these sequences (``method.diver
 ``method.skd.top_k`` (25 in the paper).
 
 This is SWITCH's interleaved decoding with another rule, so it runs through the same engine and the
-same decision code (:func:`switchkd.decoding.switch_gate`): the ``rank`` token gate (the proposal's
-rank under the teacher, 0 for its argmax) against a constant threshold K - 1/2, in the lockstep loop and
-in the draft-and-verify loop alike (a student draft is an SKD proposal; the first rejected one is
+same decision code (:class:`switchkd.rules.Rank`): the proposal's rank under the teacher (0 for its argmax)
+against K, in the lockstep loop and in the draft-and-verify loop alike (a student draft is an SKD proposal; the first rejected one is
 replaced by a teacher sample).  ``method.switch.ratio`` and its speculative settings apply.
 Diagnostics are logged under ``skd/`` (teacher share by position).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional
 
 from switchkd.methods.switch import SwitchSource
@@ -23,7 +22,7 @@ from switchkd.schema import COUNT, opt
 
 if TYPE_CHECKING:
     from switchkd.config import Config
-    from switchkd.decoding import RolloutConfig
+    from switchkd.rules import Rule
 
 
 @dataclass
@@ -51,6 +50,9 @@ class SkdSource(SwitchSource):
                     "log-probabilities the server returns; raise teacher.top_k")
         return why
 
-    def rollout_config(self, rcfg: "RolloutConfig") -> "RolloutConfig":
-        rcfg = super().rollout_config(rcfg)
-        return replace(rcfg, gate="rank", schedule="const", tau0=self.settings.top_k - 0.5)
+    @classmethod
+    def rule(cls, cfg: "Config") -> "Rule":
+        """SKD's rank test with K = ``method.skd.top_k`` (:class:`switchkd.rules.Rank`)."""
+        from switchkd.rules import Rank
+
+        return Rank(top_k=cfg.method.skd.top_k)

@@ -22,4 +22,4 @@ class StudentSource(Source):
         return None  # its rollouts are the student's own samples
 
     def __call__(self, batch: "Batch", step: int) -> "Batch":
-        return self._rollout(batch, "student")[0]
+        return self._rollout(batch, self.rule(self.cfg))[0]

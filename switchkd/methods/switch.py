@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional
 
 from switchkd.methods.base import Error, Source
@@ -23,7 +23,8 @@ from switchkd.schema import COUNT, COUNT0, PROB, opt
 if TYPE_CHECKING:
     from switchkd.batch import Batch
     from switchkd.config import Config
-    from switchkd.decoding import RolloutConfig, RolloutOutput
+    from switchkd.decoding import RolloutOutput
+    from switchkd.rules import Rule
 
 BUCKETS = (0, 8, 16, 32, 64, 128, 256)  # response positions of the logged teacher share
 TAU0 = ((lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and not math.isnan(v)),
@@ -47,12 +48,6 @@ class SwitchConfig:
     cross_gate: str = opt("shared", "across vocabularies, what the gate compares: the distributions over the tokens "
                           "both vocabularies share (shared), the two next-byte distributions (byte), or ULD's "
                           "sorted-probability distance (sorted)", choices=("shared", "byte", "sorted"))
-
-
-def engine_config(rcfg: "RolloutConfig", sw: SwitchConfig) -> "RolloutConfig":
-    """The engine's SWITCH rule and speculative settings from a ``method.switch`` section."""
-    return replace(rcfg, tau0=sw.tau0, decay=sw.decay, schedule=sw.schedule, gate=sw.gate,
-                   speculative=sw.speculative, draft_k=sw.draft_k, max_draft_k=sw.max_draft_k)
 
 
 def saturation_warning(share: float, tokens: int, tau0: float) -> Optional[str]:
@@ -107,15 +102,25 @@ class SwitchSource(Source):
         k = len(BUCKETS)
         self.n, self.teacher_n, self.gate_sum = [0.0] * k, [0.0] * k, [0.0] * k
 
-    def rollout_config(self, rcfg: "RolloutConfig") -> "RolloutConfig":
-        return engine_config(rcfg, self.cfg.method.switch)
+    @classmethod
+    def rule(cls, cfg: "Config") -> "Rule":
+        """SWITCH's gate from ``method.switch`` (:class:`switchkd.rules.Gate`)."""
+        from switchkd.rules import Gate
+
+        sw = cfg.method.switch
+        return Gate(tau0=sw.tau0, decay=sw.decay, schedule=sw.schedule, divergence=sw.gate, cross=sw.cross_gate)
+
+    @classmethod
+    def engine_settings(cls, cfg: "Config") -> Dict[str, Any]:
+        sw = cfg.method.switch
+        return {"speculative": sw.speculative, "draft_k": sw.draft_k, "max_draft_k": sw.max_draft_k}
 
     def __call__(self, batch: "Batch", step: int) -> "Batch":
         import torch
 
         if self.shared.random() >= self.cfg.method.switch.ratio:
             return batch
-        new, out = self._across(batch) if self.cross is not None else self._rollout(batch, "switch", keep_teacher=True)
+        new, out = self._across(batch) if self.cross is not None else self._rollout(batch, self.rule(self.cfg), keep_teacher=True)
         mask = out.response_mask
         pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)[mask]
         bucket = torch.bucketize(pos, torch.tensor(BUCKETS[1:], device=pos.device), right=True).cpu()
@@ -127,7 +132,7 @@ class SwitchSource(Source):
         return new
 
     def _across(self, batch: "Batch") -> "tuple[Batch, RolloutOutput]":
-        return self._interleaved(batch, "switch", self.cfg.method.switch.cross_gate)
+        return self._interleaved(batch, self.rule(self.cfg))
 
     def stats(self) -> Dict[str, float]:
         total = sum(self.n)
