@@ -95,7 +95,7 @@ def ln2_note(gate: Gate) -> Optional[str]:
     return (f"tau0 {tau0:.4g} exceeds {name}: the gate cannot fire before response token "
             f"{math.ceil(t)}, so the student writes the first {math.ceil(t)} tokens whatever the teacher thinks and "
             "the gate acts as a position cut-off: the two models disagree almost everywhere; train the student "
-            "on the data first (SFT, as DistiLLM and MiniLLM do, longer if it already was) and calibrate again")
+            "on the data first (supervised fine-tuning, as the official recipes of on-policy methods do, longer if it already was) and calibrate again")
 
 
 def calibrate_config(cfg: Any, target: float, limit: int = 32, batch_size: int = 8,
@@ -165,4 +165,4 @@ def _cross_view(cfg: Any) -> Any:
     from switchkd.models import load_tokenizer
 
     return view_for(cfg, load_tokenizer(cfg.model), load_tokenizer(cfg.teacher),
-                    source_class(cfg.method.source).cross_tokenizer_reason(cfg))
+                    source_class(cfg.method.source).needs(cfg).across_vocabularies)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import string
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
+from switchkd.divergence_table import PARAM_MINIMA, PLAIN
 from switchkd.divergence_table import PARAMS as DIVERGENCE_PARAMS
-from switchkd.divergence_table import PLAIN
 from switchkd.divergence_table import SERVED as SERVED_DIVERGENCES
 from switchkd.methods import SOURCES
 from switchkd.schema import FINITE_TEXT as FINITE
@@ -39,8 +39,10 @@ def check(cfg: Any, error: Callable[[str], Exception]) -> None:
         ok, text = PARAM_RULES.get(key, (_num, FINITE))
         if not ok(value) or (key == "k" and value != int(value)):
             raise error(f"config error: method.params.{key}={value!r}; expected {text}{' (an integer)' if key == 'k' else ''}")
-    if cfg.method.divergence == "bild" and cfg.method.params.get("k", 8) < 3:
-        raise error(f"config error: method.params.k={cfg.method.params['k']!r}; BiLD needs k >= 3")
+    for key, least in PARAM_MINIMA.get(cfg.method.divergence, {}).items():
+        if key in cfg.method.params and cfg.method.params[key] < least:
+            raise error(f"config error: method.params.{key}={cfg.method.params[key]!r}; {cfg.method.divergence} needs "
+                        f"{key} >= {least:g}")
     bad_loggers = [x for x in cfg.train.loggers if x not in LOGGERS]
     if bad_loggers:
         raise error(f"config error: train.loggers has {bad_loggers[0]!r}; valid: {', '.join(LOGGERS)}")
@@ -87,13 +89,14 @@ def validate(cfg: Any, error: Callable[[str], Exception]) -> None:
     check(cfg, error)  # every field's range, parameters, fields, placeholders, tiny shapes
     source = SOURCES[m.source]
     source.check(cfg, error)
-    if m.teacher_cache and not source.fixed_sequences:
-        fixed = ", ".join(n for n, c in SOURCES.items() if c.fixed_sequences)
+    needs = source.needs(cfg)
+    if m.teacher_cache and needs.teacher_cache:
+        fixed = ", ".join(n for n, c in SOURCES.items() if c.needs(cfg).teacher_cache is None)
         raise error(f"config error: method.teacher_cache works with method.source={fixed} only (sequences "
                           f"known before training; method.source={m.source} makes new ones)")
     distils = m.divergence != PLAIN and m.kd_ratio > 0
     why = (f"method.divergence={m.divergence} (kd_ratio {m.kd_ratio})" if distils and not m.teacher_cache
-           else source.teacher_reason(cfg))
+           else needs.teacher)
     if why and cfg.teacher is None:
         raise error(f"config error: {why} needs a teacher; set teacher.name")
     _check_instruction_loss(cfg, error)
@@ -159,7 +162,7 @@ def _check_served(cfg: Any, source: Any, error: Callable[[str], Exception]) -> N
     if m.instruction_weight > 0:
         raise error(f"config error: method.instruction_weight={m.instruction_weight} needs the teacher's full "
                     f"distributions on the prompt; it does not work with {url}")
-    why = source.served_teacher_reason(cfg)
+    why = source.needs(cfg).served_teacher
     if why:
         raise error(f"config error: method.source={m.source} with {url}: {why}")
 
@@ -168,7 +171,7 @@ def _check_engine(cfg: Any, source: Any, error: Callable[[str], Exception]) -> N
     """``method.decoding.engine=vllm``: the source's rollouts must be the student's own samples."""
     if cfg.method.decoding.engine != "vllm":
         return
-    why = source.vllm_reason(cfg)
+    why = source.needs(cfg).vllm
     if why:
         raise error(f"config error: method.decoding.engine=vllm: method.source={cfg.method.source} {why}; "
                     "use method.decoding.engine=switchkd")

@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="generate and score ROUGE-L on a data file or a MiniLLM-style directory")
+    e = sub.add_parser("eval", help="generate and score ROUGE-L on a data file or a directory of the protocol's five sets")
     e.add_argument("--model", required=True, help="model directory or hub id")
-    e.add_argument("--data", required=True, help="JSONL file, a directory with the five MiniLLM sets, or a built-in suite: synthetic:test, arith:test")
+    e.add_argument("--data", required=True, help="JSONL file, a directory with the five sets of the community protocol (dolly, self-inst, vicuna, sinst, uinst), or a built-in suite: synthetic:test, arith:test")
     e.add_argument("--output", help="where scores.json and predictions.jsonl go (default runs/eval/<model name>)")
     e.add_argument("--seeds", type=int, nargs="+", help="sampling seeds (default 10 20 30 40 50)")
     e.add_argument("--greedy", action="store_true", help="greedy decoding, one pass")
@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="map a canonical field to yours, e.g. --field instruction=question --field output=answer")
     an.set_defaults(func=_answers)
 
-    g = sub.add_parser("generate", help="write the teacher's responses to data.train as a JSONL dataset (SeqKD)")
-    g.add_argument("config", help="YAML preset naming teacher and data, e.g. configs/tiny/seqkd.yaml")
+    g = sub.add_parser("generate", help="write the teacher's responses to data.train as a JSONL dataset (sequence-level distillation data)")
+    g.add_argument("config", help="YAML file or preset naming teacher and data")
     g.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     g.add_argument("--output", required=True, help="JSONL file to write")
     g.add_argument("--batch-size", type=positive, default=16)
@@ -204,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("presets", help="list the shipped presets (usable as switchkd train NAME)")
     pr.set_defaults(func=_presets)
 
-    cal = sub.add_parser("calibrate", help="SWITCH: find method.switch.tau0 for a target teacher-written share on dev prompts")
-    cal.add_argument("config", help="YAML file or preset name, e.g. tiny/switch")
+    cal = sub.add_parser("calibrate", help="find the tau0 of a config's gate (method.<section>.tau0) for a target teacher-written share on dev prompts")
+    cal.add_argument("config", help="YAML file or preset name whose source decodes by a gate")
     cal.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     cal.add_argument("--target", type=float, required=True, help="teacher-written share, e.g. 0.53")
     cal.add_argument("--limit", type=positive, default=32, help="prompts read from data.dev (else data.train)")
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the built-in end-to-end demo on the synthetic suite")
     d.add_argument("--output", default="runs/demo")
     d.add_argument("--quick", action="store_true", help="a much smaller run (for tests)")
-    d.add_argument("--methods", help="comma-separated methods (default sft,kd,gkd,switch; any of the tiny presets)")
+    d.add_argument("--methods", help="comma-separated presets of configs/tiny (default: configs/demo.yaml's methods)")
     d.add_argument("--workers", type=int, choices=range(1, 65), metavar="N",
                    help="worker processes (default: 2 when the CPU has 2 cores or more)")
     d.set_defaults(func=_demo)

@@ -208,7 +208,7 @@ def same_vocabulary(student_tok: Any, teacher_tok: Any) -> bool:
 def view_for(cfg: Any, student_tok: Any, teacher_tok: Any, source_reason: Optional[str] = None) -> Optional[CrossView]:
     """The :class:`CrossView` a run needs when the teacher's vocabulary differs from the student's (None when
     they share one); one-line refusals when ``method.cross_tokenizer=off`` or the run cannot work across
-    vocabularies (``source_reason``: why the run's source cannot, from its ``cross_tokenizer_reason``)."""
+    vocabularies (``source_reason``: why the run's source cannot, its ``needs(cfg).across_vocabularies``)."""
     from switchkd.sections import ConfigError
 
     if same_vocabulary(student_tok, teacher_tok):

@@ -150,8 +150,8 @@ def to_example(row: Dict[str, Any], fmt: str, cfg: DataConfig, tokenizer: Any, w
         raise ConfigError(f"{where}: missing field '{missing[0]}' for format {fmt} (required: {', '.join(FORMATS[fmt])}; "
                           f"the record has {', '.join(sorted(map(str, row))) or 'none'}): map your field names with "
                           "data.fields, e.g. data.fields={instruction: question, output: answer} (eval: --field "
-                          "instruction=question), or set data.format (auto detects minillm, dolly, and messages / "
-                          "ShareGPT conversations)")
+                          "instruction=question), or set data.format (auto detects {', '.join(FORMATS)}; messages "
+                          "include ShareGPT conversations)")
     meta = {k: row[k] for k in ("topic", "category") if k in row}
     if fmt == "messages":
         msgs = row["messages"]

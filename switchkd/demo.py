@@ -31,7 +31,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from switchkd.config import PRESET_DIR, ConfigError, load_config, preset_method
 from switchkd.evaluate import score_examples
-from switchkd.methods import SOURCES
 from switchkd.models import load_model, load_tokenizer
 from switchkd.train import train
 
@@ -66,10 +65,9 @@ def check_output(out: "str | Path") -> Path:
     return check_output_path(out, "--output", "dir", reusable=(*OUTPUTS, *METHODS))
 
 
-def source_of(method: str) -> type:
-    """The source class a demo method's preset selects."""
-    chosen = [x.split("=", 1)[1] for x in METHODS[method] if x.startswith("method.source=")]
-    return SOURCES[chosen[-1] if chosen else "dataset"]
+def listed(key: str) -> List[str]:
+    """A preset list of ``configs/demo.yaml`` (``decoding``, ``reads_dev_loss``, ``teacher_share``)."""
+    return list(_demo_file().get(key, []))
 SHIPPED = Path(__file__).resolve().parent / "demo_models" / "teacher"
 KEEP = (0, 3)  # the teacher's blocks the demo student keeps
 
@@ -110,7 +108,7 @@ def shipped_teacher() -> Path:
 def sft_overrides(spec: str, steps: int, lr: float, b: Budget) -> List[str]:
     """The config of an SFT run of ``spec`` on the synthetic suite (the demo teacher's recipe with
     ``TEACHER``, 800 steps, lr 2.5e-3 and the default budget; ``scripts/build_demo_teacher.py``)."""
-    return COMMON + [f"model.name={spec}", "method.name=sft", "method.kd_ratio=0.0", f"data.synthetic_size={b.size}",
+    return COMMON + [f"model.name={spec}", "method.kd_ratio=0.0", f"data.synthetic_size={b.size}",
                      f"train.max_steps={steps}", f"train.batch_size={b.batch}", f"train.lr={lr}", "train.warmup_steps=30",
                      "train.keep_best=false", "data.dev=null"]
 
@@ -163,7 +161,7 @@ def train_method(method: str, teacher: Path, init: Path, out: Path, b: Budget, s
                  extra: Sequence[str] = ()) -> Path:
     """Distil from ``init`` with ``method``; returns the final model directory."""
     # a source whose schedule reads the dev loss gets an evaluation at least every 10 steps
-    every = max(b.eval_every, 10) if source_of(method).reads_dev_loss else b.eval_every
+    every = max(b.eval_every, 10) if method in listed("reads_dev_loss") else b.eval_every
     cfg = load_config(None, COMMON + METHODS[method] + ["method.max_new_tokens=160",
         f"model.name={init}", f"teacher.name={teacher}", f"data.synthetic_size={b.size}", f"data.seed={seed}",
         f"train.max_steps={b.student_steps}", f"train.batch_size={b.batch}", f"train.lr={b.lr}", f"train.seed={seed}",
@@ -257,7 +255,7 @@ def write_report(out: Path, results: Dict[str, List[dict]], profile_metrics: Opt
 
     out.mkdir(parents=True, exist_ok=True)
     parts = [header, "", method_table(results), ""]
-    if plot_by_length(results, out / "rouge_by_length.png"):
+    if plot_by_length(results, out / "rouge_by_length.png", (listed("teacher_share") or [None])[0]):
         parts += ["![ROUGE-L by response length](rouge_by_length.png)", ""]
     if profile_metrics is not None and profile_metrics.is_file():
         prof = teacher_share_profile(profile_metrics)
@@ -283,7 +281,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, methods: Optional[
     teacher = shipped_teacher()
     init = layer_dropped_init(teacher)
     workers = workers or min(2, os.cpu_count() or 1)
-    tasks = [("method", m) for m in sorted(names, key=lambda m: not source_of(m).decodes)]  # the slow ones first
+    tasks = [("method", m) for m in sorted(names, key=lambda m: m not in listed("decoding"))]  # the slow ones first
     tasks += [("score", "teacher"), ("score", "init")]
     print(f"demo: teacher {SHIPPED.name} (shipped), student = its blocks {list(KEEP)}; methods {', '.join(names)}; "
           f"{b.student_steps} steps each, {workers} worker process(es); logs in {out / 'logs'}")
@@ -296,10 +294,10 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False, methods: Optional[
     lines = gap_lines(ordered)
     header = (f"# switchkd demo\n\nSynthetic suite, test split ({b.test} prompts), sampled at temperature 1 with "
               f"seeds {list(b.seeds)}; ± in the table is the standard deviation over those seeds. Teacher: the shipped "
-              f"`{TEACHER}` (800 SFT steps); student (`init`): the teacher's blocks {list(KEEP)} of 4 (half its "
+              f"`{TEACHER}` (800 supervised steps); student (`init`): the teacher's blocks {list(KEEP)} of 4 (half its "
               f"layers), then {b.student_steps} steps of each method (batch {b.batch}, lr {b.lr}). "
               f"Run time {time.time() - t0:.0f} s.\n\n" + "\n".join(f"- {x}" for x in lines))
-    profiled = [m for m in names if source_of(m).profiles_teacher_share]
+    profiled = [m for m in listed("teacher_share") if m in names]
     report = write_report(out, {k: [v] for k, v in ordered.items()},
                           out / profiled[0] / "metrics.jsonl" if profiled else None, header)
     from switchkd.report import method_table

@@ -26,6 +26,10 @@ PARAMS: Dict[str, Tuple[str, ...]] = {
     "ce": (),
 }
 
+#: the smallest value a divergence's parameter may take beyond the shared rule (BiLD's top-k logit loss needs pairs of
+#: pairs: k >= 3)
+PARAM_MINIMA: Dict[str, Dict[str, float]] = {"bild": {"k": 3}}
+
 #: how each divergence is evaluated against a served teacher's top-k log-probabilities
 #: (:class:`switchkd.divergences.TopKTail`; a divergence absent here is refused with ``teacher.server``):
 #: ``bucket``: over the k + 1 outcomes (top k + tail bucket; temperature 1); ``top``: from the top k alone, exact

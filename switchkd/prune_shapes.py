@@ -83,11 +83,12 @@ def choose_shape(model: Any, imp: Importance, shapes: Sequence[Shape], held_out:
     sizes = sizes_of(model.config)
     table = []
     for shape in shapes:
-        ce = cross_entropy(prune_model(model, imp, shape), held_out, pad_id)
-        table.append({"shape": shape, "parameters": parameter_count(sizes, shape, model.config), "ce": ce})
+        held_out_ce = cross_entropy(prune_model(model, imp, shape), held_out, pad_id)
+        table.append({"shape": shape, "parameters": parameter_count(sizes, shape, model.config),
+                      "cross_entropy": held_out_ce})
         log(f"  hidden {shape.hidden}, MLP {shape.mlp}, {shape.heads_per_group} heads per group, {shape.layers} blocks: "
-            f"{table[-1]['parameters'] / 1e6:.1f}M parameters, held-out CE {ce:.3f}")
-    best = min(table, key=lambda r: r["ce"])
+            f"{table[-1]['parameters'] / 1e6:.1f}M parameters, held-out CE {held_out_ce:.3f}")
+    best = min(table, key=lambda r: r["cross_entropy"])
     return best["shape"], table
 
 

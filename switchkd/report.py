@@ -60,8 +60,8 @@ def _plt():
         return None
 
 
-def plot_by_length(results: Dict[str, List[dict]], path: Path) -> Optional[Path]:
-    """ROUGE-L by reference-length bucket, one line per method."""
+def plot_by_length(results: Dict[str, List[dict]], path: Path, highlight: Optional[str] = None) -> Optional[Path]:
+    """ROUGE-L by reference-length bucket, one line per method (``highlight``'s drawn bold)."""
     plt = _plt()
     if plt is None:
         return None
@@ -70,7 +70,7 @@ def plot_by_length(results: Dict[str, List[dict]], path: Path) -> Optional[Path]
     for name, runs in results.items():
         ys = [statistics.fmean([r["by_length"][b]["rougeL"] for r in runs if b in r["by_length"]] or [math.nan])
               for b in buckets]
-        ax.plot(buckets, ys, marker="o", label=name, linewidth=2.5 if name == "switch" else 1.2)
+        ax.plot(buckets, ys, marker="o", label=name, linewidth=2.5 if name == highlight else 1.2)
     ax.set_xlabel("reference length (words)")
     ax.set_ylabel("ROUGE-L")
     ax.set_title("ROUGE-L by response length")
@@ -83,7 +83,7 @@ def plot_by_length(results: Dict[str, List[dict]], path: Path) -> Optional[Path]
 
 
 def plot_teacher_share(profile: Dict[str, Dict[str, float]], path: Path) -> Optional[Path]:
-    """SWITCH's teacher-token rate and mean gate value by response position."""
+    """A two-writer run's teacher-token rate and mean gate value by response position."""
     plt = _plt()
     if plt is None or not profile["teacher_frac"]:
         return None
@@ -94,8 +94,8 @@ def plot_teacher_share(profile: Dict[str, Dict[str, float]], path: Path) -> Opti
     ax.set_xlabel("response position")
     ax2 = ax.twinx()
     ax2.plot(buckets, [profile["gate"].get(b, math.nan) for b in buckets], color="tab:blue", marker="o")
-    ax2.set_ylabel("mean gate (JSD, nats)")
-    ax.set_title("SWITCH: who writes, by position")
+    ax2.set_ylabel("mean gate value")
+    ax.set_title("who writes, by position")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -43,6 +43,7 @@ from switchkd.losses import (
     token_loss,
 )
 from switchkd.methods import make_source
+from switchkd.methods.base import Run
 from switchkd.models import load_pair
 from switchkd.rundir import acquire_lock, check_output_dir, release_lock
 from switchkd.served import connect
@@ -170,11 +171,12 @@ class Trainer:
         else:
             self.teacher_engine = None
         self.source = make_source(cfg, self.student, self.teacher, self.tok, self.vocab, self.acc.unwrap_model,
-                                  seed=cfg.train.seed * 1000 + self.acc.process_index)
-        self.source.total_steps, self.source.sharded, self.source.cross = self.total, self.sharded, self.cross
+                                  seed=cfg.train.seed * 1000 + self.acc.process_index,
+                                  run=Run(self.total, self.cross, self.sharded))
         self.source_dev = self.dev_items
-        if self.source.dev_limit and cfg.data.dev:  # the source's own validation set
-            self.source_dev = self._tokenize(load_examples(cfg.data.dev, cfg.data, self.tok, self.source.dev_limit))[0]
+        own = self.source.validation
+        if own is not None and own.limit and cfg.data.dev:  # the source's own validation set
+            self.source_dev = self._tokenize(load_examples(cfg.data.dev, cfg.data, self.tok, own.limit))[0]
         self.epoch_len = 0  # micro-batches per epoch on this process (known once the first epoch starts)
         self.lm = LMStream(cfg.method.lm_data, self.tok, cfg.data.max_length, cfg.train.seed, self.acc.process_index,
                            self.acc.num_processes, lm_texts) if cfg.method.lm_data else None
@@ -203,7 +205,7 @@ class Trainer:
         from switchkd.models import load_tokenizer
 
         s_tok, t_tok = load_tokenizer(cfg.model), load_tokenizer(cfg.teacher)
-        view = view_for(cfg, s_tok, t_tok, source_class(cfg.method.source).cross_tokenizer_reason(cfg))
+        view = view_for(cfg, s_tok, t_tok, source_class(cfg.method.source).needs(cfg).across_vocabularies)
         if view is not None and cfg.teacher.server:
             raise ConfigError(f"teacher.server={cfg.teacher.server}: the teacher's vocabulary differs from the student's "
                               "(a served teacher's top-k ids are its own tokens); load the teacher in the process "
@@ -238,7 +240,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.resume:
             checkpoint.resume(self)
-        if self.dev is not None and self.source.wants_reference():
+        own = self.source.validation
+        if self.dev is not None and own is not None and own.reference and self.state.step == 0:
             self.source.on_validation(self._source_dev_loss())  # the reference evaluation before training
         batches = self._micro_batches()
         bar = tqdm(total=self.total, initial=self.state.step, desc="train", disable=not self.acc.is_main_process)
@@ -284,16 +287,17 @@ class Trainer:
     def _validate_and_log(self, rec: Dict[str, Any], before: tuple) -> None:
         """The source's own validation (after an epoch), the dev evaluation (every ``train.eval_every`` steps
         and at the end), and the log line with the source's diagnostics."""
-        cfg, last = self.cfg, self.state.step == self.total
-        if self.source.validation == "epoch" and self.dev is not None and self._epoch_ended(before):
+        cfg, last, own = self.cfg, self.state.step == self.total, self.source.validation
+        if own is not None and own.when == "epoch" and self.dev is not None and self._epoch_ended(before):
             rec["dev_ce_epoch"] = self._source_dev_loss()
             self.source.on_validation(rec["dev_ce_epoch"])
         if self.dev is not None and ((cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0) or last):
             rec["dev_loss"] = self._dev_loss()
-            if self.source.dev_metric == "cross_entropy":
+            reads_ce = own is not None and own.metric == "cross_entropy"
+            if reads_ce:
                 rec["dev_ce"] = self._dev_loss(cross_entropy=True)
-            if self.source.validation == "eval_every":
-                self.source.on_validation(rec["dev_ce"] if self.source.dev_metric == "cross_entropy" else rec["dev_loss"])
+            if own is not None and own.when == "eval_every":
+                self.source.on_validation(rec["dev_ce"] if reads_ce else rec["dev_loss"])
             if cfg.train.dev_rouge:
                 rec["dev_rougeL"] = self._evaluate_dev()
         if self.state.step % max(cfg.train.log_every, 1) == 0 or last or "dev_loss" in rec or "dev_ce_epoch" in rec:
@@ -322,8 +326,9 @@ class Trainer:
 
     def _source_dev_loss(self) -> float:
         """What the source's ``on_validation`` receives: its dev metric on its dev set, reduced its way."""
-        return self._dev_loss(cross_entropy=self.source.dev_metric == "cross_entropy", items=self.source_dev,
-                              batch_mean=self.source.dev_batch_mean)
+        own = self.source.validation
+        return self._dev_loss(cross_entropy=own.metric == "cross_entropy", items=self.source_dev,
+                              batch_mean=own.batch_mean)
 
     @torch.no_grad()
     def _dev_loss(self, cross_entropy: bool = False, items: Optional[List[Tokenized]] = None, batch_mean: bool = False) -> float:

@@ -15,6 +15,7 @@ from switchkd.config import load_config
 from switchkd.data import collate, load_examples, tokenize
 from switchkd.losses import shifted, teacher_targets
 from switchkd.methods import make_source
+from switchkd.methods.base import Run
 from switchkd.methods.distillm import DistillmSource
 from switchkd.models import load_pair
 from switchkd.train import train
@@ -174,7 +175,7 @@ def test_distillm_schedule_follows_the_official_rules():
         for step in range(40):
             u = rng.random()
             want = _official_choice(p, u, step + 1, 40, buffer_len, 8)
-            src.total_steps = 40
+            src.run = Run(total_steps=40)
             src.buffer.clear()
             src.buffer.extend([None] * buffer_len)
             assert src.decide(u, step) == want
@@ -185,7 +186,7 @@ def test_distillm_schedule_follows_the_official_rules():
     assert src.decide(0.7, 0) == "dataset" and src.decide(0.45, 0) == "fresh"  # buffer not full: fresh, not replay
     src.p = 1.0
     src.buffer.extend([None] * 8)
-    src.total_steps = 10
+    src.run = Run(total_steps=10)
     assert src.decide(0.05, 9) == "replay"  # the fresh share has decreased to 0 at the last step
     # end to end: a fresh batch fills the buffer; a replay batch is drawn from it; the state round-trips
     items, _ = tokenize(examples[:4], tok, 400, 600)
@@ -222,7 +223,7 @@ def test_imitkd_anneals_from_dataset_to_student_greedy():
                                                           "method.divergence=fkl", "method.max_new_tokens=8",
                                                           "method.imitkd.schedule=linear"])
     src = ImitkdSource(cfg, student, teacher, tok, vocab)
-    src.total_steps = 11
+    src.run = Run(total_steps=11)
     assert [src.beta(s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
     items, _ = tokenize(examples[:8], tok, 400, 600)
     batch = collate(items, tok.pad_token_id)
@@ -254,7 +255,7 @@ def test_imitkd_exponential_schedule_is_the_official_one(base, share):
                              f"method.imitkd.base={base}"])
     assert cfg.method.imitkd.schedule == "exponential"
     src = ImitkdSource.__new__(ImitkdSource)
-    src.cfg, src.total_steps = cfg, 1000
+    src.cfg, src.run, src.settings = cfg, Run(total_steps=1000), cfg.method.imitkd
     betas = [src.beta(t) for t in range(1000)]
     assert betas[0] == 1.0 and all(b == pytest.approx(base ** (-t / 1000)) for t, b in enumerate(betas))
     assert 1 - sum(betas) / 1000 == pytest.approx(share, abs=0.005)
@@ -270,7 +271,7 @@ def test_imitkd_argmax_targets_are_the_teachers_tokens_on_student_rows():
                                                           "method.divergence=ce", "method.kd_ratio=0",
                                                           "method.imitkd.targets=argmax", "method.max_new_tokens=8"])
     src = ImitkdSource(cfg, student, teacher, tok, vocab, seed=1)
-    src.total_steps = 2
+    src.run = Run(total_steps=2)
     items, _ = tokenize(examples[:8], tok, 400, 600)
     batch = collate(items, tok.pad_token_id)
     draws = iter([1.0, 0.0] * 4)  # a row is the student's when its draw >= beta: even rows student, odd dataset

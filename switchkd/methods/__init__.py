@@ -3,23 +3,26 @@
 A method is **which sequences we train on** (a module here: a :class:`~switchkd.methods.base.Source`
 subclass with its config section, rules, rollouts, state and diagnostics) **x which per-token loss**
 (``method.divergence``, a pure function of :mod:`switchkd.divergences`).  Adding a source is one
-module listed in ``MODULES`` and a preset under ``configs/``; nothing else names it.
+module in this package (found by :data:`MODULES`) and a preset under ``configs/``; nothing else names it.
 
 Imports nothing heavy (torch loads when a source first runs), so the config can be checked first.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
-from switchkd.methods import dataset, distillm, gkd, imitkd, minillm, seqkd, skd, student, switch
 from switchkd.methods.base import Source
 
 if TYPE_CHECKING:
     from switchkd.config import Config
+    from switchkd.methods.base import Run
 
-#: the method modules, in the order the docs list them
-MODULES = (dataset, seqkd, student, imitkd, gkd, distillm, switch, minillm, skd)
+#: the method modules: every module of this package but the base
+MODULES = tuple(importlib.import_module(f"{__name__}.{info.name}") for info in pkgutil.iter_modules(__path__)
+                if info.name != "base")
 
 
 def _sources() -> Dict[str, type]:
@@ -43,9 +46,9 @@ def source_class(name: str) -> type:
 
 
 def make_source(cfg: "Config", student: Any, teacher: Optional[Any], tokenizer: Any, vocab: int,
-                unwrap: Callable[[Any], Any] = lambda m: m, seed: int = 0) -> Source:
-    """The source named by ``cfg.method.source``."""
-    return SOURCES[cfg.method.source](cfg, student, teacher, tokenizer, vocab, unwrap, seed)
+                unwrap: Callable[[Any], Any] = lambda m: m, seed: int = 0, run: Optional[Run] = None) -> Source:
+    """The source named by ``cfg.method.source`` (``run``: what the trainer tells it about the run)."""
+    return SOURCES[cfg.method.source](cfg, student, teacher, tokenizer, vocab, unwrap, seed, run)
 
 
 __all__ = ["MODULES", "SECTIONS", "SOURCES", "Source", "make_source", "source_class"]

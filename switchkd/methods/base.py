@@ -2,9 +2,10 @@
 
 A method is one module of this package: a :class:`Source` subclass that says which sequences a
 training batch holds, declares its config section (a dataclass of :func:`switchkd.schema.opt` fields,
-``cfg.method.<section>``), its cross-field rules, whether it needs a teacher, its rollouts for a whole
-optimizer step, its train/eval-mode (dropout) policy, its extra per-token terms, its checkpointable
-state and its dev metric.  Nothing outside the method's module depends on its name.
+``cfg.method.<section>``), its cross-field rules, what it needs (:class:`Needs`), who writes its rollouts' tokens
+(a :mod:`switchkd.rules` rule), its batches for a whole optimizer step, its train/eval-mode (dropout) policy, its
+checkpointable state and its own dev evaluation (:class:`Validation`).  Nothing outside the method's module depends
+on its name.
 
 Imports nothing heavy at module level, so that a config is checked before torch loads; the engine
 and the batch code are imported when a source first decodes.
@@ -13,6 +14,7 @@ and the batch code are imported when a source first decodes.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterator, List, Optional
 
 if TYPE_CHECKING:
@@ -24,85 +26,74 @@ if TYPE_CHECKING:
 Error = Callable[[str], Exception]
 
 
-class Source:
-    """Ground-truth responses, unchanged (SFT, word-level KD, BiLD): the base every source extends."""
+@dataclass(frozen=True)
+class Needs:
+    """What a source needs, or cannot work with, under one config: each a reason in words, None when it does not.
 
-    #: ``method.source`` value that selects this class
-    name: ClassVar[str] = "dataset"
+    Read while the config is checked (before any model loads) and when the run's teacher is known.
+    """
+
+    teacher: Optional[str] = None  # why it needs a teacher model whatever the loss
+    across_vocabularies: Optional[str] = None  # why it cannot distil from a teacher with another vocabulary
+    served_teacher: Optional[str] = None  # why it cannot work with a teacher on a vLLM server (teacher.server)
+    vllm: Optional[str] = "decodes no student rollouts"  # why its rollouts cannot come from vLLM (decoding.engine)
+    teacher_cache: Optional[str] = "makes new sequences"  # why the teacher's targets cannot come from method.teacher_cache
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A source's own dev evaluation, whose value it reads through :meth:`Source.on_validation` (DistiLLM's schedule).
+
+    Attributes:
+        metric: ``objective`` (the training objective on the dev references) or ``cross_entropy`` (the student's).
+        when: ``eval_every`` (with each dev evaluation) or ``epoch`` (after each epoch).
+        limit: the first N dev examples form its own dev set (None: the dev evaluation's).
+        batch_mean: the value is the mean of per-batch means (else of all tokens).
+        reference: also measured once before the first step while :meth:`Source.on_validation` has not been called.
+    """
+
+    metric: str = "objective"
+    when: str = "eval_every"
+    limit: Optional[int] = None
+    batch_mean: bool = False
+    reference: bool = False
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the trainer tells a source about the run: optimizer steps, the cross-vocabulary view, sharding."""
+
+    total_steps: int = 1  # optimizer steps of the run (schedules read it)
+    cross: Any = None  # a teacher of another vocabulary: the run's switchkd.cross.CrossView
+    sharded: bool = False  # FSDP / ZeRO-3: rollouts are collective
+
+
+class Source:
+    """The base of every sequence source (the dataset's responses, unchanged: :mod:`switchkd.methods.dataset`)."""
+
+    #: ``method.source`` value that selects the class
+    name: ClassVar[str] = ""
     #: the method's own config section (``cfg.method.<section>``) and its dataclass, or None
     section: ClassVar[Optional[str]] = None
     Section: ClassVar[Optional[type]] = None
-    #: whether it decodes during training (such runs are slower: the demo starts them first)
-    decodes: ClassVar[bool] = False
-    #: whether its schedule reads the dev loss (``on_validation``): such runs need dev evaluations
-    reads_dev_loss: ClassVar[bool] = False
-    #: whether it logs the teacher-written share by position (``<prefix>/teacher_frac@...``)
-    profiles_teacher_share: ClassVar[bool] = False
-    #: whether the teacher's logits may come from ``method.teacher_cache`` (sequences fixed in advance)
-    fixed_sequences: ClassVar[bool] = False
     #: train the student with dropout on (False: eval mode during the update too, as RL-style methods do)
-    dropout = True
-    dev_metric = "objective"  # what on_validation receives: the training objective on dev, or "cross_entropy"
-    validation = "eval_every"  # when on_validation is called: at train.eval_every steps, or after each "epoch"
-    dev_limit: Optional[int] = None  # on_validation's own dev set (the first N of data.dev; None: eval.limit's)
-    dev_batch_mean = False  # on_validation's loss: the mean of per-batch means (True) or of all tokens
-    total_steps = 1  # optimizer steps of the run (set by the trainer; schedules read it)
-    cross: Any = None  # a teacher of another vocabulary: the run's switchkd.cross.CrossView (set by the trainer)
-    sharded = False  # set by the trainer under FSDP / ZeRO-3: rollouts are collective
+    dropout: ClassVar[bool] = True
+    #: its own dev evaluation (None: it reads none)
+    validation: Optional[Validation] = None
 
     # -- declarations read while the config is checked (class level, no models) --
     @classmethod
-    def teacher_reason(cls, cfg: "Config") -> Optional[str]:
-        """Why this source needs a teacher model whatever the loss (None: only if the loss does)."""
-        return None
-
-    @classmethod
-    def cross_tokenizer_reason(cls, cfg: "Config") -> Optional[str]:
-        """Why this source cannot distil from a teacher with another vocabulary (None: it can, its rollouts
-        never run the teacher, whose view of the text is built by :class:`switchkd.cross.CrossView`)."""
-        return None
-
-    @classmethod
-    def served_teacher_reason(cls, cfg: "Config") -> Optional[str]:
-        """Why this source cannot work with a teacher on a vLLM server (``teacher.server``: top-k log-probabilities
-        of whole sequences and the server's samples, no per-step teacher), or None."""
-        return None
-
-    @classmethod
-    def vllm_reason(cls, cfg: "Config") -> Optional[str]:
-        """Why this source's rollouts cannot come from a vLLM engine holding the student
-        (``method.decoding.engine=vllm``), or None.  The base class decodes nothing."""
-        return "decodes no student rollouts"
+    def needs(cls, cfg: "Config") -> Needs:
+        """What this source needs or cannot work with under ``cfg``."""
+        return Needs()
 
     @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
         """Cross-field rules of this source; raise ``error(message)`` at the first broken one."""
 
-    # -- the run --
-    def __init__(self, cfg: "Config", student: Any, teacher: Optional[Any], tokenizer: Any, vocab: int,
-                 unwrap: Callable[[Any], Any] = lambda m: m, seed: int = 0) -> None:
-        self.cfg, self.student, self.teacher, self.tok, self.vocab = cfg, student, teacher, tokenizer, vocab
-        self.unwrap, self.rng = unwrap, random.Random(seed)
-        # per-batch choices (rollout or not) draw from an RNG that every process seeds alike, so that with
-        # sharded models (collective forwards) all processes roll out together; row-level draws use ``rng``
-        self.shared = random.Random(cfg.train.seed * 1000 + 999)
-
-    @property
-    def settings(self) -> Any:
-        """This source's config section (``cfg.method.<section>``)."""
-        return getattr(self.cfg.method, self.section) if self.section else None
-
-    def __call__(self, batch: "Batch", step: int) -> "Batch":
-        """The batch the loss sees for one dataset micro-batch at optimizer step ``step`` (0-based)."""
-        return batch
-
-    def step_batches(self, batches: Iterator["Batch"], step: int, n: int) -> List["Batch"]:
-        """The ``n`` micro-batches of one optimizer step, drawn from ``batches`` (the trainer's iterator)."""
-        return [self(next(batches), step) for _ in range(n)]
-
     @classmethod
     def rule(cls, cfg: "Config") -> "Rule":
-        """Who writes the tokens of this source's two-model rollouts (:mod:`switchkd.rules`); the base: the student."""
+        """Who writes the tokens of this source's rollouts (:mod:`switchkd.rules`); the base: the student."""
         from switchkd.rules import StudentWrites
 
         return StudentWrites()
@@ -113,16 +104,30 @@ class Source:
         (:func:`switchkd.rollout.from_method`), e.g. draft-and-verify's."""
         return {}
 
+    # -- the run --
+    def __init__(self, cfg: "Config", student: Any, teacher: Optional[Any], tokenizer: Any, vocab: int,
+                 unwrap: Callable[[Any], Any] = lambda m: m, seed: int = 0, run: Optional[Run] = None) -> None:
+        self.cfg, self.student, self.teacher, self.tok, self.vocab = cfg, student, teacher, tokenizer, vocab
+        self.unwrap, self.rng, self.run = unwrap, random.Random(seed), run or Run()
+        self.settings = getattr(cfg.method, self.section) if self.section else None  # cfg.method.<section>
+        # per-batch choices (rollout or not) draw from an RNG that every process seeds alike, so that with
+        # sharded models (collective forwards) all processes roll out together; row-level draws use ``rng``
+        self.shared = random.Random(cfg.train.seed * 1000 + 999)
+
+    def __call__(self, batch: "Batch", step: int) -> "Batch":
+        """The batch the loss sees for one dataset micro-batch at optimizer step ``step`` (0-based)."""
+        return batch
+
+    def step_batches(self, batches: Iterator["Batch"], step: int, n: int) -> List["Batch"]:
+        """The ``n`` micro-batches of one optimizer step, drawn from ``batches`` (the trainer's iterator)."""
+        return [self(next(batches), step) for _ in range(n)]
+
     def stats(self) -> Dict[str, float]:
         """Diagnostics to log since the last call."""
         return {}
 
-    def wants_reference(self) -> bool:
-        """Whether ``on_validation`` should also be called once before the first step (a reference loss)."""
-        return False
-
-    def on_validation(self, dev_loss: float) -> None:
-        """Called with the dev loss (``dev_metric``) at each evaluation."""
+    def on_validation(self, value: float) -> None:
+        """Called with its own dev evaluation's value (:attr:`validation`)."""
 
     def state_dict(self) -> Dict[str, Any]:
         return {"rng": self.rng.getstate(), "shared": self.shared.getstate()}
@@ -197,18 +202,18 @@ class Source:
                               "vocabularies with both models in the process; use method.decoding.engine=switchkd")
 
         if getattr(self, "_vocabs", None) is None:
-            self._vocabs = (Vocab(self.cross.s_tok, self.cross.s_table), Vocab(self.cross.t_tok, self.cross.t_table))
+            self._vocabs = (Vocab(self.run.cross.s_tok, self.run.cross.s_table), Vocab(self.run.cross.t_tok, self.run.cross.t_table))
         P = batch.prompt_ids.shape[1]
         rcfg = from_method(self.cfg.method, min(self.cfg.method.max_new_tokens, self.cfg.data.max_length - P),
                            self.tok, self.vocab, **self.engine_settings(self.cfg))
         rcfg.seed = self.rng.getrandbits(62)
         t_mask = batch.teacher_prompt_mask
-        t_ids = batch.teacher_prompt_ids.masked_fill(t_mask == 0, self.cross.t_tok.pad_token_id or 0)
+        t_ids = batch.teacher_prompt_ids.masked_fill(t_mask == 0, self.run.cross.t_tok.pad_token_id or 0)
         student = self.unwrap(self.student)
         was_training = student.training
         student.eval()
         out = cross_switch(student, self.teacher, batch.prompt_ids, batch.prompt_mask, t_ids, t_mask, rcfg, rule,
-                           *self._vocabs, shared=(self.cross.s_matched, self.cross.t_matched),
-                           t_max_len=self.cross.max_length)
+                           *self._vocabs, shared=(self.run.cross.s_matched, self.run.cross.t_matched),
+                           t_max_len=self.run.cross.max_length)
         student.train(was_training)
         return batch.with_responses(out.responses(P), self.tok.pad_token_id), out

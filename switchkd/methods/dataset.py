@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from switchkd.methods.base import Source
+from switchkd.methods.base import Needs, Source
+
+if TYPE_CHECKING:
+    from switchkd.config import Config
 
 
 class DatasetSource(Source):
@@ -12,4 +15,7 @@ class DatasetSource(Source):
     ``method.teacher_cache`` (its sequences are known before training)."""
 
     name: ClassVar[str] = "dataset"
-    fixed_sequences: ClassVar[bool] = True
+
+    @classmethod
+    def needs(cls, cfg: "Config") -> Needs:
+        return Needs(teacher_cache=None)  # its sequences are known before training

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional
 
-from switchkd.methods.base import Error, Source
+from switchkd.methods.base import Error, Needs, Source, Validation
 from switchkd.schema import COUNT, COUNT0, PROB, opt
 
 if TYPE_CHECKING:
@@ -54,13 +54,10 @@ class DistillmSource(Source):
     name: ClassVar[str] = "distillm"
     section: ClassVar[Optional[str]] = "distillm"
     Section: ClassVar[Optional[type]] = DistillmConfig
-    decodes: ClassVar[bool] = True
-    reads_dev_loss: ClassVar[bool] = True
-    dev_metric = "cross_entropy"  # what on_validation receives: the student's CE on the dev references
 
     @classmethod
-    def vllm_reason(cls, cfg: "Config") -> Optional[str]:
-        return None  # its rollouts are the student's own samples
+    def needs(cls, cfg: "Config") -> Needs:
+        return Needs(vllm=None)  # its rollouts are the student's own samples
 
     @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
@@ -72,20 +69,18 @@ class DistillmSource(Source):
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         m = self.settings
-        if m.validate == "epoch":  # official finetune.py: evaluate() after each epoch over --dev-num examples,
-            self.validation, self.dev_limit, self.dev_batch_mean = "epoch", m.dev_limit, True  # per-batch means
+        # the student's CE on the dev references, measured once before training (the reference); official finetune.py:
+        # evaluate() after each epoch over --dev-num examples, the mean of per-batch means
+        self.validation = (Validation("cross_entropy", "epoch", m.dev_limit, batch_mean=True, reference=True)
+                           if m.validate == "epoch" else Validation("cross_entropy", reference=True))
         self.p = m.init_student_prob
         self.buffer: deque = deque(maxlen=m.replay_size)
         self.reference: Optional[float] = None
         self.counts = {"dataset": 0, "fresh": 0, "replay": 0}
 
-    def wants_reference(self) -> bool:  # type: ignore[override]
-        """True until the reference dev CE (before training) is measured."""
-        return self.reference is None
-
     def decide(self, u: float, step: int) -> str:
         """``dataset``, ``fresh`` or ``replay`` for a draw ``u`` at optimizer step ``step`` (0-based)."""
-        m, frac = self.settings, min(1.0, (step + 1) / max(self.total_steps, 1))
+        m, frac = self.settings, min(1.0, (step + 1) / max(self.run.total_steps, 1))
         s = {"decreasing": self.p * (1 - frac), "constant": self.p * m.replay_ratio,
              "increasing": self.p * frac}[m.replay_schedule]
         if u < s or (u < self.p and len(self.buffer) < m.replay_size):

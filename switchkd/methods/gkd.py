@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional
 
-from switchkd.methods.base import Source
+from switchkd.methods.base import Needs, Source
 from switchkd.schema import PROB, opt
 
 if TYPE_CHECKING:
@@ -33,20 +33,15 @@ class MixtureSource(Source):
     name: ClassVar[str] = "mixture"
     section: ClassVar[Optional[str]] = "mixture"
     Section: ClassVar[Optional[type]] = MixtureConfig
-    decodes: ClassVar[bool] = True
     dropout = False
 
     @classmethod
-    def vllm_reason(cls, cfg: "Config") -> Optional[str]:
-        return None  # its rollouts are the student's own samples
-
-    @classmethod
-    def teacher_reason(cls, cfg: "Config") -> Optional[str]:
-        return "method.mixture.seq_kd=true" if cfg.method.mixture.seq_kd else None
-
-    @classmethod
-    def cross_tokenizer_reason(cls, cfg: "Config") -> Optional[str]:
-        return "seq_kd=true samples the teacher's responses in its own vocabulary" if cfg.method.mixture.seq_kd else None
+    def needs(cls, cfg: "Config") -> Needs:
+        seq_kd = cfg.method.mixture.seq_kd
+        return Needs(teacher="method.mixture.seq_kd=true" if seq_kd else None,
+                     across_vocabularies="seq_kd=true samples the teacher's responses in its own vocabulary"
+                     if seq_kd else None,
+                     vllm=None)  # its rollouts are the student's own samples
 
     def __call__(self, batch: "Batch", step: int) -> "Batch":
         from switchkd.rules import StudentWrites, TeacherWrites

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional
 
-from switchkd.methods.base import Error, Source
+from switchkd.methods.base import Error, Needs, Source
 from switchkd.schema import gt, opt
 
 if TYPE_CHECKING:
@@ -45,23 +45,14 @@ class ImitkdSource(Source):
     name: ClassVar[str] = "imitkd"
     section: ClassVar[Optional[str]] = "imitkd"
     Section: ClassVar[Optional[type]] = ImitkdConfig
-    decodes: ClassVar[bool] = True
 
     @classmethod
-    def vllm_reason(cls, cfg: "Config") -> Optional[str]:
-        return None  # its rollouts are the student's own samples
-
-    @classmethod
-    def teacher_reason(cls, cfg: "Config") -> Optional[str]:
-        if cfg.method.imitkd.targets == "argmax":
-            return "method.imitkd.targets=argmax"
-        return None
-
-    @classmethod
-    def cross_tokenizer_reason(cls, cfg: "Config") -> Optional[str]:
-        if cfg.method.imitkd.targets == "argmax":
-            return "targets=argmax labels the student's rows with the teacher's tokens"
-        return None
+    def needs(cls, cfg: "Config") -> Needs:
+        argmax = cfg.method.imitkd.targets == "argmax"
+        return Needs(teacher="method.imitkd.targets=argmax" if argmax else None,
+                     across_vocabularies="targets=argmax labels the student's rows with the teacher's tokens"
+                     if argmax else None,
+                     vllm=None)  # its rollouts are the student's own samples
 
     @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
@@ -83,8 +74,8 @@ class ImitkdSource(Source):
         """Probability of the dataset response at optimizer step ``step`` (0-based)."""
         m = self.settings
         if m.schedule == "exponential":
-            return m.base ** (-step / max(self.total_steps, 1))
-        return max(0.0, 1.0 - step / max(self.total_steps - 1, 1))
+            return m.base ** (-step / max(self.run.total_steps, 1))
+        return max(0.0, 1.0 - step / max(self.run.total_steps - 1, 1))
 
     def __call__(self, batch: "Batch", step: int) -> "Batch":
         from switchkd.distributed import all_ranks
@@ -93,7 +84,7 @@ class ImitkdSource(Source):
         rows = [i for i in range(batch.size) if self.rng.random() >= b]
         self.counts["student_rows"] += len(rows)
         self.counts["dataset_rows"] += batch.size - len(rows)
-        anyone = not all_ranks(not rows, batch.device) if self.sharded else bool(rows)  # collective
+        anyone = not all_ranks(not rows, batch.device) if self.run.sharded else bool(rows)  # collective
         if not anyone:
             return batch
         # (sharded: a process with no student rows still decodes one, discarded, while another process decodes)

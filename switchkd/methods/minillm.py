@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, Iterator, List, Optional
 
-from switchkd.methods.base import Error, Source
+from switchkd.methods.base import Error, Needs, Source
 from switchkd.schema import COUNT, PROB, gt, opt
 
 if TYPE_CHECKING:
@@ -134,28 +134,20 @@ class MinillmSource(Source):
     name: ClassVar[str] = "minillm"
     section: ClassVar[Optional[str]] = "minillm"
     Section: ClassVar[Optional[type]] = MinillmConfig
-    decodes: ClassVar[bool] = True
     dropout = False
 
     @classmethod
-    def teacher_reason(cls, cfg: "Config") -> Optional[str]:
-        return "method.source=minillm"
-
-    @classmethod
-    def served_teacher_reason(cls, cfg: "Config") -> Optional[str]:
-        if cfg.method.decoding.engine != "vllm":
-            return ("the teacher-mixed sampling needs the teacher at every step; set method.decoding.engine=vllm (vLLM "
-                    "drafts, the teacher's tokens sampled by its server) or load the teacher in the process")
-        return None
-
-    @classmethod
-    def vllm_reason(cls, cfg: "Config") -> Optional[str]:
+    def needs(cls, cfg: "Config") -> Needs:
         d = cfg.method.decoding
+        served = None if d.engine == "vllm" else (
+            "the teacher-mixed sampling needs the teacher at every step; set method.decoding.engine=vllm (vLLM drafts, "
+            "the teacher's tokens sampled by its server) or load the teacher in the process")
+        vllm = None
         if not d.do_sample or d.temperature != 1.0 or d.top_k or d.top_p < 1.0:
-            return ("decodes the teacher-mixed distribution greedily or after temperature/top-k/top-p, which vLLM "
+            vllm = ("decodes the teacher-mixed distribution greedily or after temperature/top-k/top-p, which vLLM "
                     "drafts cannot reproduce (each writer's tokens would be chosen apart); set "
                     "method.decoding.do_sample=true, temperature=1, top_k=0, top_p=1")
-        return None
+        return Needs(teacher=f"method.source={cls.name}", served_teacher=served, vllm=vllm)
 
     @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
@@ -179,7 +171,7 @@ class MinillmSource(Source):
 
     def __call__(self, batch: "Batch", step: int) -> "Batch":
         """One fresh rollout of ``batch`` with its policy term."""
-        if self.cross is not None:
+        if self.run.cross is not None:
             return self._across(batch)
         new, out = self._rollout(batch, self.rule(self.cfg), keep_teacher=True)
         if getattr(self.teacher, "served", False):  # the served top k + tail and the sampled tokens' log-probabilities
@@ -195,7 +187,7 @@ class MinillmSource(Source):
         ``q(span) / (a p(span) + (1 - a) q(span))`` on each of its tokens.  Unpaired groups get reward 0, weight 1."""
         import torch
 
-        new = self.cross.apply(self._interleaved(batch, self.rule(self.cfg))[0])
+        new = self.run.cross.apply(self._interleaved(batch, self.rule(self.cfg))[0])
         a, alpha = new.alignment, self.settings.teacher_mix
         with torch.no_grad():
             s_lp = _token_logprobs(self.unwrap(self.student), new.input_ids, new.attention_mask, new.labels)

@@ -3,9 +3,9 @@ and reused every epoch (the same as ``switchkd generate`` followed by SFT)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List
 
-from switchkd.methods.base import Source
+from switchkd.methods.base import Needs, Source
 
 if TYPE_CHECKING:
     from switchkd.batch import Batch
@@ -17,11 +17,10 @@ class TeacherSource(Source):
     """The teacher's responses, decoded the first time a prompt is seen and then cached (checkpointed)."""
 
     name: ClassVar[str] = "teacher"
-    decodes: ClassVar[bool] = True
 
     @classmethod
-    def teacher_reason(cls, cfg: "Config") -> Optional[str]:
-        return "method.source=teacher"
+    def needs(cls, cfg: "Config") -> Needs:
+        return Needs(teacher=f"method.source={cls.name}")
 
     @classmethod
     def rule(cls, cfg: "Config") -> "Rule":
@@ -39,7 +38,7 @@ class TeacherSource(Source):
         idx = batch.index.tolist()
         missing = [i for i, k in enumerate(idx) if k not in self.cache]
         if missing:
-            responses = self._across(batch.select(missing)) if self.cross is not None else \
+            responses = self._across(batch.select(missing)) if self.run.cross is not None else \
                 self._rollout(batch.select(missing), self.rule(self.cfg))[0].responses()
             for i, response in zip(missing, responses):
                 self.cache[idx[i]] = response
@@ -50,11 +49,11 @@ class TeacherSource(Source):
         is re-tokenized for the student (with the student's EOS where the teacher stopped at its own)."""
         from switchkd.rollout import from_method, rollout
 
-        t_tok, s_tok = self.cross.t_tok, self.tok
+        t_tok, s_tok = self.run.cross.t_tok, self.tok
         mask = batch.teacher_prompt_mask
         ids = batch.teacher_prompt_ids.masked_fill(mask == 0, t_tok.pad_token_id)  # (collated with the student's pad)
         P = ids.shape[1]
-        budget = min(self.cfg.method.max_new_tokens, (self.cross.max_length or self.cfg.data.max_length) - P)
+        budget = min(self.cfg.method.max_new_tokens, (self.run.cross.max_length or self.cfg.data.max_length) - P)
         rcfg = from_method(self.cfg.method, budget, t_tok, len(t_tok))
         rcfg.seed = self.rng.getrandbits(62)
         out = rollout(None, self.teacher, ids, mask, rcfg, self.rule(self.cfg))

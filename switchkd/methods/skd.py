@@ -14,9 +14,10 @@ Diagnostics are logged under ``skd/`` (teacher share by position).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar, Optional
 
+from switchkd.methods.base import Needs
 from switchkd.methods.switch import SwitchSource
 from switchkd.schema import COUNT, opt
 
@@ -43,12 +44,12 @@ class SkdSource(SwitchSource):
     warn_saturation = False  # a teacher share near 0 or 1 is SKD's own schedule, not a mis-set threshold
 
     @classmethod
-    def served_teacher_reason(cls, cfg: "Config") -> Optional[str]:
-        why = super().served_teacher_reason(cfg)
-        if why is None and cfg.method.skd.top_k > cfg.teacher.top_k:
-            return (f"method.skd.top_k={cfg.method.skd.top_k} ranks beyond the teacher.top_k={cfg.teacher.top_k} "
-                    "log-probabilities the server returns; raise teacher.top_k")
-        return why
+    def needs(cls, cfg: "Config") -> Needs:
+        needs = super().needs(cfg)
+        if needs.served_teacher is None and cfg.teacher is not None and cfg.method.skd.top_k > cfg.teacher.top_k:
+            return replace(needs, served_teacher=f"method.skd.top_k={cfg.method.skd.top_k} ranks beyond the "
+                           f"teacher.top_k={cfg.teacher.top_k} log-probabilities the server returns; raise teacher.top_k")
+        return needs
 
     @classmethod
     def rule(cls, cfg: "Config") -> "Rule":

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar
 
-from switchkd.methods.base import Source
+from switchkd.methods.base import Needs, Source
 
 if TYPE_CHECKING:
     from switchkd.batch import Batch
@@ -15,11 +15,10 @@ class StudentSource(Source):
     """The student's own sampled responses (``method.decoding``)."""
 
     name: ClassVar[str] = "student"
-    decodes: ClassVar[bool] = True
 
     @classmethod
-    def vllm_reason(cls, cfg: "Config") -> Optional[str]:
-        return None  # its rollouts are the student's own samples
+    def needs(cls, cfg: "Config") -> Needs:
+        return Needs(vllm=None)  # its rollouts are the student's own samples
 
     def __call__(self, batch: "Batch", step: int) -> "Batch":
         return self._rollout(batch, self.rule(self.cfg))[0]

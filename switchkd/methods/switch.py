@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional
 
-from switchkd.methods.base import Error, Source
+from switchkd.methods.base import Error, Needs, Source
 from switchkd.schema import COUNT, COUNT0, PROB, opt
 
 if TYPE_CHECKING:
@@ -67,25 +67,16 @@ class SwitchSource(Source):
     name: ClassVar[str] = "switch"
     section: ClassVar[Optional[str]] = "switch"
     Section: ClassVar[Optional[type]] = SwitchConfig
-    decodes: ClassVar[bool] = True
-    profiles_teacher_share: ClassVar[bool] = True
     prefix = "switch"  # of the logged diagnostics
     warn_saturation = True
 
     @classmethod
-    def teacher_reason(cls, cfg: "Config") -> Optional[str]:
-        return f"method.source={cls.name}"
-
-    @classmethod
-    def served_teacher_reason(cls, cfg: "Config") -> Optional[str]:
-        if cfg.method.decoding.engine != "vllm":
-            return ("the gate needs the teacher at every drafted block; set method.decoding.engine=vllm (vLLM drafts, "
-                    "the gate over the served top-k and tail) or load the teacher in the process")
-        return None
-
-    @classmethod
-    def vllm_reason(cls, cfg: "Config") -> Optional[str]:
-        return None  # vLLM drafts, decided by switchkd.drafted
+    def needs(cls, cfg: "Config") -> Needs:
+        served = None if cfg.method.decoding.engine == "vllm" else (
+            "the gate needs the teacher at every drafted block; set method.decoding.engine=vllm (vLLM drafts, the gate "
+            "over the served top-k and tail) or load the teacher in the process")
+        return Needs(teacher=f"method.source={cls.name}", served_teacher=served,
+                     vllm=None)  # vLLM drafts, decided by switchkd.drafted
 
     @classmethod
     def check(cls, cfg: "Config", error: Error) -> None:
@@ -120,7 +111,7 @@ class SwitchSource(Source):
 
         if self.shared.random() >= self.cfg.method.switch.ratio:
             return batch
-        new, out = self._across(batch) if self.cross is not None else self._rollout(batch, self.rule(self.cfg), keep_teacher=True)
+        new, out = self._across(batch) if self.run.cross is not None else self._rollout(batch, self.rule(self.cfg), keep_teacher=True)
         mask = out.response_mask
         pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)[mask]
         bucket = torch.bucketize(pos, torch.tensor(BUCKETS[1:], device=pos.device), right=True).cpu()
