@@ -25,6 +25,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from switchkd.distributed import all_ranks
 from switchkd.divergences import GATES  # noqa: F401  (re-exported: the engine's public names)
 from switchkd.losses import accepts_logits_to_keep
 from switchkd.rules import mix_logprobs  # noqa: F401
@@ -114,8 +115,24 @@ def setup(ref: Any, cfg: RolloutConfig, device: torch.device) -> tuple[int, Tens
     eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(ref.config, "pad_token_id", None)
     pad = int(pad if pad is not None else eos_ids[0])
-    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    return vocab, eos_ids, pad, chooser(cfg, gen)
+    return vocab, eos_ids, pad, chooser(cfg, make_generator(cfg, device))
+
+
+def make_generator(cfg: RolloutConfig, device: torch.device) -> Optional[torch.Generator]:
+    """The loop's random generator, seeded with ``cfg.seed`` (None: the global torch RNG)."""
+    return torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+
+
+def finished(done: bool, synced: bool, device: torch.device) -> bool:
+    """Whether a loop ends: ``done`` here, and with sharded models (collective forwards) on every rank."""
+    return all_ranks(done, device) if synced else done
+
+
+def teacher_prompts(input_ids: Tensor, attention_mask: Tensor, teacher_input_ids: Optional[Tensor],
+                    teacher_attention_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The teacher's own left-padded prompts ``[B, P']`` (response priming), else the student's ``[B, P]``."""
+    return (teacher_input_ids if teacher_input_ids is not None else input_ids,
+            teacher_attention_mask if teacher_attention_mask is not None else attention_mask)
 
 
 def head_rows(model: Any) -> int:

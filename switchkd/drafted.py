@@ -32,7 +32,7 @@ from typing import Any, List, Optional
 import torch
 from torch import Tensor
 
-from switchkd.decoding import Record, RolloutConfig, RolloutOutput, Stepper, setup
+from switchkd.decoding import Record, RolloutConfig, RolloutOutput, Stepper, setup, teacher_prompts
 from switchkd.rules import Rule
 from switchkd.speculative import cost_ratio, decide, next_k, verify
 
@@ -67,8 +67,7 @@ def drafted_rollout(drafter: Any, student: Any, teacher: Any, input_ids: Tensor,
         raise ValueError(f"drafted rollouts decide a verifiable rule or a mixture, got {type(rule).__name__}")
     device, served = input_ids.device, bool(getattr(teacher, "served", False))
     vocab, eos_ids, pad, choose = setup(student, cfg, device)
-    t_ids = teacher_input_ids if teacher_input_ids is not None else input_ids
-    t_mask = teacher_attention_mask if teacher_attention_mask is not None else attention_mask
+    t_ids, t_mask = teacher_prompts(input_ids, attention_mask, teacher_input_ids, teacher_attention_mask)
     student_stepper = Stepper(student, input_ids, attention_mask, vocab)
     teacher_stepper = None if served else Stepper(teacher, t_ids, t_mask, vocab)
     prefixes, teacher_prefixes = _rows(input_ids, attention_mask), _rows(t_ids, t_mask)

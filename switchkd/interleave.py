@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from switchkd.align import NO_BYTES, Unspellable, Vocab, partial_utf8
-from switchkd.decoding import RolloutConfig, RolloutOutput, Stepper, chooser
-from switchkd.distributed import all_ranks, is_sharded
+from switchkd.decoding import Record, RolloutConfig, RolloutOutput, Stepper, chooser, finished, make_generator
+from switchkd.distributed import is_sharded
 from switchkd.divergences import GATES
 from switchkd.rules import Rule
 
@@ -121,13 +121,12 @@ def cross_switch(student: Any, teacher: Any, s_ids: Tensor, s_mask: Tensor, t_id
     Returns:
         The student's sequences ``[B, P + N]`` with ``response_mask``/``from_teacher``/``gate [B, N]``.
     """
-    device, B, N = s_ids.device, s_ids.shape[0], cfg.max_new_tokens
-    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    choose = chooser(cfg, gen)
-    vs, vt = len(s_vocab.table), len(t_vocab.table)
-    s = Stepper(student, s_ids, s_mask, vs)
-    tt = Stepper(teacher, t_ids, t_mask, vt)
-    t_room = (t_max_len or 1 << 30) - t_ids.shape[1]
+    device, budget = s_ids.device, cfg.max_new_tokens
+    generator = make_generator(cfg, device)
+    choose = chooser(cfg, generator)
+    student_stepper = Stepper(student, s_ids, s_mask, len(s_vocab.table))
+    teacher_stepper = Stepper(teacher, t_ids, t_mask, len(t_vocab.table))
+    teacher_room = (t_max_len or 1 << 30) - t_ids.shape[1]
 
     def measure_for(divergence: str, cross: str) -> Any:
         nonlocal shared
@@ -139,47 +138,60 @@ def cross_switch(student: Any, teacher: Any, s_ids: Tensor, s_mask: Tensor, t_id
         return lambda q, p: cross_gate(cross, divergence, q, p, s_vocab, t_vocab, shared)
 
     rule = rule.across(measure_for)
-    rows = [_Row() for _ in range(B)]
+    rows = [_Row() for _ in range(s_ids.shape[0])]
     synced = is_sharded(student) or is_sharded(teacher)  # FSDP2 / ZeRO-3: every rank steps until all are done
-    t = 0
-    while not (all_ranks(all(r.done for r in rows), device) if synced else all(r.done for r in rows)):
-        pos = torch.tensor([len(r.tokens) for r in rows], device=device)
-        s_tok, t_tok = choose(s.logits).tolist(), choose(tt.logits).tolist()
-        proposal = (torch.tensor(_teacher_ids(s_tok, s_vocab, t_vocab), device=device) if rule.reads_proposal else
-                    torch.tensor(s_tok, device=device))
-        decision = rule.decide(s.logits, tt.logits, pos, proposal, gen)
-        d, exceed = decision.gate.tolist(), decision.teacher_writes.tolist()
-        s_new, t_new = [[] for _ in rows], [[] for _ in rows]
-        for i, r in enumerate(rows):
-            if r.done:
-                continue
-            writer = r.forced or ("teacher" if exceed[i] else "student")
-            try:
-                s_new[i], t_new[i] = _write(r, writer, s_tok[i] if writer == "student" else t_tok[i], s_vocab, t_vocab, N)
-            except Unspellable:  # the other vocabulary cannot spell the token: the other model writes instead
-                writer = "student" if writer == "teacher" else "teacher"
-                try:
-                    if r.forced:
-                        raise
-                    s_new[i], t_new[i] = _write(r, writer, s_tok[i] if writer == "student" else t_tok[i], s_vocab,
-                                                t_vocab, N)
-                except Unspellable:  # neither can continue the text the other holds: the row ends
-                    r.done = True
-                    continue
-            r.gate += [float(d[i])] * len(s_new[i])
-            if len(r.t_tokens) + len(t_new[i]) >= t_room:  # the teacher's positions are full: the row ends here
-                r.done, t_new[i] = True, []
-            r.t_tokens += t_new[i]
-            r.steps.append((len(s_new[i]), len(t_new[i]), float(d[i]), writer))
-        _feed(s, s_new, s_vocab.eos if s_vocab.eos >= 0 else 0, synced)
-        _feed(tt, t_new, t_vocab.eos if t_vocab.eos >= 0 else 0, synced)
-        t += 1
-        if t > 4 * N + 16:  # a safety stop for writers of zero-byte tokens (each step ends a row or writes a token)
-            for r in rows:
-                r.done = True
-    out = _output(rows, s_ids, N, s_vocab, device, {"student": s.forwards, "teacher": tt.forwards})
-    out.trace = [(r.t_tokens, r.steps) for r in rows]  # type: ignore[attr-defined]  (for checks by recomputation)
+    step = 0
+    while not finished(all(row.done for row in rows), synced, device):
+        positions = torch.tensor([len(row.tokens) for row in rows], device=device)
+        student_tokens = choose(student_stepper.logits).tolist()
+        teacher_tokens = choose(teacher_stepper.logits).tolist()
+        proposal = torch.tensor(_teacher_ids(student_tokens, s_vocab, t_vocab) if rule.reads_proposal
+                                else student_tokens, device=device)
+        decision = rule.decide(student_stepper.logits, teacher_stepper.logits, positions, proposal, generator)
+        student_new, teacher_new = _apply(rows, decision, student_tokens, teacher_tokens, s_vocab, t_vocab, budget,
+                                          teacher_room)
+        _feed(student_stepper, student_new, s_vocab.eos if s_vocab.eos >= 0 else 0, synced)
+        _feed(teacher_stepper, teacher_new, t_vocab.eos if t_vocab.eos >= 0 else 0, synced)
+        step += 1
+        if step > 4 * budget + 16:  # a safety stop for writers of zero-byte tokens (each step ends a row or writes)
+            for row in rows:
+                row.done = True
+    out = _output(rows, s_ids, budget, s_vocab, {"student": student_stepper.forwards, "teacher": teacher_stepper.forwards})
+    out.trace = [(row.t_tokens, row.steps) for row in rows]  # type: ignore[attr-defined]  (for checks by recomputation)
     return out
+
+
+def _apply(rows: List[_Row], decision: Any, student_tokens: List[int], teacher_tokens: List[int], s_vocab: Vocab,
+           t_vocab: Vocab, budget: int, teacher_room: int) -> Tuple[List[List[int]], List[List[int]]]:
+    """Write each live row's decided token (the teacher's where ``decision.teacher_writes``, else the student's; a
+    token the other vocabulary cannot spell is written by the other model).  Returns the new tokens each model is
+    fed, per row."""
+    gates, teacher_writes = decision.gate.tolist(), decision.teacher_writes.tolist()
+    student_new: List[List[int]] = [[] for _ in rows]
+    teacher_new: List[List[int]] = [[] for _ in rows]
+    for i, row in enumerate(rows):
+        if row.done:
+            continue
+        writer = row.forced or ("teacher" if teacher_writes[i] else "student")
+        try:
+            student_new[i], teacher_new[i] = _write(row, writer, student_tokens[i] if writer == "student"
+                                                    else teacher_tokens[i], s_vocab, t_vocab, budget)
+        except Unspellable:  # the other vocabulary cannot spell the token: the other model writes instead
+            writer = "student" if writer == "teacher" else "teacher"
+            try:
+                if row.forced:
+                    raise
+                student_new[i], teacher_new[i] = _write(row, writer, student_tokens[i] if writer == "student"
+                                                        else teacher_tokens[i], s_vocab, t_vocab, budget)
+            except Unspellable:  # neither can continue the text the other holds: the row ends
+                row.done = True
+                continue
+        row.gate += [float(gates[i])] * len(student_new[i])
+        if len(row.t_tokens) + len(teacher_new[i]) >= teacher_room:  # the teacher's positions are full: the row ends
+            row.done, teacher_new[i] = True, []
+        row.t_tokens += teacher_new[i]
+        row.steps.append((len(student_new[i]), len(teacher_new[i]), float(gates[i]), writer))
+    return student_new, teacher_new
 
 
 def _write(r: _Row, writer: str, token: int, s: Vocab, t: Vocab, N: int) -> Tuple[List[int], List[int]]:
@@ -227,20 +239,18 @@ def _teacher_ids(s_tok: List[int], s: Vocab, t: Vocab) -> List[int]:
     return ids
 
 
-def _output(rows: List[_Row], s_ids: Tensor, N: int, s: Vocab, device: Any, forwards: Dict[str, int]) -> RolloutOutput:
-    B = len(rows)
-    pad = s.eos if s.eos >= 0 else 0
-    tokens = torch.full((B, N), pad, dtype=torch.long)
-    resp = torch.zeros((B, N), dtype=torch.bool)
-    from_t = torch.zeros_like(resp)
-    gate = torch.full((B, N), float("nan"))
-    for i, r in enumerate(rows):
-        n = len(r.tokens)
+def _output(rows: List[_Row], s_ids: Tensor, budget: int, s_vocab: Vocab, forwards: Dict[str, int]) -> RolloutOutput:
+    """The rows' student tokens as the engine's :class:`~switchkd.decoding.Record` output ``[B, P + N]``."""
+    device, longest = s_ids.device, max([len(row.tokens) for row in rows] + [1])
+    record = Record(len(rows), budget, 0, s_vocab.eos if s_vocab.eos >= 0 else 0, device, keep_logits=False)
+    columns = torch.full((len(rows), longest), budget, dtype=torch.long)
+    tokens = torch.zeros_like(columns)
+    from_teacher = torch.zeros(columns.shape, dtype=torch.bool)
+    gate = torch.full(columns.shape, float("nan"))
+    for i, row in enumerate(rows):
+        n = len(row.tokens)
         if n:
-            tokens[i, :n] = torch.tensor(r.tokens)
-            resp[i, :n] = True
-            from_t[i, :n] = torch.tensor(r.from_t)
-            gate[i, :n] = torch.tensor(r.gate)
-    return RolloutOutput(torch.cat([s_ids, tokens.to(device)], 1), resp.to(device), from_t.to(device),
-                         gate.to(device), None, forwards)
-
+            columns[i, :n], tokens[i, :n] = torch.arange(n), torch.tensor(row.tokens)
+            from_teacher[i, :n], gate[i, :n] = torch.tensor(row.from_t), torch.tensor(row.gate)
+    record.write(columns.to(device), tokens.to(device), from_teacher.to(device), gate.to(device))
+    return record.output(s_ids, forwards)

@@ -22,13 +22,15 @@ from switchkd.decoding import (  # noqa: F401  (re-exported: the public names of
     RolloutOutput,
     Stepper,
     chooser,
+    finished,
     head_rows,
     mix_logits,
     mix_logprobs,
     setup,
+    teacher_prompts,
     use_compile,
 )
-from switchkd.distributed import all_ranks, is_sharded
+from switchkd.distributed import is_sharded
 from switchkd.rules import Decision, Gate, Mixture, Rank, Rule, StudentWrites, TeacherWrites  # noqa: F401
 from switchkd.sections import decoding_of
 from switchkd.speculative import speculative_switch
@@ -102,8 +104,7 @@ def rollout(
     reference = student if uses_student else teacher
     if reference is None or (uses_teacher and teacher is None):
         raise ValueError(f"{type(rule).__name__} needs the {'teacher' if uses_teacher else 'student'} model")
-    teacher_ids = teacher_input_ids if teacher_input_ids is not None else input_ids
-    teacher_mask = teacher_attention_mask if teacher_attention_mask is not None else attention_mask
+    teacher_ids, teacher_mask = teacher_prompts(input_ids, attention_mask, teacher_input_ids, teacher_attention_mask)
     synced = (uses_student and is_sharded(student)) or (uses_teacher and is_sharded(teacher))  # collective forwards
     if rule.verifiable and cfg.speculative and not synced:
         return speculative_switch(student, teacher, input_ids, attention_mask, cfg, rule, teacher_ids, teacher_mask)
@@ -130,7 +131,7 @@ def rollout(
         record.done |= torch.isin(tokens, eos_ids) & live
         if synced:  # ranks step together until every rank is done; a rank past its end decodes into the trash column
             record.done |= position >= budget - 1
-            if all_ranks(bool(record.done.all()), device):
+            if finished(bool(record.done.all()), synced, device):
                 break
         elif position == budget - 1 or ((position + 1) % sync == 0 and bool(record.done.all())):
             break

@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from switchkd.decoding import Record, RolloutConfig, RolloutOutput, Stepper, setup
+from switchkd.decoding import Record, RolloutConfig, RolloutOutput, Stepper, setup, teacher_prompts
 from switchkd.rules import Gate, Rule
 
 
@@ -57,8 +57,8 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
     device = input_ids.device
     vocab, eos_ids, pad, choose = setup(student, cfg, device)
     student_stepper = Stepper(student, input_ids, attention_mask, vocab)
-    teacher_stepper = Stepper(teacher, teacher_input_ids if teacher_input_ids is not None else input_ids,
-                              teacher_attention_mask if teacher_attention_mask is not None else attention_mask, vocab)
+    teacher_stepper = Stepper(teacher, *teacher_prompts(input_ids, attention_mask, teacher_input_ids,
+                                                        teacher_attention_mask), vocab)
     rows, budget = input_ids.shape[0], cfg.max_new_tokens
     record = Record(rows, budget, vocab, pad, device, cfg.keep_teacher_logits)
     decided = torch.zeros(rows, dtype=torch.long, device=device)  # decided tokens per row

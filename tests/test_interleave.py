@@ -152,6 +152,7 @@ def test_minillm_rewards_over_aligned_spans_sum_to_the_sequence_log_ratio(pair):
     from switchkd.config import load_config
     from switchkd.cross import CrossView
     from switchkd.data import collate, load_examples, tokenize
+    from switchkd.methods.base import Run
     from switchkd.methods.minillm import MinillmSource
 
     gpt2, byt5, student, teacher = pair
@@ -161,8 +162,7 @@ def test_minillm_rewards_over_aligned_spans_sum_to_the_sequence_log_ratio(pair):
         "method.minillm.reward_clip=1e9", "method.minillm.teacher_mix=0.5"])
     view = CrossView(gpt2, byt5)
     items, _ = tokenize(load_examples(cfg.data.train, cfg.data, gpt2, 3), gpt2, 64, 128, "none", byt5)
-    src = MinillmSource(cfg, student, teacher, gpt2, len(gpt2))
-    src.cross = view
+    src = MinillmSource(cfg, student, teacher, gpt2, len(gpt2), run=Run(cross=view))
     new = src(collate(items, gpt2.pad_token_id), 0)
     assert bool(new.alignment.paired.all())
     n = (new.labels[:, 1:] != -100).sum(1).tolist()
