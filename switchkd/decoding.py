@@ -88,7 +88,9 @@ def mix_logits(q_logits: Tensor, p_logits: Tensor, alpha: float) -> Tensor:
 def chooser(cfg: RolloutConfig, generator: Optional[torch.Generator]) -> Callable[[Tensor], Tensor]:
     """Greedy argmax or sampling after temperature / top-k / top-p (transformers' warpers)."""
     if not cfg.do_sample:
-        return lambda logits: logits.argmax(-1)
+        greedy = lambda logits: logits.argmax(-1)  # noqa: E731
+        greedy.unwarped = greedy  # type: ignore[attr-defined]
+        return greedy
     warpers = LogitsProcessorList()
     if cfg.temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(cfg.temperature))
@@ -97,13 +99,17 @@ def chooser(cfg: RolloutConfig, generator: Optional[torch.Generator]) -> Callabl
     if cfg.top_p < 1.0:
         warpers.append(TopPLogitsWarper(cfg.top_p))
 
-    def sample(logits: Tensor) -> Tensor:
+    def draw(logits: Tensor) -> Tensor:
         # inverse-CDF sampling (float64 cumulative sums, u in (0, total]): the same distribution as
         # torch.multinomial, ~30x cheaper on a CPU at V = 50k; zero-probability tokens are never drawn
-        cdf = torch.softmax(warpers(None, logits), dim=-1).double().cumsum(-1)
+        cdf = torch.softmax(logits, dim=-1).double().cumsum(-1)
         u = (1.0 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)) * cdf[:, -1:]
         return torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
 
+    def sample(logits: Tensor) -> Tensor:
+        return draw(warpers(None, logits))
+
+    sample.unwarped = draw  # type: ignore[attr-defined]  (logits already warped: a rule's own teacher sampling)
     return sample
 
 

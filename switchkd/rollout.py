@@ -69,7 +69,8 @@ def choose_tokens(rule: Rule, choose: Any, student_logits: Optional[Tensor], tea
         return choose(student_logits), decision
     if not rule.uses_student:
         return choose(teacher_logits), decision
-    teacher_token = choose(teacher_logits)
+    teacher_token = (choose(teacher_logits) if decision.teacher_sampling is None
+                     else choose.unwarped(decision.teacher_sampling))
     student_token = proposal if proposal is not None else choose(student_logits)
     return torch.where(decision.teacher_writes, teacher_token, student_token), decision
 

@@ -41,11 +41,14 @@ class Decision:
         gate: ``[...]`` the value compared with the threshold (NaN where the rule has none).
         mixture: ``[..., V]`` log-probabilities to sample the token from instead of either model's (a
             :class:`Mixture` without a student proposal), else None.
+        teacher_sampling: ``[..., V]`` the rule's own warped teacher logits, which the teacher's tokens are drawn from
+            as they are (no further warping), else None (the loop's sampling settings).
     """
 
     teacher_writes: Tensor
     gate: Tensor
     mixture: Optional[Tensor] = None
+    teacher_sampling: Optional[Tensor] = None
 
 
 def _nan(shape: torch.Size, like: Tensor) -> Tensor:
@@ -221,21 +224,47 @@ class Rank(Rule):
     """SKD's rule: the teacher replaces the student's proposal where it is not among the teacher's top K.
 
     The gate is the proposal's rank under the teacher (0 = its argmax; a proposal the teacher cannot spell ranks
-    last, V); the teacher writes where the rank is at least ``top_k``.
+    last, V); the teacher writes where the rank is at least ``top_k``.  With ``temperature``/``top_p`` (the SKD
+    authors' ``teacher_temperature``/``teacher_top_p``, google-research ``speculative_kd``) the rank is taken under
+    the teacher's warped distribution, where a token outside its nucleus has probability 0 and is never accepted, and
+    the teacher's tokens are sampled from that warped distribution (``Decision.teacher_sampling``).
     """
 
-    top_k: int = 25
+    top_k: float = 25
+    temperature: float = 1.0
+    top_p: float = 1.0
     reads_proposal: ClassVar[bool] = True
     verifiable: ClassVar[bool] = True
 
+    @property
+    def warps(self) -> bool:
+        """Whether the rule ranks (and the teacher samples) under a warped teacher distribution."""
+        return self.temperature != 1.0 or self.top_p < 1.0
+
+    def warped(self, teacher_logits: Tensor) -> Tensor:
+        """``[..., V]`` the teacher's logits after temperature and top-p (transformers' warpers; -inf outside the
+        nucleus)."""
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+        flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        if self.temperature != 1.0:
+            flat = TemperatureLogitsWarper(self.temperature)(None, flat)
+        if self.top_p < 1.0:
+            flat = TopPLogitsWarper(self.top_p)(None, flat)
+        return flat.reshape(teacher_logits.shape)
+
     def decide(self, student_logits: Optional[Tensor], teacher_logits: Optional[Tensor], positions: Positions,
                proposal: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> Decision:
+        sampling = self.warped(teacher_logits) if self.warps else None
+        if sampling is not None:
+            teacher_logits = sampling
         vocab = teacher_logits.shape[-1]
         known = (proposal >= 0) & (proposal < vocab)
         chosen = teacher_logits.gather(-1, proposal.clamp(0, vocab - 1)[..., None])
         rank = (teacher_logits > chosen).sum(-1).to(teacher_logits.dtype)
+        known = known & (chosen.squeeze(-1) > -float("inf"))  # outside a warped nucleus: never accepted
         rank = torch.where(known, rank, torch.full_like(rank, float(vocab)))
-        return Decision(rank > self.top_k - 0.5, rank)
+        return Decision(rank > self.top_k - 0.5, rank, teacher_sampling=sampling)
 
 
 __all__ = ["GATES", "SCHEDULES", "Decision", "Gate", "Mixture", "Rank", "Rule", "StudentWrites", "TeacherWrites",

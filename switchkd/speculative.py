@@ -82,10 +82,12 @@ def speculative_switch(student: Any, teacher: Any, input_ids: Tensor, attention_
         p = verify(teacher_stepper, pending, drafts)  # [B, block, V] in one teacher forward
         positions = decided[:, None] + torch.arange(block, device=device)  # response positions [B, block]
         decision = rule.decide(q, p, positions, drafts)
+        teacher_choice = (choose if decision.teacher_sampling is None else choose.unwarped,
+                          p if decision.teacher_sampling is None else decision.teacher_sampling)
         tokens, by_teacher, n_decided = decide(
             decision.teacher_writes, drafts,
-            lambda first, hit, p=p: choose(p[torch.arange(rows, device=device), first]), active, budget - decided,
-            eos_ids)
+            lambda first, hit, pick=teacher_choice: pick[0](pick[1][torch.arange(rows, device=device), first]), active,
+            budget - decided, eos_ids)
         row_checks += int(active.sum())
         columns = torch.where(torch.arange(block, device=device) < n_decided[:, None], positions, budget)
         record.write(columns, tokens, by_teacher, decision.gate, p if record.kept is not None else None)
