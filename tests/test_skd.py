@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from engine_spec import spec
+from learning import assert_learns
 
 from switchkd.config import ModelConfig, load_config
 from switchkd.data import left_pad
@@ -55,13 +56,11 @@ def test_skd_rule_confirmed_by_recomputation(speculative, k):
 
 
 def test_skd_preset_trains_and_logs(tmp_path):
-    from switchkd.train import train
-
     cfg = load_config(ROOT / "configs/tiny/skd.yaml", [f"output.dir={tmp_path}", "train.max_steps=3", "data.synthetic_size=24",
                                                         "train.batch_size=4", "eval.limit=2", "eval.max_new_tokens=4",
                                                         "method.max_new_tokens=12", "train.log_every=1", "method.skd.top_k=3"])
     assert cfg.method.source == "skd" and load_config(ROOT / "configs/tiny/skd.yaml").method.skd.top_k == 25
-    train(cfg)
+    assert_learns(cfg)  # the dev objective falls
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["skd/teacher_frac"] <= 1.0 for r in rows) and any(k.startswith("skd/gate@") for k in rows[-1])
     with pytest.raises(Exception, match="method.skd.top_k"):
