@@ -34,10 +34,17 @@ def kd_weight(method: MethodConfig) -> float:
 
 
 def policy_loss(student_logits: Tensor, labels: Tensor, pg: PolicyTerm) -> Tensor:
-    """A clipped policy-gradient term per token ``[N]`` (PPO; LMOps ``_pg_loss``, per token):
-    ``max(-A r, -A clamp(r, 1 - clip, 1 + clip))`` with ``r = exp(log q(y) - log q_old(y)) * w``
-    from logits ``[N, V]``, sampled ids ``labels [N]`` and ``pg``'s advantage, old log-prob and
-    importance weight ``[N]``."""
+    """A clipped policy-gradient term per token (PPO; LMOps ``_pg_loss``, per token):
+    ``max(-A r, -A clamp(r, 1 - clip, 1 + clip))`` with ``r = exp(log q(y) - log q_old(y)) * w``.
+
+    Args:
+        student_logits: ``[N, V]`` the student's logits at the response tokens.
+        labels: ``[N]`` the sampled token ids.
+        pg: the batch's advantage A, old log-probability log q_old and importance weight w, each ``[N]``.
+
+    Returns:
+        ``[N]`` the term per token.
+    """
     logp = torch.log_softmax(student_logits.float(), -1).gather(-1, labels[:, None]).squeeze(-1)
     ratio = torch.exp(logp - pg.old_logprob) * pg.weight
     adv = pg.advantage
@@ -46,8 +53,19 @@ def policy_loss(student_logits: Tensor, labels: Tensor, pg: PolicyTerm) -> Tenso
 
 def token_loss(student_logits: Tensor, teacher_logits: Optional[TeacherTargets], labels: Tensor, method: MethodConfig,
                pg: Optional[PolicyTerm] = None) -> Tensor:
-    """Per-token loss ``[N]`` from logits ``[N, V]`` and target ids ``[N]`` (+ the batch's policy term
-    when ``pg`` is given)."""
+    """The per-token objective: ``kd_ratio`` x the divergence + (1 - ``kd_ratio``) x CE (+ the policy term).
+
+    Args:
+        student_logits: ``[N, V]`` the student's logits at the response tokens.
+        teacher_logits: the teacher's targets at the same tokens: ``[N, V]`` logits, a cached ``TopK``, a served
+            ``TopKTail`` or, across vocabularies, an ``Aligned`` view (None without a divergence term).
+        labels: ``[N]`` the target token ids.
+        method: the ``method`` section (divergence, its parameters and temperature, ``kd_ratio``).
+        pg: the batch's policy term (MiniLLM), or None.
+
+    Returns:
+        ``[N]`` float32, the loss of each token.
+    """
     w = kd_weight(method)
     out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     if w > 0:
@@ -68,10 +86,20 @@ def token_loss(student_logits: Tensor, teacher_logits: Optional[TeacherTargets],
 
 @torch.no_grad()
 def teacher_targets(teacher: Any, batch: Batch, vocab: int) -> TeacherTargets:
-    """The teacher's logits at the response tokens, ``[N, V]``, aligned with the student's: the ones the
-    batch already carries (``teacher_selected``: kept from a rollout, or a cached ``TopK``), else one
-    teacher forward.  With priming the teacher reads ``teacher_input_ids`` (its prefix + the same
-    response); each side's own labels select the positions, so no offset arithmetic is involved."""
+    """The teacher's targets at the batch's response tokens, aligned with the student's.
+
+    The ones the batch already carries (``teacher_selected``: kept from a rollout, or a cached ``TopK``), a served
+    teacher's top k, else one teacher forward.  With priming the teacher reads ``teacher_input_ids`` (its prefix + the
+    same response); each side's own labels select the positions, so no offset arithmetic is involved.
+
+    Args:
+        teacher: the teacher model (or a served teacher).
+        batch: the micro-batch, ``input_ids``/``labels [B, T]``.
+        vocab: the shared vocabulary size V.
+
+    Returns:
+        ``[N, V]`` logits (N response tokens), or a ``TopK``/``TopKTail``/``Aligned`` form of them.
+    """
     if batch.teacher_selected is not None:
         return batch.teacher_selected
     if getattr(teacher, "served", False):  # a teacher on a vLLM server: its top-k log-probabilities (a TopKTail)
@@ -90,8 +118,13 @@ def teacher_targets(teacher: Any, batch: Batch, vocab: int) -> TeacherTargets:
 def shifted(logits: Tensor, labels: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     """Select next-token logits at response positions.
 
-    ``logits [B, T, V']``, ``labels [B, T]`` (-100 outside the response) ->
-    ``(logits [N, vocab], targets [N])`` with N the number of response tokens.
+    Args:
+        logits: ``[B, T, V']`` a model's logits.
+        labels: ``[B, T]`` the token ids, -100 outside the response.
+        vocab: the true vocabulary size (logit columns beyond it are dropped).
+
+    Returns:
+        ``(logits [N, vocab], targets [N])`` with N the number of response tokens.
     """
     target = labels[:, 1:]
     mask = target != -100
@@ -102,7 +135,16 @@ def response_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, label
                     vocab: int) -> tuple[Tensor, Tensor]:
     """``shifted(model(...).logits, labels, vocab)`` with the LM head run only from the batch's first
     response position on (``logits_to_keep``, when the model accepts it): prompt positions cost no
-    ``[B, P, V]`` logits.  Returns ``(logits [N, vocab], targets [N])``."""
+    ``[B, P, V]`` logits.
+
+    Args:
+        model: a causal LM.
+        input_ids, attention_mask, labels: ``[B, T]`` (labels -100 outside the response).
+        vocab: the true vocabulary size.
+
+    Returns:
+        ``(logits [N, vocab], targets [N])``.
+    """
     cols = (labels[:, 1:] != -100).any(0).nonzero()
     keep = labels.shape[1] - (int(cols[0]) if len(cols) else labels.shape[1] - 1)
     kw = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}

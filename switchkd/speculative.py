@@ -138,38 +138,47 @@ def decide(exceed: Tensor, drafts: Tensor, teacher_token: Any, active: Tensor, r
     """Per-row decisions of a drafted block, for every draft-and-verify loop.
 
     Args:
-        exceed: ``[B, kk]`` where the rule has the teacher write instead of the draft.
-        drafts: the student's drafted tokens ``[B, kk]``.
+        exceed: ``[B, k]`` where the rule has the teacher write instead of the draft.
+        drafts: the student's drafted tokens ``[B, k]``.
         teacher_token: ``(first [B], hit [B]) -> [B]``: the teacher's token at each row's position ``first``
             (used where ``hit``).
         active: rows still decoding ``[B]``; room: tokens each row may still write ``[B]``.
         eos_ids: the end-of-sequence ids.
 
     Returns:
-        ``(tokens [B, kk], by_teacher [B, kk], n_decided [B])``: the drafts up to each row's first exceeding
+        ``(tokens [B, k], by_teacher [B, k], n_decided [B])``: the drafts up to each row's first exceeding
         position, the teacher's token there, the row ending at its EOS or its room.
     """
-    B, kk = drafts.shape
-    j = torch.arange(kk, device=drafts.device)
+    block = drafts.shape[1]
+    column = torch.arange(block, device=drafts.device)
     hit = exceed.any(1)
-    first = torch.where(hit, exceed.float().argmax(1), kk - 1)  # the last decided position
-    t_tok = teacher_token(first, hit)  # the teacher's token there
-    by_t = (j[None] == first[:, None]) & hit[:, None]
-    toks = torch.where(by_t, t_tok[:, None], drafts)
-    n_dec = torch.minimum(first + 1, room)
-    eos = torch.isin(toks, eos_ids) & (j[None] < n_dec[:, None])
-    n_dec = torch.where(eos.any(1), eos.float().argmax(1) + 1, n_dec)  # a row ends at its EOS
-    n_dec = torch.where(active, n_dec, 0)
-    return toks, by_t & (j[None] < n_dec[:, None]), n_dec
+    first = torch.where(hit, exceed.float().argmax(1), block - 1)  # the last decided position
+    teacher_tokens = teacher_token(first, hit)  # the teacher's token there
+    by_teacher = (column[None] == first[:, None]) & hit[:, None]
+    tokens = torch.where(by_teacher, teacher_tokens[:, None], drafts)
+    decided = torch.minimum(first + 1, room)
+    ended = torch.isin(tokens, eos_ids) & (column[None] < decided[:, None])
+    decided = torch.where(ended.any(1), ended.float().argmax(1) + 1, decided)  # a row ends at its EOS
+    decided = torch.where(active, decided, 0)
+    return tokens, by_teacher & (column[None] < decided[:, None]), decided
 
 
-def verify(tt: Stepper, pending: Optional[Tensor], drafts: Tensor) -> Tensor:
-    """A model's logits at each of the ``drafts [B, kk]`` positions, ``[B, kk, V]``, in at most one forward of
-    its stepper ``tt``: the pending decided token ``[B]`` (None in the first block) and all drafts but the last
-    are fed together."""
+def verify(stepper: Stepper, pending: Optional[Tensor], drafts: Tensor) -> Tensor:
+    """A model's logits at each of the drafted positions.
+
+    Args:
+        stepper: the model's cache stepper.
+        pending: ``[B]`` each row's last decided token, not yet fed (None in the first block).
+        drafts: ``[B, k]`` the drafted tokens.
+
+    Returns:
+        ``[B, k, V]``: in at most one forward, the pending token and all drafts but the last fed together.
+    """
     if pending is None:
-        return tt.logits[:, None] if drafts.shape[1] == 1 else torch.cat([tt.logits[:, None], tt.feed(drafts[:, :-1])], 1)
-    return tt.feed(torch.cat([pending[:, None], drafts[:, :-1]], 1))
+        if drafts.shape[1] == 1:
+            return stepper.logits[:, None]
+        return torch.cat([stepper.logits[:, None], stepper.feed(drafts[:, :-1])], 1)
+    return stepper.feed(torch.cat([pending[:, None], drafts[:, :-1]], 1))
 
 
 def next_k(r: float, cost: float, max_k: int) -> int:
