@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from learning import assert_learns
 
 from switchkd.align import align, byte_ends, token_bytes
 from switchkd.cross import CrossView, gold, merge, shared_vocabulary, uld
@@ -194,12 +193,13 @@ def bpe_student(shared, tmp_path_factory):
                                                    "method.skd.skip_first_token=false"]), ("minillm", [])])
 def test_a_byte_level_teacher_trains_a_bpe_student(bpe_student, preset, extra, tmp_path):
     from switchkd.config import load_config
+    from switchkd.train import train
 
     cfg = load_config(ROOT / f"configs/tiny/{preset}.yaml", [
         f"model.name={bpe_student}", f"teacher.name={TEACHER}", "data.synthetic_size=24", "train.max_steps=2",
         "train.batch_size=4", "train.log_every=1", "eval.limit=2", "method.max_new_tokens=12",
         "method.distillm.dev_limit=4", "eval.max_new_tokens=4", f"output.dir={tmp_path}", *extra])
-    final = assert_learns(cfg)  # the dev objective falls
+    final = train(cfg)
     import json
 
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
