@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(shell echo "$(TORCH_SPEC) $(VLLM_SPEC) $(EXTRAS)" 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo demo-teacher test-fast bench-vllm bench-prune bench-real bench-long bench-cross bench-cross-real test lint bench bench-quality bench-crispr bench-gpu bench-priming clean
+.PHONY: demo demo-teacher test-durations test-fast bench-vllm bench-prune bench-real bench-long bench-cross bench-cross-real test lint bench bench-quality bench-crispr bench-gpu bench-priming clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo-teacher: $(STAMP)
 # tests run in TEST_WORKERS processes (pytest-xdist; an idle process takes tests queued for the other)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=25
+
+# tests/durations.json (the slowest tests' seconds, which orders the tests across the processes) written afresh
+test-durations: $(STAMP)
+	SWITCHKD_STORE_DURATIONS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow"

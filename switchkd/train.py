@@ -270,6 +270,7 @@ class Trainer:
         norm = self.acc.clip_grad_norm_(self.student.parameters(), cfg.train.clip if cfg.train.clip > 0 else float("inf"))
         norm = float(norm) if norm is not None else 0.0  # DeepSpeed clips inside its step (None before it)
         if not (math.isfinite(loss) and math.isfinite(norm)):
+            self.source.close()
             self.acc.end_training()
             raise TrainingError(f"step {self.state.step + 1}: {'loss' if not math.isfinite(loss) else 'gradient norm'}"
                                 f" is not finite (loss {loss}, gradient norm {norm}); stopped without saving it: "
@@ -403,6 +404,7 @@ class Trainer:
         elif self.acc.is_main_process or self.sharded:
             checkpoint.save_model(self, final)
         self.acc.wait_for_everyone()
+        self.source.close()
         self.acc.end_training()
         if self.cfg.output.push_to_hub and self.acc.is_main_process:
             from switchkd.model_card import push

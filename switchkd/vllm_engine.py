@@ -71,6 +71,17 @@ def plain_weights(model: Any) -> Iterator[Tuple[str, torch.Tensor]]:
         yield name.replace(".base_layer.", "."), tensor.detach()
 
 
+def save_plain(model: Any, directory: str) -> None:
+    """``model``'s config and weights (:func:`plain_weights`, one safetensors file) into ``directory``, in every
+    process: ``save_pretrained`` writes only on rank 0 once torch.distributed is initialised, and under
+    ``accelerate launch`` every process builds its own engine from its own copy."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(directory)
+    save_file({name: t.clone().contiguous() for name, t in plain_weights(model)},
+              os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+
 def _version(model: Any) -> int:
     """A number that changes whenever an optimizer updates ``model``'s parameters in place."""
     return sum(p._version for p in model.parameters())
@@ -91,8 +102,7 @@ class VLLMStudent:
         self.student, self.tok = student, tokenizer
         self.dir = tempfile.TemporaryDirectory(prefix="switchkd-vllm-")
         with merged(student) as plain, torch.no_grad():  # under the plain names (a LoRA student's merged weights)
-            plain.save_pretrained(self.dir.name, safe_serialization=True,
-                                  state_dict={name: t.clone() for name, t in plain_weights(plain)})
+            save_plain(plain, self.dir.name)
         tokenizer.save_pretrained(self.dir.name)
         dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
         kw: Dict[str, Any] = {}
@@ -102,6 +112,12 @@ class VLLMStudent:
                             max_model_len=max_model_len, seed=seed, **kw)
         self.synced = _version(student)
         self.syncs = 0
+
+    def close(self) -> None:
+        """Shut the engine down now (vLLM's own teardown, which also ends the process's torch.distributed groups,
+        would otherwise run at exit, after accelerate has destroyed them, and fail there)."""
+        self.llm.llm_engine.engine_core.shutdown()
+        self.dir.cleanup()
 
     def sync(self) -> None:
         """Send the student's current weights to the engine if an optimizer step changed them since the last call."""

@@ -124,6 +124,52 @@ def _wait_for(variable: str) -> tuple:
     pytest.fail(f"a vLLM server of the suite did not start; its log ends:\n{tail}")
 
 
+DURATIONS = Path(__file__).with_name("durations.json")  # seconds of the slowest tests (make test-durations)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    """Under pytest-xdist (``make test``): deal the tests longest first into one consecutive block per worker
+    (``--dist worksteal`` gives each worker one consecutive block of the collection and an idle worker steals
+    from the back of another's), so that no long test starts last and the workers finish together.  Known
+    durations come from ``tests/durations.json``; every other test counts as short, in its file's order.  Tests
+    marked ``xdist_group(name)`` (sharing an expensive fixture) go into one block together."""
+    import json
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2 or not DURATIONS.is_file():
+        return
+    known = json.loads(DURATIONS.read_text())
+    units: dict = {}  # a group's tests, or one test, dealt as one unit
+    for item in items:
+        mark = item.get_closest_marker("xdist_group")
+        units.setdefault(mark.args[0] if mark else item.nodeid, []).append(item)
+    cost = {key: sum(known.get(i.nodeid, 0.0) for i in unit) for key, unit in units.items()}
+    blocks: list = [[] for _ in range(workers)]
+    loads = [0.0] * workers
+    for key in sorted(units, key=lambda k: -cost[k]):  # longest processing time first (stable: file order kept)
+        w = loads.index(min(loads))
+        blocks[w].extend(units[key])
+        loads[w] += max(cost[key], 1.0)
+    items[:] = [item for block in blocks for item in block]
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """``SWITCHKD_STORE_DURATIONS=1`` (``make test-durations``): note every test's seconds for the file above."""
+    if os.environ.get("SWITCHKD_STORE_DURATIONS") and not os.environ.get("PYTEST_XDIST_WORKER"):
+        _SEEN[report.nodeid] = _SEEN.get(report.nodeid, 0.0) + report.duration
+
+
+_SEEN: dict = {}
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _SEEN and os.environ.get("SWITCHKD_STORE_DURATIONS") and not os.environ.get("PYTEST_XDIST_WORKER"):
+        import json
+
+        slow = {k: round(v, 1) for k, v in sorted(_SEEN.items(), key=lambda kv: -kv[1]) if v >= 1.0}
+        DURATIONS.write_text(json.dumps(slow, indent=0) + "\n")
+
+
 @pytest.fixture(scope="session")
 def vllm_server() -> tuple:
     """``(url, teacher directory)`` of the suite's vLLM server, once it answers (skipped without vLLM)."""

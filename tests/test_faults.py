@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from inprocess import train_here
 from safetensors.torch import load_file
 
 from switchkd.cli import main
@@ -45,8 +46,7 @@ def _steps(out: Path) -> list:
                                           # rollouts held across steps (PPO epochs) are checkpointed with the run
                                           ("tiny/minillm", ("train.grad_accum=2", "method.minillm.ppo_epochs=3"))])
 def test_kill_9_and_resume_gives_the_uninterrupted_weights(preset, extra, tmp_path):
-    full = subprocess.run(_cmd(preset, tmp_path / "full", extra), env=ENV, capture_output=True, text=True, timeout=300)
-    assert full.returncode == 0, full.stderr[-2000:]
+    train_here([preset, *SMALL, *extra, f"output.dir={tmp_path / 'full'}"])  # the uninterrupted run, in this process
     out = tmp_path / "killed"
     for kill_after in (2, 4):  # two kills at different moments (mid-step or mid-checkpoint, whatever comes)
         proc = subprocess.Popen(_cmd(preset, out, (*extra, "train.resume=true")), env=ENV,
@@ -56,9 +56,7 @@ def test_kill_9_and_resume_gives_the_uninterrupted_weights(preset, extra, tmp_pa
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    done = subprocess.run(_cmd(preset, out, (*extra, "train.resume=true")), env=ENV, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    train_here([preset, *SMALL, *extra, "train.resume=true", f"output.dir={out}"])  # resumed in this process
     a, b = load_file(tmp_path / "full/final/model.safetensors"), load_file(out / "final/model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
@@ -130,7 +128,7 @@ def test_crafted_checkpoint_files_cannot_run_code(tmp_path, capsys):
         assert "skipping unreadable checkpoint" in captured and f"resumed from {ckpts[-2]}" in captured, target
 
 
-def test_two_runs_into_one_output_dir(tmp_path):
+def test_two_runs_into_one_output_dir(tmp_path, capsys):
     """The second of two runs started into one output.dir refuses in one line and touches nothing, even with
     output.overwrite=true; the lock a kill -9 leaves behind does not block the next run."""
     out = tmp_path / "run"
@@ -141,18 +139,16 @@ def test_two_runs_into_one_output_dir(tmp_path):
         while not (out / "metrics.jsonl").is_file() and time.time() < deadline and first.poll() is None:
             time.sleep(0.2)
         assert (out / ".switchkd.lock").read_text() == str(first.pid)
-        second = subprocess.run(_cmd("tiny/kd", out, ["output.overwrite=true"]), capture_output=True, text=True,
-                                env=ENV)
-        err = [x for x in second.stderr.strip().splitlines() if "error" in x or "Traceback" in x]
-        assert second.returncode == 2 and len(err) == 1 and f"another switchkd run (process {first.pid})" in err[0]
+        capsys.readouterr()
+        rc = main(["train", "tiny/kd", *SMALL, f"output.dir={out}", "output.overwrite=true"])  # in this process
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and f"another switchkd run (process {first.pid})" in err[0], err
         assert first.poll() is None and (out / "config.yaml").is_file()  # the first run was left alone
     finally:
         first.kill()
         first.wait()
     assert (out / ".switchkd.lock").read_text() == str(first.pid)  # left by the killed run
-    ok = subprocess.run(_cmd("tiny/kd", out, ["output.overwrite=true", "train.max_steps=2"]), capture_output=True,
-                        text=True, env=ENV)
-    assert ok.returncode == 0, ok.stderr[-500:]
+    train_here(["tiny/kd", *SMALL, "output.overwrite=true", "train.max_steps=2", f"output.dir={out}"])
     assert _steps(out) == [1, 2] and not (out / ".switchkd.lock").exists()
 
 
@@ -160,8 +156,7 @@ def test_ctrl_c_leaves_a_resumable_run_and_a_clean_last_line(tmp_path):
     """SIGINT mid-run: exit 130, the last line says how to continue, no traceback; resuming finishes with
     the weights of an uninterrupted run."""
     preset = "tiny/kd"
-    full = subprocess.run(_cmd(preset, tmp_path / "full"), env=ENV, capture_output=True, text=True, timeout=300)
-    assert full.returncode == 0, full.stderr[-2000:]
+    train_here([preset, *SMALL, f"output.dir={tmp_path / 'full'}"])  # the uninterrupted run, in this process
     out = tmp_path / "stopped"
     # a pytest-xdist worker ignores SIGINT, and an ignored signal stays ignored across exec (Python then installs no
     # KeyboardInterrupt handler): the run gets the default disposition back, as from a terminal
@@ -178,8 +173,7 @@ def test_ctrl_c_leaves_a_resumable_run_and_a_clean_last_line(tmp_path):
     assert lines[-1] == "switchkd: interrupted; continue it with the same command and train.resume=true", lines[-3:]
     assert "Traceback" not in err
     assert not (out / ".switchkd.lock").exists()
-    done = subprocess.run(_cmd(preset, out, ("train.resume=true",)), env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    train_here([preset, *SMALL, "train.resume=true", f"output.dir={out}"])  # resumed in this process
     a, b = load_file(tmp_path / "full/final/model.safetensors"), load_file(out / "final/model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)

@@ -66,9 +66,19 @@ def test_an_error_inside_the_processes_is_one_line_from_rank_0_with_exit_2(tmp_p
 
 
 @pytest.mark.slow
-def test_a_good_run_trains_on_two_processes(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "switchkd", "launch", KD, *SMALL, f"output.dir={tmp_path / 'o'}",
+def test_a_good_run_on_two_processes_equals_one(tmp_path):
+    """DDP on 2 CPU processes (gloo) with batch 2 each ends with the weights of 1 process with batch 4."""
+    import torch
+    from inprocess import train_here
+    from safetensors.torch import load_file
+
+    steps = ["train.max_steps=3", "train.log_every=1"]
+    r = subprocess.run([sys.executable, "-m", "switchkd", "launch", KD, *SMALL, *steps, f"output.dir={tmp_path / 'two'}",
                         "--accelerate", DDP, "--num-processes", "2", f"--launch-arg=--main_process_port={_port()}"],
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "distributed: 2 processes" in r.stdout and (tmp_path / "o/final/model.safetensors").is_file()
+    assert "distributed: 2 processes" in r.stdout
+    train_here([KD, *SMALL, *steps, "train.batch_size=4", f"output.dir={tmp_path / 'one'}"])
+    a, b = load_file(tmp_path / "one/final/model.safetensors"), load_file(tmp_path / "two/final/model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

@@ -256,7 +256,10 @@ def test_static_cache_path_equals_eager_token_for_token(arch, source, monkeypatc
 
 def test_compiled_decode_step_equals_eager():
     """The real torch.compile'd one-token step (static caches) against the eager engine: SWITCH, greedy, fp32."""
-    student, teacher, tok, ids, mask = _pair("llama")
+    tok = load_tokenizer(ModelConfig(name="tiny:gpt2"))  # one block each: inductor's compile time grows with depth
+    student = load_model(ModelConfig(name="tiny:llama,layers=1,dim=32,heads=4,kv_heads=2,seed=3"), tok, trainable=False)
+    teacher = load_model(ModelConfig(name="tiny:llama,layers=1,dim=48,heads=4,kv_heads=2,seed=4"), tok, trainable=False)
+    ids, mask = left_pad([tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS], tok.pad_token_id)
     eager = rollout(student, teacher, ids, mask, *_cfg(tau0=0.05, compile=False))
     compiled = rollout(student, teacher, ids, mask, *_cfg(tau0=0.05, compile=True))
     assert torch.equal(eager.sequences, compiled.sequences) and torch.equal(eager.from_teacher, compiled.from_teacher)

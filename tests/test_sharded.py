@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from inprocess import train_here
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # subprocesses / multi-process runs: make test runs them, make test-fast skips them
@@ -27,14 +28,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(config: str, args: list, out: Path, launch: str = "") -> subprocess.CompletedProcess:
-    """One process (``launch`` empty) or 2 processes under ``configs/accelerate/<launch>.yaml``."""
-    if not launch:
-        cmd = [sys.executable, "-m", "switchkd", "train", config]
-    else:
-        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-               str(ROOT / f"configs/accelerate/{launch}.yaml"), "--num_processes=2",
-               f"--main_process_port={_free_port()}", "-m", "switchkd", "train", config]
+def _launch(config: str, args: list, out: Path, launch: str) -> subprocess.CompletedProcess:
+    """2 processes under ``configs/accelerate/<launch>.yaml``."""
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+           str(ROOT / f"configs/accelerate/{launch}.yaml"), "--num_processes=2", f"--main_process_port={_free_port()}",
+           "-m", "switchkd", "train", config]
     return subprocess.run(cmd + args + [f"output.dir={out}"], env=ENV, capture_output=True, text=True, timeout=300)
 
 
@@ -59,9 +57,8 @@ def test_sharded_two_processes_match_one(tmp_path, launch, preset, extra, chunk)
     """FSDP2 / DeepSpeed ZeRO-3 over 2 CPU processes (student and teacher sharded), batch 2 each ==
     1 process, batch 4; with the chunked LM head where ``chunk`` says so."""
     config = str(ROOT / f"configs/tiny/{preset}.yaml")
-    common = ["train.max_steps=3", "data.synthetic_size=32", "train.log_every=1", "method.max_new_tokens=24"] + extra
-    one = _launch(config, common + ["train.batch_size=4"], tmp_path / "one")
-    assert one.returncode == 0, one.stderr[-2000:]
+    common = ["train.max_steps=2", "data.synthetic_size=32", "train.log_every=1", "method.max_new_tokens=16"] + extra
+    train_here([config, *common, "train.batch_size=4", f"output.dir={tmp_path / 'one'}"])  # 1 process: this one
     two = _launch(config, common + chunk + ["train.batch_size=2"], tmp_path / "two", launch)
     assert two.returncode == 0, two.stderr[-2000:]
     kind = "FSDP" if launch == "fsdp" else "DEEPSPEED"

@@ -129,6 +129,13 @@ class Source:
     def on_validation(self, value: float) -> None:
         """Called with its own dev evaluation's value (:attr:`validation`)."""
 
+    def close(self) -> None:
+        """Release what the source started (its vLLM engine) while the run's process group still exists: the
+        trainer calls it once training is over, before accelerate ends the run."""
+        if getattr(self, "_vllm", None) is not None:
+            self._vllm.close()
+            self._vllm = None
+
     def state_dict(self) -> Dict[str, Any]:
         return {"rng": self.rng.getstate(), "shared": self.shared.getstate()}
 
