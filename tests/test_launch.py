@@ -51,6 +51,22 @@ def test_fsdp_version_1_is_a_config_error_before_accelerate_builds_it(monkeypatc
         make_accelerator(load_config(KD), [])
 
 
+@pytest.mark.parametrize("sharding", ["fsdp", "zero3"])
+def test_vllm_rollouts_with_a_sharded_student_are_a_config_error(monkeypatch, sharding):
+    """Each process's vLLM engine needs the whole student: FSDP2 and ZeRO-3 are refused in one line (DDP works:
+    tests/test_vllm.py)."""
+    from types import SimpleNamespace
+
+    import switchkd.distributed as distributed
+    from switchkd.config import ConfigError, load_config
+
+    monkeypatch.setattr(distributed, "kind", lambda acc: sharding)
+    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
+    with pytest.raises(ConfigError, match="method.decoding.engine=vllm: the student is sharded .*ddp.yaml"):
+        distributed.check(acc, load_config(str(ROOT / "configs/tiny/gkd.yaml"), ["method.decoding.engine=vllm"]))
+    distributed.check(acc, load_config(str(ROOT / "configs/tiny/gkd.yaml")))  # the built-in engine shards fine
+
+
 @pytest.mark.slow
 def test_an_error_inside_the_processes_is_one_line_from_rank_0_with_exit_2(tmp_path):
     bad = tmp_path / "bad.jsonl"
