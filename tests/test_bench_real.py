@@ -1,4 +1,4 @@
-"""bench/real.py's statistics: the paired interval that decides SWITCH minus each method."""
+"""bench/real.py's statistics (bench/real_report.py): the paired interval that decides SWITCH minus each method."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 # loaded from its file: bench/ on sys.path would let bench/vllm.py shadow the vllm package for the other tests
-_spec = importlib.util.spec_from_file_location("bench_real", Path(__file__).resolve().parents[1] / "bench" / "real.py")
-_real = sys.modules["bench_real"] = importlib.util.module_from_spec(_spec)  # (dataclasses look their module up)
-_spec.loader.exec_module(_real)
-paired = _real.paired
+_spec = importlib.util.spec_from_file_location("bench_real_report",
+                                              Path(__file__).resolve().parents[1] / "bench" / "real_report.py")
+_report = sys.modules["bench_real_report"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_report)
+paired = _report.paired
 
 # Student's t 0.975 quantiles (tables): degrees of freedom -> quantile
 T975 = {9: 2.262157, 29: 2.045230, 99: 1.984217, 299: 1.967903}
