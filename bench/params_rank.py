@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from prune import heal_overrides  # noqa: E402  (bench/prune.py's healing budget)
 from real import DATA, cached, prepare_teacher, train_run  # noqa: E402
 from real import dev_ce as ce  # noqa: E402
 
@@ -56,11 +57,7 @@ def main() -> None:
             write_new_dir(path, lambda tmp, m=student: (m.save_pretrained(tmp, safe_serialization=True),
                                                          tok.save_pretrained(tmp)))
         n = parameters(AutoModelForCausalLM.from_pretrained(str(path)))
-        healed = train_run("smollm2/heal", [
-            f"model.name={path}", f"teacher.name={teacher}", f"train.max_steps={a.steps}",
-            f"train.warmup_steps={max(1, a.steps // 8)}", f"data.train={DATA / 'dolly' / 'train.jsonl'}", "data.dev=null",
-            "data.max_prompt_length=128", "data.max_length=256", "train.save_every=0", "train.eval_every=0",
-            "train.log_every=1", "train.keep_best=false", "output.overwrite=true"], out / f"shape-{i}-heal")
+        healed = train_run("smollm2/heal", heal_overrides(path, teacher, a.steps), out / f"shape-{i}-heal")
         row = {"shape": vars(shape), "parameters": n, "before": cached(out / f"shape-{i}-ce.json", lambda p=path: ce(p, 64)),
                "after": cached(out / f"shape-{i}-heal-ce.json", lambda p=healed: ce(p, 64))}
         rows.append(row)

@@ -25,7 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,6 +42,15 @@ CANDIDATES = {  # name -> prune.Shape fields (None: the teacher's), or "random" 
     "random": {"hidden": 480, "mlp": 1024, "heads_per_group": 2, "layers": 22, "random": True},
 }
 
+
+
+def heal_overrides(student: Path, teacher: Path, steps: int) -> List[str]:
+    """The overrides of ``configs/smollm2/heal.yaml`` that heal ``student`` for ``steps`` steps on Dolly's training
+    set (warm-up an eighth of them, no dev set, no checkpoints): the healing budget every candidate gets."""
+    return [f"model.name={student}", f"teacher.name={teacher}", f"train.max_steps={steps}",
+            f"train.warmup_steps={max(1, steps // 8)}", f"data.train={DATA / 'dolly' / 'train.jsonl'}",
+            "data.dev=null", "data.max_prompt_length=128", "data.max_length=256", "train.save_every=0",
+            "train.eval_every=0", "train.log_every=1", "train.keep_best=false", "output.overwrite=true"]
 
 def build(name: str, spec: Dict[str, Any], teacher: Path, imp: Any, out: Path) -> Path:
     """Write candidate ``name`` to ``out`` (reused when present)."""
@@ -106,12 +115,8 @@ def main() -> None:
         student = AutoModelForCausalLM.from_pretrained(str(path))
         row = {"parameters": count(student), "before": cached(out / f"{name}-ce.json", lambda: ce(path, n_dev))}
         del student
-        heal = [f"model.name={path}", f"teacher.name={teacher}", f"train.max_steps={steps}",
-                f"train.warmup_steps={max(1, steps // 8)}", f"data.train={DATA / 'dolly' / 'train.jsonl'}",
-                "data.dev=null", "data.max_prompt_length=128", "data.max_length=256", "train.save_every=0",
-                "train.eval_every=0", "train.log_every=1", "train.keep_best=false", "output.overwrite=true"]
         t1 = time.time()
-        healed = train_run("smollm2/heal", heal, out / f"{name}-heal")
+        healed = train_run("smollm2/heal", heal_overrides(path, teacher, steps), out / f"{name}-heal")
         row["heal_s"] = time.time() - t1
         row["after"] = cached(out / f"{name}-heal-ce.json", lambda: ce(healed, n_dev))
         row["seconds"] = time.time() - t
