@@ -189,7 +189,7 @@ def main() -> None:
     out = Path(args.out)
     shapes = ((2, 64), (1, 32)) if args.smoke else ((48, 1600), (12, 768))
     if args.smoke:
-        args.batches, args.new_tokens, args.repeats, args.bisect, args.steps = [1, 2], 16, 1, 3, 2
+        args.batches, args.new_tokens, args.repeats, args.bisect, args.steps = [1, 2], 8, 1, 2, 2
     teacher_dir = save_model(out / f"teacher-{shapes[0][0]}x{shapes[0][1]}", *shapes[0], 1, tok)
     student_dir = save_model(out / f"student-{shapes[1][0]}x{shapes[1][1]}", *shapes[1], 2, tok)
     t0, report = time.perf_counter(), {}

@@ -71,9 +71,10 @@ def _start_server(where: Path, name: str) -> tuple:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(where / f"{name}.log", "wb")  # noqa: SIM115  (the server's, closed at exit)
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    from tests.vllm_models import server_env
+
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("vllm_models.py")), "serve",
-                             str(where / name), str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                             str(where / name), str(port)], stdout=log, stderr=subprocess.STDOUT, env=server_env(),
                             start_new_session=True)
     return proc, f"http://127.0.0.1:{port}|{where / name}|{where / f'{name}.log'}|{proc.pid}"
 

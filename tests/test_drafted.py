@@ -1,6 +1,6 @@
 """Drafted rollouts (:mod:`switchkd.drafted`: vLLM drafts, in-process or served verification) against the
 in-process engines and float64 recomputations of the rule, with drafters built from the student in torch (the
-real vLLM drafter: tests/test_vllm.py)."""
+real vLLM drafter: tests/test_vllm_engine.py)."""
 
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ def test_fsdp_version_1_is_a_config_error_before_accelerate_builds_it(monkeypatc
 @pytest.mark.parametrize("sharding", ["fsdp", "zero3"])
 def test_vllm_rollouts_with_a_sharded_student_are_a_config_error(monkeypatch, sharding):
     """Each process's vLLM engine needs the whole student: FSDP2 and ZeRO-3 are refused in one line (DDP works:
-    tests/test_vllm.py)."""
+    tests/test_vllm_engine.py)."""
     from types import SimpleNamespace
 
     import switchkd.distributed as distributed

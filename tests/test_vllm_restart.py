@@ -38,9 +38,9 @@ def _serve_again(teacher: Path, url: str, log: Path) -> int:
     import time
     import urllib.request
 
-    from tests.vllm_models import server_command
+    from tests.vllm_models import server_command, server_env
 
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env = server_env()
     proc = subprocess.Popen(server_command(teacher, int(url.rsplit(":", 1)[1])), stdout=open(log, "ab"),  # noqa: SIM115
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.time() + 400

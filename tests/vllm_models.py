@@ -11,6 +11,19 @@ from pathlib import Path
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TOKENIZER = SHARED / "data" / "gpt2_tokenizer"
 
+#: DistiLLM with student samples from the first step, its dev CE measured on a small dev set
+DISTILLM = ["method.distillm.init_student_prob=1.0", "data.dev=synthetic:dev", "eval.limit=4",
+            "method.distillm.validate=eval_every", "method.distillm.dev_limit=4", "train.eval_every=2"]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 def build(out: str | Path, layers: int = 2, seed: int = 0, init: float = 0.3) -> Path:
     """A random Llama (hidden 128, two query heads of 64 sharing one KV head, tied embeddings) with GPT-2's
@@ -31,6 +44,14 @@ def build(out: str | Path, layers: int = 2, seed: int = 0, init: float = 0.3) ->
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def server_env() -> dict:
+    """The environment of the suite's servers: a 1 GiB KV cache, and vLLM's model worker inside its engine-core process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` lets the CPU platform keep the single-process executor; by default it starts
+    a third process, which imports vLLM again: about 10 s more per start on 2 cores).  The HTTP server, its engine and
+    its answers are the same."""
+    return dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
 
 
 def server_command(model: str | Path, port: int, max_logprobs: int = 50) -> list:
