@@ -43,7 +43,6 @@ CANDIDATES = {  # name -> prune.Shape fields (None: the teacher's), or "random" 
 }
 
 
-
 def heal_overrides(student: Path, teacher: Path, steps: int) -> List[str]:
     """The overrides of ``configs/smollm2/heal.yaml`` that heal ``student`` for ``steps`` steps on Dolly's training
     set (warm-up an eighth of them, no dev set, no checkpoints): the healing budget every candidate gets."""
@@ -51,6 +50,7 @@ def heal_overrides(student: Path, teacher: Path, steps: int) -> List[str]:
             f"train.warmup_steps={max(1, steps // 8)}", f"data.train={DATA / 'dolly' / 'train.jsonl'}",
             "data.dev=null", "data.max_prompt_length=128", "data.max_length=256", "train.save_every=0",
             "train.eval_every=0", "train.log_every=1", "train.keep_best=false", "output.overwrite=true"]
+
 
 def build(name: str, spec: Dict[str, Any], teacher: Path, imp: Any, out: Path) -> Path:
     """Write candidate ``name`` to ``out`` (reused when present)."""

@@ -171,21 +171,17 @@ ROLLOUT_CASES = {
 }
 
 ROLLOUT_TRAININGS = """
-import json, os
+import json
 from switchkd.cli import main
-found = {{}}
-for case, args in json.loads({cases!r}).items():
-    rc = main(args)
-    path = os.path.join(args[-1].split("=", 1)[1], "metrics.jsonl")
-    found[case] = {{"rc": rc, "records": [json.loads(x) for x in open(path)] if rc == 0 else []}}
-print(json.dumps(found))
+print(json.dumps({{case: main(args) for case, args in json.loads({cases!r}).items()}}))
 """
 
 
 @pytest.fixture(scope="session")
 def vllm_rollout_trainings(vllm_server, tmp_path_factory) -> dict:
     """DistiLLM, MiniLLM and SWITCH trained with ``method.decoding.engine=vllm`` one after the other in one fresh
-    process (vLLM in the training process; one import of vLLM for the three); ``case -> {rc, records}``."""
+    process (vLLM in the training process; one import of vLLM for the three); ``case -> (exit status, its output
+    directory)``."""
     url, teacher = vllm_server
     where = tmp_path_factory.mktemp("rollouts")
     student = build(where / "student", layers=1, seed=1)
@@ -197,7 +193,8 @@ def vllm_rollout_trainings(vllm_server, tmp_path_factory) -> dict:
                        "data.max_length=96", "data.max_prompt_length=48", "method.max_new_tokens=12", "train.max_steps=3",
                        "train.batch_size=4", "train.eval_every=0", "train.save_every=0", "train.loss_chunk=0",
                        "data.dev=null", "train.log_every=1", *extra, f"output.dir={where / case}"]
-    return _script(where, ROLLOUT_TRAININGS.format(cases=json.dumps(cases)))
+    status = _script(where, ROLLOUT_TRAININGS.format(cases=json.dumps(cases)))
+    return {case: (status[case], where / case) for case in cases}
 
 
 @pytest.mark.slow
@@ -207,9 +204,9 @@ def test_methods_train_with_rollouts_on_vllm(vllm_rollout_trainings, case):
     """DistiLLM, MiniLLM and SWITCH with ``method.decoding.engine=vllm`` (GKD: the two-process test below); MiniLLM
     and SWITCH with the teacher on the server too (SKD's rank gate, in process and served: tests/test_drafted.py and
     the drafts test above)."""
-    out = vllm_rollout_trainings[case]
-    assert out["rc"] == 0
-    records = out["records"]
+    rc, out = vllm_rollout_trainings[case]
+    assert rc == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
 
 
