@@ -72,6 +72,10 @@ def check(acc: Accelerator, cfg: Config) -> None:
         raise ConfigError(f"method.decoding.engine=vllm: the student is sharded ({'FSDP2' if k == 'fsdp' else 'ZeRO-3'}) "
                           "and every process's vLLM engine needs all of its weights; launch with DDP "
                           "(configs/accelerate/ddp.yaml) or set method.decoding.engine=switchkd")
+    if k == "zero3" and cfg.model.lora.r > 0 and cfg.train.loss_chunk > 0:  # the head's recomputation meets a released shard
+        raise ConfigError("train.loss_chunk with a LoRA student (model.lora.r > 0) under ZeRO-3 is not supported (the "
+                          "chunked head's backward finds the frozen head's weights released); set train.loss_chunk=0 "
+                          "or launch with FSDP2 (configs/accelerate/fsdp.yaml)")
 
 
 def prepare_teacher(teacher: Optional[torch.nn.Module], acc: Accelerator) -> Optional[Any]:
@@ -209,11 +213,26 @@ def deepspeed_launch() -> bool:
 
 def cpu_deepspeed_backend() -> None:
     """On a CPU-only machine, a DeepSpeed launch needs accelerate's process state created with the
-    gloo backend (accelerate finds no device backend there and would run one process alone)."""
+    gloo backend (accelerate finds no device backend there and would run one process alone).
+
+    DeepSpeed's CPU communication backend also compiles its shared-memory all-reduce op
+    (``deepspeed_shm_comm``, two C++ files: one to two minutes in a fresh environment) when the process group
+    starts; only ``inference_all_reduce`` (DeepSpeed's inference engines' tensor parallelism) calls it, never
+    training's collectives, so the launch skips that build (``deepspeed.comm.torch.build_shm_op``)."""
     from accelerate.state import PartialState
 
     if deepspeed_launch() and not torch.cuda.is_available() and not PartialState._shared_state:
+        skip_cpu_inference_op()
         PartialState(backend="gloo")
+
+
+def skip_cpu_inference_op() -> None:
+    """Tell DeepSpeed's torch backend not to build its CPU inference all-reduce op (``TorchBackend`` then keeps
+    ``shm_comm_op = None`` and every collective goes through ``torch.distributed``, as it does for training)."""
+    import importlib
+
+    # the module itself (the attribute ``deepspeed.comm.torch`` is the torch package, imported over it)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def describe(acc: Accelerator, student_sharded: bool, teacher: Optional[Any]) -> str:

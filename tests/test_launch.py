@@ -67,6 +67,39 @@ def test_vllm_rollouts_with_a_sharded_student_are_a_config_error(monkeypatch, sh
     distributed.check(acc, load_config(str(ROOT / "configs/tiny/gkd.yaml")))  # the built-in engine shards fine
 
 
+def test_the_chunked_head_with_lora_under_zero3_is_a_config_error(monkeypatch):
+    """Under ZeRO-3 the chunked head's recomputation finds a LoRA student's frozen head released: refused in one
+    line (FSDP2 and the unchunked head train: tests/test_sharded.py)."""
+    from types import SimpleNamespace
+
+    import switchkd.distributed as distributed
+    from switchkd.config import ConfigError, load_config
+
+    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
+    lora_chunk = load_config(str(ROOT / "configs/tiny/switch.yaml"), ["model.lora.r=4", "train.loss_chunk=5"])
+    monkeypatch.setattr(distributed, "kind", lambda acc: "zero3")
+    with pytest.raises(ConfigError, match="train.loss_chunk with a LoRA student .* ZeRO-3"):
+        distributed.check(acc, lora_chunk)
+    monkeypatch.setattr(distributed, "kind", lambda acc: "fsdp")
+    distributed.check(acc, lora_chunk)
+
+
+def test_a_cpu_deepspeed_launch_does_not_build_the_inference_op(monkeypatch):
+    """DeepSpeed's torch backend builds its CPU inference all-reduce op through ``build_shm_op`` when the process
+    group starts; a CPU DeepSpeed launch replaces that function (training never calls the op)."""
+    import importlib
+    import inspect
+
+    deepspeed_torch = importlib.import_module("deepspeed.comm.torch")
+
+    from switchkd.distributed import skip_cpu_inference_op
+
+    assert "self.shm_comm_op = build_shm_op()" in inspect.getsource(deepspeed_torch.TorchBackend.__init__)
+    monkeypatch.setattr(deepspeed_torch, "build_shm_op", deepspeed_torch.build_shm_op)  # restored afterwards
+    skip_cpu_inference_op()
+    assert deepspeed_torch.build_shm_op() is None
+
+
 @pytest.mark.slow
 def test_an_error_inside_the_processes_is_one_line_from_rank_0_with_exit_2(tmp_path):
     bad = tmp_path / "bad.jsonl"

@@ -50,8 +50,9 @@ CHUNK = ["train.loss_chunk=5"]
 @pytest.mark.parametrize("launch,preset,extra,chunk", [
     ("fsdp", "kd", ["data.dev=null"], CHUNK),
     ("fsdp", "switch", SWITCH, []),
-    ("deepspeed_zero3", "switch", SWITCH + ["train.grad_accum=2"], CHUNK),
-    ("deepspeed_zero3", "switch", SWITCH + ["model.lora.r=4", "output.merge=true"], []),
+    # one ZeRO-3 run (each costs a minute of the suite's two cores): gradient accumulation and a LoRA student merged
+    # at the end (the chunked head with LoRA is refused under ZeRO-3: tests/test_launch.py)
+    ("deepspeed_zero3", "switch", SWITCH + ["train.grad_accum=2", "model.lora.r=4", "output.merge=true"], []),
 ])
 def test_sharded_two_processes_match_one(tmp_path, launch, preset, extra, chunk):
     """FSDP2 / DeepSpeed ZeRO-3 over 2 CPU processes (student and teacher sharded), batch 2 each ==
@@ -63,6 +64,7 @@ def test_sharded_two_processes_match_one(tmp_path, launch, preset, extra, chunk)
     assert two.returncode == 0, two.stderr[-2000:]
     kind = "FSDP" if launch == "fsdp" else "DEEPSPEED"
     assert f"distributed: 2 processes, {kind}, student sharded, teacher sharded" in two.stdout
+    assert "shm_comm" not in two.stdout + two.stderr  # DeepSpeed's CPU inference op is not built (distributed.py)
     files = ["model.safetensors"] + (["adapter/adapter_model.safetensors"] if "output.merge=true" in extra else [])
     for name in files:  # a LoRA student: the merged model and the adapter
         a, b = load_file(tmp_path / "one/final" / name), load_file(tmp_path / "two/final" / name)
