@@ -72,7 +72,7 @@ def check(acc: Accelerator, cfg: Config) -> None:
         raise ConfigError(f"method.decoding.engine=vllm: the student is sharded ({'FSDP2' if k == 'fsdp' else 'ZeRO-3'}) "
                           "and every process's vLLM engine needs all of its weights; launch with DDP "
                           "(configs/accelerate/ddp.yaml) or set method.decoding.engine=switchkd")
-    if k == "zero3" and cfg.model.lora.r > 0 and cfg.train.loss_chunk > 0:  # the head's recomputation meets a released shard
+    if k == "zero3" and cfg.model.lora.r > 0 and cfg.train.loss_chunk > 0:  # recomputation meets a released shard
         raise ConfigError("train.loss_chunk with a LoRA student (model.lora.r > 0) under ZeRO-3 is not supported (the "
                           "chunked head's backward finds the frozen head's weights released); set train.loss_chunk=0 "
                           "or launch with FSDP2 (configs/accelerate/fsdp.yaml)")

@@ -51,17 +51,24 @@ def test_fsdp_version_1_is_a_config_error_before_accelerate_builds_it(monkeypatc
         make_accelerator(load_config(KD), [])
 
 
+def _sharded(monkeypatch, sharding: str):
+    """An accelerator stand-in that ``distributed.check`` sees as ``sharding`` ("fsdp": FSDP2, or "zero3")."""
+    from types import SimpleNamespace
+
+    import switchkd.distributed as distributed
+
+    monkeypatch.setattr(distributed, "kind", lambda acc: sharding)
+    return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
+
+
 @pytest.mark.parametrize("sharding", ["fsdp", "zero3"])
 def test_vllm_rollouts_with_a_sharded_student_are_a_config_error(monkeypatch, sharding):
     """Each process's vLLM engine needs the whole student: FSDP2 and ZeRO-3 are refused in one line (DDP works:
     tests/test_vllm_engine.py)."""
-    from types import SimpleNamespace
-
     import switchkd.distributed as distributed
     from switchkd.config import ConfigError, load_config
 
-    monkeypatch.setattr(distributed, "kind", lambda acc: sharding)
-    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
+    acc = _sharded(monkeypatch, sharding)
     with pytest.raises(ConfigError, match="method.decoding.engine=vllm: the student is sharded .*ddp.yaml"):
         distributed.check(acc, load_config(str(ROOT / "configs/tiny/gkd.yaml"), ["method.decoding.engine=vllm"]))
     distributed.check(acc, load_config(str(ROOT / "configs/tiny/gkd.yaml")))  # the built-in engine shards fine
@@ -70,18 +77,13 @@ def test_vllm_rollouts_with_a_sharded_student_are_a_config_error(monkeypatch, sh
 def test_the_chunked_head_with_lora_under_zero3_is_a_config_error(monkeypatch):
     """Under ZeRO-3 the chunked head's recomputation finds a LoRA student's frozen head released: refused in one
     line (FSDP2 and the unchunked head train: tests/test_sharded.py)."""
-    from types import SimpleNamespace
-
     import switchkd.distributed as distributed
     from switchkd.config import ConfigError, load_config
 
-    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
     lora_chunk = load_config(str(ROOT / "configs/tiny/switch.yaml"), ["model.lora.r=4", "train.loss_chunk=5"])
-    monkeypatch.setattr(distributed, "kind", lambda acc: "zero3")
     with pytest.raises(ConfigError, match="train.loss_chunk with a LoRA student .* ZeRO-3"):
-        distributed.check(acc, lora_chunk)
-    monkeypatch.setattr(distributed, "kind", lambda acc: "fsdp")
-    distributed.check(acc, lora_chunk)
+        distributed.check(_sharded(monkeypatch, "zero3"), lora_chunk)
+    distributed.check(_sharded(monkeypatch, "fsdp"), lora_chunk)
 
 
 def test_a_cpu_deepspeed_launch_does_not_build_the_inference_op(monkeypatch):
